@@ -1,0 +1,76 @@
+"""The `milora` command line: `milora run`, `milora stage NAME`, `milora cache ...`, `milora demo`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+log = logging.getLogger("milora")
+
+# Each subcommand lives in its own module as `add_arguments(parser)` + `main(args) -> int`, imported
+# only when used so that `milora --help` stays fast.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "stage": ("milora.stages", "run one pipeline stage (what dvc.yaml and the Prefect flow call)"),
+    "demo": ("milora.demo", "adapter round trip on a tiny model built from a config (no data, no network)"),
+}
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line without a traceback."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from milora.config import ConfigError
+
+    return (UserError, ConfigError, ValueError, FileNotFoundError, NotImplementedError, PermissionError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(prog="milora", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        _load(module, "add_arguments")(p)
+    return parser
+
+
+def _load(module: str, attr: str) -> Callable:
+    return getattr(importlib.import_module(module), attr)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Plain timestamped logs on stderr."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `milora` console script."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(_load(args._module, "main")(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except _user_error_types() as exc:
+        if args.debug:
+            raise
+        print(f"milora {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
