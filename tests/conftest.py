@@ -34,3 +34,31 @@ def input_ids():
     """A fixed batch of token ids valid for the tiny models."""
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 128, (2, 12), generator=g)
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    """A real moto S3 server process on 127.0.0.1 for the whole session; yields its endpoint URL."""
+    from tests.servers import start_moto
+
+    server = start_moto(tmp_path_factory.mktemp("moto"))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_server, monkeypatch):
+    """A fresh bucket on the moto server, with the AWS env vars pointing boto3 at it; yields its name."""
+    import uuid
+
+    import boto3
+
+    from tests.servers import S3_TEST_ENV
+
+    for k, v in S3_TEST_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_server).create_bucket(Bucket=name)
+    return name
