@@ -138,7 +138,7 @@ def resolve_targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Mod
                 f"target module {name!r} is a {type(mod).__name__}, not a linear layer; only nn.Linear "
                 "(and GPT-2 Conv1D) layers can carry a LoRA adapter. Narrow adapter.target_modules."
             )
-        m, n = _weight_2d(mod).shape
+        m, n = weight_2d(mod).shape
         if config.rank >= min(m, n):
             raise ValueError(
                 f"adapter rank {config.rank} is too large for module {name!r} ({m}x{n}): "
@@ -152,7 +152,7 @@ def resolve_targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Mod
     return chosen
 
 
-def _weight_2d(module: nn.Module) -> Tensor:
+def weight_2d(module: nn.Module) -> Tensor:
     """The weight as `out x in` (Conv1D stores it transposed)."""
     return module.weight.T if _is_conv1d(module) else module.weight
 
@@ -201,7 +201,7 @@ def init_adapter(model: nn.Module, config: AdapterConfig, cache: Any = None, pro
     if config.side is not None:
         from milora.cache import open_cache
 
-        weights = {n: _weight_2d(m).detach() for n, m in targets.items()}
+        weights = {n: weight_2d(m).detach() for n, m in targets.items()}
         factors, trips, state.report = svd.compute_factors(
             weights, config.rank, config.side, config.scale, config.svd_solver, open_cache(cache), progress
         )

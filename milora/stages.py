@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from milora.config import load_config
 from milora.paths import Paths
 
 log = logging.getLogger(__name__)
+
+# Comma-separated stage names that fail on purpose (a transient-looking RuntimeError, exit 1): how the
+# orchestration tests inject a fault without editing code.
+FAULT_ENV = "MILORA_FAULT_INJECT"
 
 # stage name -> "module:function"; imported lazily so one stage's heavy imports don't slow the others.
 STAGES: dict[str, str] = {
@@ -55,6 +60,8 @@ def run_stage(name: str, params: str | Path = "params.yaml", root: str | Path = 
     fn = getattr(importlib.import_module(module), func)
     t0 = time.perf_counter()
     log.info("stage %s: start", name)
+    if name in os.environ.get(FAULT_ENV, "").split(","):
+        raise RuntimeError(f"fault injected into stage {name!r} by {FAULT_ENV} (for resume/retry tests)")
     fn(cfg, Paths(Path(root)))
     dt = time.perf_counter() - t0
     log.info("stage %s: done in %.1fs", name, dt)
