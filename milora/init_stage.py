@@ -85,7 +85,7 @@ def spectrum_png(spectra: dict[str, torch.Tensor], rank: int, method: str) -> by
 def svd_stage(cfg: Any, paths: Any) -> None:
     """Initialise the adapter (through the cache), save it, and write the SVD metrics and plots."""
     import milora
-    from milora.adapter import weight_2d, resolve_targets, state_of
+    from milora.adapter import resolve_targets, state_of, weight_2d
     from milora.base import load_base
     from milora.io import atomic_write_bytes, atomic_write_text, write_json
 
