@@ -31,6 +31,12 @@ class Paths:
         """Held-out pretraining text for the forgetting metric (embedded base: written by `base`)."""
         return self.root / "models" / "heldout.txt"
 
+    # ingest stage
+    @property
+    def raw_dir(self) -> Path:
+        """The raw data, DVC-versioned: the current contents of `data.source`."""
+        return self.root / "data" / "raw"
+
     # prepare stage
     @property
     def prepared_dir(self) -> Path:

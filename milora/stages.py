@@ -23,6 +23,7 @@ FAULT_ENV = "MILORA_FAULT_INJECT"
 
 # stage name -> "module:function"; imported lazily so one stage's heavy imports don't slow the others.
 STAGES: dict[str, str] = {
+    "ingest": "milora.ingest:ingest_stage",
     "base": "milora.base:base_stage",
     "prepare": "milora.data:prepare_stage",
     "svd": "milora.init_stage:svd_stage",
