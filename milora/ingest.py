@@ -2,9 +2,9 @@
 
 Sources: `embedded` (the seeded synthetic tasks), a local file or directory, an `s3://bucket/prefix`
 (every object under the prefix, through boto3 with the default credential chain and endpoint), or a
-Hub dataset id (needs network). `dvc.yaml` marks the stage `always_changed`, so each run takes the
-source's current contents; when they are byte-identical, the `data/raw` hash is unchanged and DVC
-skips everything downstream.
+Hub dataset id (needs network). The scheduled flow forces this stage on every run
+(`dvc repro -f -s ingest`) so it takes the source's current contents; when they are byte-identical,
+the `data/raw` hash is unchanged and DVC skips everything downstream.
 """
 
 from __future__ import annotations
