@@ -15,6 +15,7 @@ log = logging.getLogger("milora")
 # only when used so that `milora --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
     "stage": ("milora.stages", "run one pipeline stage (what dvc.yaml and the Prefect flow call)"),
+    "compare": ("milora.compare", "LoRA vs PiSSA vs MiLoRA on the same base, data and budget (several seeds)"),
     "demo": ("milora.demo", "adapter round trip on a tiny model built from a config (no data, no network)"),
 }
 
