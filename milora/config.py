@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class EmbeddedModelConfig(_Section):
@@ -133,6 +133,9 @@ class RegisterConfig(_Section):
     guards: list[GuardConfig] = []
     log_merged: bool = False
     log_lora_export: bool = True
+    experiment: str = Field("milora", min_length=1)  # MLflow experiment holding the pipeline runs
+    connect_retries: int = Field(3, ge=0, le=20)  # tries again this often when the tracking server is down
+    retry_backoff_s: float = Field(2.0, ge=0, le=300)  # first wait between tries (doubles each time)
 
 
 class ScheduleConfig(_Section):
@@ -210,9 +213,12 @@ def _describe(err: dict[str, Any], source: str) -> str:
     if etype == "extra_forbidden":
         names = _section_fields(Config, loc)
         close = difflib.get_close_matches(str(loc[-1]), names, n=1)
-        hint = f"; did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else ""
-        allowed = f" Known keys here: {', '.join(names)}." if names else ""
-        return f"{source}: unknown key '{key}'{hint}{allowed}"
+        msg = f"{source}: unknown key '{key}'"
+        if close:
+            msg += f"; did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?"
+        if names:
+            msg += f"{'' if close else '.'} Known keys here: {', '.join(names)}."
+        return msg
     if etype == "literal_error":
         allowed = err.get("ctx", {}).get("expected", "")
         return f"{source}: {key} = {value!r} is not allowed; expected one of {allowed}"

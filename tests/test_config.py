@@ -1,0 +1,171 @@
+"""Typed config: every validation error is one clear ConfigError naming key, value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from milora.config import Config, ConfigError, apply_overrides, load_config, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_committed_params_are_valid_and_documented():
+    cfg = load_config(ROOT / "params.yaml")
+    assert cfg.model.name_or_path == "embedded" and cfg.data.source == "embedded"
+    assert cfg.register.model_name == "milora"
+    # every leaf key of the committed file is documented: a comment on its line, in the comment block
+    # right above it, or on the (nested) section it belongs to
+    sections: list[tuple[int, bool]] = []  # (indent, documented) of the enclosing nested sections
+    prev = ""
+    for line in (ROOT / "params.yaml").read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            prev = stripped
+            continue
+        indent = len(line) - len(line.lstrip())
+        while sections and sections[-1][0] >= indent:
+            sections.pop()
+        doc = "#" in line or prev.startswith("#")
+        is_section = stripped.split("#")[0].strip().endswith(":")
+        if is_section:
+            sections.append((indent, doc))
+        elif indent > 0:
+            assert doc or any(d for _, d in sections), f"undocumented key: {line!r}"
+        prev = stripped
+
+
+def test_contract_keys_exist():
+    flat = Config().flat()
+    for key in ["model.name_or_path", "data.source", "data.format", "data.on_bad_rows", "adapter.method",
+                "adapter.rank", "adapter.alpha", "adapter.target_modules", "adapter.svd_solver", "svd.cache",
+                "train.learning_rate", "train.max_steps", "train.seed", "register.model_name"]:
+        assert key in flat, key
+
+
+@pytest.mark.parametrize(
+    "params,pattern",
+    [
+        ({"adapter": {"rank": 0}}, r"adapter\.rank = 0: .*greater than 0"),
+        ({"adapter": {"rank": -4}}, r"adapter\.rank = -4"),
+        ({"train": {"learning_rate": 0}}, r"train\.learning_rate = 0: .*greater than 0"),
+        ({"train": {"learning_rate": -1e-4}}, r"train\.learning_rate"),
+        ({"adapter": {"dropout": 1.0}}, r"adapter\.dropout = 1\.0: .*less than 1"),
+        ({"adapter": {"dropout": -0.1}}, r"adapter\.dropout = -0\.1"),
+        ({"data": {"eval_fraction": 0}}, r"data\.eval_fraction = 0: .*greater than 0"),
+        ({"data": {"eval_fraction": 1}}, r"data\.eval_fraction = 1: .*less than 1"),
+        ({"adapter": {"method": "dora"}}, r"adapter\.method = 'dora' is not allowed; expected one of 'milora', 'pissa' or 'lora'"),
+        ({"data": {"format": "sharegpt"}}, r"data\.format = 'sharegpt' is not allowed; expected one of"),
+        ({"data": {"on_bad_rows": "ignore"}}, r"data\.on_bad_rows = 'ignore' is not allowed"),
+        ({"adapter": {"svd_solver": "magic"}}, r"adapter\.svd_solver = 'magic' is not allowed"),
+        ({"adapter": {"rank": "eight"}}, r"adapter\.rank = 'eight'"),
+        ({"adapter": {"target_modules": []}}, r"adapter\.target_modules = \[\]: must name at least one module"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(params, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        validate(params)
+
+
+@pytest.mark.parametrize(
+    "params,pattern",
+    [
+        ({"adaptr": {}}, r"unknown key 'adaptr'; did you mean 'adapter'\?"),
+        ({"adapter": {"rnak": 4}}, r"unknown key 'adapter\.rnak'; did you mean 'adapter\.rank'\?"),
+        ({"train": {"learning_rte": 1e-3}}, r"did you mean 'train\.learning_rate'\?"),
+        ({"model": {"embedded": {"hiden_size": 64}}}, r"did you mean 'model\.embedded\.hidden_size'\?"),
+        ({"zzz": 1}, r"unknown key 'zzz'\. Known keys here: model, data, adapter"),
+    ],
+)
+def test_unknown_keys_suggest(params, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        validate(params)
+
+
+def test_several_errors_are_all_reported():
+    with pytest.raises(ConfigError) as err:
+        validate({"adapter": {"rank": 0, "dropout": 2}})
+    assert "adapter.rank" in str(err.value) and "adapter.dropout" in str(err.value)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such params file"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("adapter: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(top)
+
+
+def test_overrides_are_validated(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump({"adapter": {"rank": 4}}))
+    assert load_config(p, {"adapter.rank": 16, "adapter.method": "pissa"}).adapter.rank == 16
+    with pytest.raises(ConfigError, match=r"adapter\.rank = 0"):
+        load_config(p, {"adapter.rank": 0})
+    with pytest.raises(ConfigError, match="did you mean 'adapter.rank'"):
+        load_config(p, {"adapter.rnk": 3})
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        apply_overrides({"adapter": {"rank": 4}}, {"adapter.rank.x": 1})
+
+
+def test_adapter_config_follows_params():
+    cfg = validate({"adapter": {"method": "lora", "rank": 4}})
+    ac = cfg.adapter_config()
+    assert (ac.method, ac.rank, ac.alpha) == ("lora", 4, 8.0)
+
+
+# --- property: random bad values never pass and never crash with anything but ConfigError
+
+_numeric_keys = {
+    ("adapter", "rank"): lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+    ("adapter", "dropout"): lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1,
+    ("train", "learning_rate"): lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1,
+    ("train", "max_steps"): lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+    ("data", "eval_fraction"): lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1,
+}
+_choice_keys = {
+    ("adapter", "method"): {"milora", "pissa", "lora"},
+    ("data", "format"): {"auto", "alpaca", "llm_adapters", "metamath", "gsm8k", "chat"},
+    ("data", "on_bad_rows"): {"fail", "skip"},
+}
+
+values = st.one_of(
+    st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.sampled_from(sorted(_numeric_keys) + sorted(_choice_keys)), value=values)
+def test_property_bad_values_never_pass(key, value):
+    section, name = key
+    if key in _numeric_keys:
+        good = _numeric_keys[key](value) and value == value  # NaN is never good
+    else:
+        good = isinstance(value, str) and value in _choice_keys[key]
+    try:
+        cfg = validate({section: {name: value}})
+    except ConfigError as exc:
+        assert f"{section}.{name}" in str(exc)
+        return
+    # it passed: it must be a genuinely allowed value (pydantic may coerce 4.0 -> 4, "4" is rejected in strict keys)
+    got = getattr(getattr(cfg, section), name)
+    assert good or (isinstance(value, float) and value.is_integer() and _numeric_keys.get(key, lambda v: False)(int(value))), (key, value, got)
+
+
+@settings(max_examples=200, deadline=None)
+@given(tree=st.recursive(values, lambda c: st.dictionaries(st.text(max_size=6), c, max_size=3), max_leaves=6))
+def test_property_random_trees_only_raise_config_error(tree):
+    try:
+        validate(tree if isinstance(tree, dict) else {"model": tree})
+    except ConfigError:
+        pass
