@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
 
 
-def _link_shared(shared: Paths, run: Paths) -> None:
+def link_shared(shared: Paths, run: Paths) -> None:
+    """Symlink the base and prepared data of `shared` into the run directory `run`."""
     for src, dst in [(shared.base_dir, run.base_dir), (shared.base_json, run.base_json),
                      (shared.heldout_text, run.heldout_text), (shared.prepared_dir, run.prepared_dir)]:
         if not src.exists():
@@ -73,7 +74,7 @@ def run_one(params: str, shared_root: Path, run_root: Path, overrides: dict[str,
     from milora.stages import run_stage
 
     run = Paths(run_root)
-    _link_shared(Paths(shared_root), run)
+    link_shared(Paths(shared_root), run)
     timings = {s: run_stage(s, params, run_root, overrides) for s in ("svd", "train", "evaluate")}
     out: dict[str, Any] = {}
     for stage in ("svd", "train", "eval"):

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import resource
 import shutil
 import subprocess
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 FINGERPRINT = "fingerprint.json"
 PROGRESS = "progress.json"
+# Fault injection for resume tests: SIGKILL this process right after the checkpoint of step N is saved.
+KILL_ENV = "MILORA_FAULT_KILL_AT_STEP"
 
 
 class EncodedDataset(Dataset):
@@ -74,6 +77,20 @@ class ProgressCallback(TrainerCallback):
 
             write_json(self.path, {"step": state.global_step, "max_steps": state.max_steps,
                                    "loss": logs["loss"], "time": time.time()})
+
+
+class KillAfterCheckpoint(TrainerCallback):
+    """Kills the process (SIGKILL, no clean-up) once a checkpoint at or after `step` is on disk."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: D102
+        if state.global_step >= self.step:
+            import signal
+
+            log.warning("%s=%d: killing the training process now", KILL_ENV, self.step)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def file_digest(*paths: Path) -> str:
@@ -239,9 +256,12 @@ def train_stage(cfg: Any, paths: Any) -> None:
     resume = _resume_point(cfg, paths, is_main)
     if args.world_size > 1:
         torch.distributed.barrier()
+    callbacks: list[TrainerCallback] = [ProgressCallback(paths.checkpoints_dir / PROGRESS)]
+    if os.environ.get(KILL_ENV):
+        callbacks.append(KillAfterCheckpoint(int(os.environ[KILL_ENV])))
     trainer = Trainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=PadCollator(tokenizer.pad_token_id), callbacks=[ProgressCallback(paths.checkpoints_dir / PROGRESS)],
+        data_collator=PadCollator(tokenizer.pad_token_id), callbacks=callbacks,
     )
     start_file = paths.checkpoints_dir / "start_eval.json"
     if eval_ds is not None and resume is None:
