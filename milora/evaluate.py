@@ -284,11 +284,12 @@ def evaluate_model(model: nn.Module, tokenizer: Any, rows: list[dict[str, Any]],
         if ecfg.choice_mode == "loglik":
             accs.append(metrics["choice_accuracy_loglik"])
         by_id = {p["id"]: p for p in preds if p["task"] == "choice"}
-        for r, p in zip(crows, picks, strict=True):
-            by_id.setdefault(r["id"], {"id": r["id"], "task": "choice", "answer": r["answer"]})
-            by_id[r["id"]]["loglik_pick"] = p
-            if r["id"] not in {x["id"] for x in preds}:
-                preds.append(by_id[r["id"]])
+        for r, pick, ok in zip(crows, picks, hits, strict=True):
+            rec = by_id.get(r["id"])
+            if rec is None:
+                rec = {"id": r["id"], "task": "choice", "answer": r["answer"]}
+                preds.append(rec)
+            rec.update(loglik_pick=pick, loglik_correct=ok)
     if accs:
         metrics["average_accuracy"] = sum(accs) / len(accs)
     encoded = [encode(tokenizer, r["prompt"], r["response"], max_length) for r in rows]
