@@ -70,9 +70,10 @@ def materialise(cfg: Any, dest: Path) -> int:
     """Write the current contents of `data.source` into the empty directory `dest`; return the file count."""
     source = cfg.data.source
     if source == EMBEDDED:
-        from milora.synthetic import write_embedded_raw
+        from milora.synthetic import write_task_files
 
-        return len(write_embedded_raw(cfg, dest))
+        e = cfg.data.embedded
+        return len(write_task_files(dest, e.math_rows, e.choice_rows, e.seed))
     if source.startswith("s3://"):
         return _copy_s3(source, dest)
     path = Path(os.path.expanduser(source))
