@@ -14,6 +14,8 @@ log = logging.getLogger("milora")
 # Each subcommand lives in its own module as `add_arguments(parser)` + `main(args) -> int`, imported
 # only when used so that `milora --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("milora.run_cli", "run the whole pipeline as a Prefect flow (no server needed) and summarise it"),
+    "deploy": ("milora.deploy_cli", "serve the scheduled nightly-retrain deployment of the pipeline flow"),
     "stage": ("milora.stages", "run one pipeline stage (what dvc.yaml and the Prefect flow call)"),
     "compare": ("milora.compare", "LoRA vs PiSSA vs MiLoRA on the same base, data and budget (several seeds)"),
     "demo": ("milora.demo", "adapter round trip on a tiny model built from a config (no data, no network)"),

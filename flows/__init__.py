@@ -1,0 +1,17 @@
+"""Prefect flows of the pipeline: thin orchestration over the DVC stages (see `flows.pipeline`).
+
+`from flows import milora_pipeline` imports Prefect; the helper modules (`flows.dvc`, `flows.params`,
+`flows.report`) do not, so Prefect settings can still be chosen before it loads.
+"""
+
+from typing import Any
+
+__all__ = ["milora_pipeline"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "milora_pipeline":
+        from flows.pipeline import milora_pipeline
+
+        return milora_pipeline
+    raise AttributeError(f"module 'flows' has no attribute {name!r}")

@@ -1,0 +1,412 @@
+"""The `milora-pipeline` Prefect flow: the DVC stages as tasks, then MLflow registration.
+
+The flow orchestrates and never computes. Each stage task runs `dvc repro --single-item <stage>` in the
+project root (DVC skips a stage whose deps, params and outs did not change, and `train` resumes from
+`checkpoints/` by itself), streaming the stage's output into the task's log; `register` runs
+`milora register`. What the flow adds is the operator's view and the rules around the stages:
+
+* parameters: `overrides` (dotted `params.yaml` keys, validated by the typed config before anything
+  runs), `model_name` (the registered model), `root` (the project) and `params` (another params file);
+  overrides are written into `params.yaml` for the run and the original is put back afterwards
+  (`flows.params`), because DVC and the stages read `params.yaml`;
+* one run per workspace: the flow holds `milora.lock.WorkspaceLock` for its whole duration;
+* retries with backoff only for transient failures (a stage killed by a signal, a connection error
+  in its output); a config or data error (the `milora` CLI's exit 2) fails at once with its message;
+* scheduled semantics: the `ingest` stage is forced first, so the data source's current contents are
+  versioned (a new `data/raw` hash when rows changed); when then every stage is up to date and this
+  exact pipeline state was already registered, the run ends as "nothing to retrain";
+* artifacts: a markdown report per run and a progress bar updated across stages and during training.
+
+The return value is the metrics of the run, `{stage: metrics/<stage>.json}`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run as runtime_flow_run
+from prefect.runtime import task_run as runtime_task_run
+from prefect.states import Completed, Failed, State
+
+from flows.dvc import (
+    DvcResult,
+    StageFailed,
+    classify_failure,
+    default_remote,
+    dvc_command,
+    dvc_status,
+    failure_detail,
+    lock_digest,
+    out_hash,
+    repro_outcome,
+    run_streamed,
+    stage_exit_code,
+    stage_order,
+    stage_seconds,
+    venv_env,
+)
+from flows.params import run_params, validate_run_config
+from flows.report import REGISTERED_FILE, RunReport, read_metrics, registration_line, render_markdown
+from milora.config import ConfigError
+from milora.io import read_json, write_json
+from milora.lock import WorkspaceBusy, WorkspaceLock
+from milora.paths import Paths
+
+FLOW_NAME = "milora-pipeline"
+INGEST = "ingest"  # forced on every run: it reads the data source's current contents
+DATA_OUT = "data/raw"
+REGISTER = "register"
+PUSH_DATA = "push-data"
+NOTHING_TO_RETRAIN = "nothing to retrain"
+PROGRESS_KEY = "milora-progress"
+REPORT_KEY = "milora-run-report"
+
+# Transient failures are retried this many times, waiting this long before each retry (seconds).
+RETRIES = 3
+RETRY_DELAYS = [10, 30, 90]
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry only failures classified transient (see `flows.dvc`)."""
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return isinstance(exc, StageFailed) and exc.kind == "transient"
+
+
+class _Progress:
+    """The run's progress artifact: equal shares per step, the train step moved by its own progress."""
+
+    def __init__(self, steps: list[str]):
+        self.steps = steps
+        self.artifact_id: uuid.UUID | None = None
+        try:
+            self.artifact_id = create_progress_artifact(
+                0.0, key=PROGRESS_KEY, description=f"milora-pipeline: {' -> '.join(steps)}")
+        except Exception as exc:  # the report must never fail a run
+            logging.getLogger(__name__).warning("could not create the progress artifact: %s", exc)
+
+    def span(self, step: str) -> tuple[float, float]:
+        i, n = self.steps.index(step), len(self.steps)
+        return 100.0 * i / n, 100.0 * (i + 1) / n
+
+
+def _set_progress(artifact_id: str | None, value: float, description: str | None = None) -> None:
+    if not artifact_id:
+        return
+    try:
+        update_progress_artifact(uuid.UUID(artifact_id), max(0.0, min(100.0, value)), description=description)
+    except Exception as exc:  # a progress bar must never fail a stage
+        get_run_logger().debug("progress update failed: %s", exc)
+
+
+def _train_fraction(root: Path) -> float | None:
+    """Training progress from `checkpoints/progress.json` (written by the train stage at each log)."""
+    path = Paths(root).checkpoints_dir / "progress.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return min(1.0, float(data["step"]) / float(data["max_steps"]))
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
+def _inherited_fds(root: Path) -> tuple[int, ...]:
+    """The workspace lock's descriptor, so a stage outliving this process keeps the workspace locked."""
+    from milora.lock import held_lock
+
+    lock = held_lock(root)
+    return (lock.fileno(),) if lock is not None else ()
+
+
+# DVC's hints after each stage (about git, autostage, push): noise in a task log. Kept for parsing.
+_DVC_HINTS = ("To track the changes with git, run:", "git add ", "To enable auto staging, run:",
+              "dvc config core.autostage true", "Use `dvc push` to send your updates to remote storage.")
+
+
+def _log_line(logger: Any, line: str) -> None:
+    text = line.strip()
+    if text and not text.startswith(_DVC_HINTS):
+        logger.info(line.rstrip())
+
+
+def _run_step(name: str, cmd: list[str], root: Path, env: dict[str, str],
+              on_tick: Any = None) -> tuple[DvcResult, int]:
+    """Run one step's subprocess with its output in the task log; raise `StageFailed` if it fails."""
+    logger = get_run_logger()
+    attempt = runtime_task_run.run_count or 1
+    result = run_streamed(cmd, cwd=root, env=env, on_line=lambda ln: _log_line(logger, ln), on_tick=on_tick,
+                          pass_fds=_inherited_fds(root))
+    if result.returncode != 0:
+        exc = StageFailed(name, stage_exit_code(result.returncode, result.output),
+                          classify_failure(result.returncode, result.output), failure_detail(result.output),
+                          attempt=attempt, seconds=round(result.seconds, 3))
+        logger.error("%s (attempt %d of at most %d)", exc, attempt, RETRIES + 1)
+        raise exc
+    return result, attempt
+
+
+@task(name="stage", task_run_name="{stage}", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=retry_transient, cache_policy=NO_CACHE, persist_result=False)
+def run_stage(stage: str, root: str, force: bool = False, progress_id: str | None = None,
+              progress_span: tuple[float, float] = (0.0, 100.0)) -> dict[str, Any]:
+    """`dvc repro --single-item STAGE` in `root`, its output streamed into this task's log.
+
+    Returns the `StageRun` fields as a dict; raises `StageFailed` (kind transient/user/error)."""
+    rootp = Path(root)
+    lo, hi = progress_span
+    _set_progress(progress_id, lo, f"{stage}: running")
+    on_tick = None
+    if stage == "train":
+        def on_tick() -> None:
+            frac = _train_fraction(rootp)
+            if frac is not None:
+                _set_progress(progress_id, lo + (hi - lo) * frac, f"train: {100 * frac:.0f}% of the steps")
+
+    args = ["repro", "--single-item", *(["--force"] if force else []), stage]
+    get_run_logger().info("$ dvc %s", " ".join(args))
+    result, attempt = _run_step(stage, dvc_command(*args), rootp, venv_env(), on_tick)
+    outcome = repro_outcome(stage, result.output)
+    _set_progress(progress_id, hi, f"{stage}: {outcome}")
+    get_run_logger().info("stage %s: %s in %.1fs", stage, outcome, result.seconds)
+    return {"name": stage, "outcome": outcome, "seconds": round(result.seconds, 3),
+            "compute_seconds": stage_seconds(result.output), "attempts": attempt}
+
+
+@task(name=PUSH_DATA, retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_transient,
+      cache_policy=NO_CACHE, persist_result=False)
+def push_data(root: str, stage: str = INGEST) -> dict[str, Any]:
+    """`dvc push STAGE`: send the new data version to the DVC default remote (no-op without one)."""
+    rootp = Path(root)
+    remote = default_remote(rootp)
+    if remote is None:
+        get_run_logger().info("no DVC default remote: the data version stays in the local cache only")
+        return {"remote": None, "seconds": 0.0, "attempts": 0}
+    get_run_logger().info("$ dvc push %s  (remote %s)", stage, remote)
+    result, attempt = _run_step(f"push {stage}", dvc_command("push", stage), rootp, venv_env())
+    return {"remote": remote, "seconds": round(result.seconds, 3), "attempts": attempt}
+
+
+@task(name="register", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_transient,
+      cache_policy=NO_CACHE, persist_result=False)
+def register(root: str, flow_run_id: str | None = None, progress_id: str | None = None,
+             progress_span: tuple[float, float] = (0.0, 100.0)) -> dict[str, Any]:
+    """`milora register`: log the run to MLflow, register a version as `challenger`, run the champion gate.
+
+    Returns `{"decision": registration_summary(...), "seconds": ..., "attempts": ...}`."""
+    _set_progress(progress_id, progress_span[0], "register: running")
+    env = venv_env({"PREFECT__FLOW_RUN_ID": flow_run_id} if flow_run_id else None)
+    get_run_logger().info("$ milora register --root %s", root)
+    result, attempt = _run_step(REGISTER, [sys.executable, "-m", "milora.cli", "register", "--root", root],
+                                Path(root), env)
+    decision = registration_summary(result.lines, Path(root))
+    get_run_logger().info("register: %s", registration_line(decision))
+    _set_progress(progress_id, progress_span[1], "register: done")
+    return {"decision": decision, "seconds": round(result.seconds, 3), "attempts": attempt}
+
+
+def registration_summary(lines: list[str], root: Path) -> dict[str, Any]:
+    """The registration as the report shows it, from the JSON line `milora register` prints last and
+    `metrics/register.json` (tracking URI): version, decision, both metric values, MLflow run link."""
+    printed: dict[str, Any] = {}
+    for line in reversed(lines):
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                printed = json.loads(line)
+                break
+            except ValueError:
+                continue
+    written: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        written = read_json(Paths(root).metrics("register"))
+    d = printed.get("decision") or {}
+    out = {"model_name": printed.get("model_name", written.get("model_name")),
+           "version": printed.get("version", written.get("version")),
+           "run_id": printed.get("run_id", written.get("run_id")),
+           "model_uri": printed.get("model_uri", written.get("model_uri")),
+           "created": printed.get("created"),
+           "promoted": d.get("promote", written.get("promoted")),
+           "reason": d.get("reason", written.get("reason")),
+           "metric": d.get("metric", written.get("metric")),
+           "challenger_value": d.get("challenger_value", written.get("challenger_value")),
+           "champion_value": d.get("champion_value", written.get("champion_value")),
+           "champion_version": d.get("champion_version", written.get("champion_version")),
+           "tracking_uri": written.get("tracking_uri")}
+    if out["promoted"] is not None:
+        out["decision"] = "promoted to champion" if out["promoted"] else "champion kept"
+    uri = out["tracking_uri"] or ""
+    if out["run_id"] and uri.startswith(("http://", "https://")):
+        out["run_url"] = f"{uri.rstrip('/')}/#/runs/{out['run_id']}"
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _read_registered(root: Path) -> dict[str, Any] | None:
+    path = root / REGISTERED_FILE
+    try:
+        return read_json(path) if path.exists() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _record_stage(report: RunReport, result: dict[str, Any]) -> None:
+    s = report.stage(result["name"])
+    s.outcome, s.seconds = result["outcome"], result["seconds"]
+    s.compute_seconds, s.attempts = result.get("compute_seconds"), result.get("attempts", 1)
+
+
+def _record_failure(report: RunReport, name: str, exc: BaseException) -> None:
+    s = report.stage(name)
+    s.outcome = "failed"
+    if isinstance(exc, StageFailed):
+        s.attempts, s.seconds, s.detail = exc.attempt, exc.seconds, exc.detail
+    else:
+        s.attempts, s.detail = max(s.attempts, 1), f"{type(exc).__name__}: {exc}"
+
+
+def _publish(report: RunReport, t0: float) -> None:
+    """Finish the report: timings, metrics, the markdown artifact and `.milora/last_run.json`."""
+    report.seconds = round(time.perf_counter() - t0, 3)
+    report.metrics = read_metrics(report.root)
+    try:
+        report.save()
+    except OSError as exc:
+        logging.getLogger(__name__).warning("could not save the run report: %s", exc)
+    try:
+        create_markdown_artifact(render_markdown(report), key=REPORT_KEY,
+                                 description=f"milora-pipeline run: {report.status}")
+    except Exception as exc:  # the report must never fail a run
+        logging.getLogger(__name__).warning("could not create the report artifact: %s", exc)
+
+
+@flow(name=FLOW_NAME, description="MiLoRA fine-tuning: DVC stages ingest..evaluate, then MLflow registration",
+      validate_parameters=True, persist_result=False)
+def milora_pipeline(overrides: dict[str, Any] | None = None, model_name: str | None = None, root: str = ".",
+                    params: str | None = None) -> dict[str, Any]:
+    """Run the pipeline in `root` with `overrides` of `params.yaml` keys; return the metrics by stage.
+
+    Args:
+        overrides: dotted params keys to values for this run, e.g. `{"adapter.rank": 4}`.
+        model_name: the MLflow registered model (default: `register.model_name` of the params).
+        root: the project root (holding `params.yaml` and `dvc.yaml`).
+        params: a params file to start from instead of `params.yaml` (relative to `root`).
+    """
+    t0 = time.perf_counter()
+    logger = get_run_logger()
+    rootp = Path(root).expanduser().resolve()
+    overrides = dict(overrides or {})
+    if model_name:
+        overrides["register.model_name"] = model_name
+    # Validate before anything runs: a bad key or value fails here, with no task run at all.
+    try:
+        validate_run_config(rootp, params, overrides)
+        stages = stage_order(rootp)
+    except (ConfigError, FileNotFoundError) as exc:
+        return _failed(exc)
+    fid = runtime_flow_run.id
+    report = RunReport(root=str(rootp), flow_run_id=fid, flow_run_name=runtime_flow_run.name,
+                       flow_run_url=runtime_flow_run.ui_url, overrides=overrides,
+                       params_file=str(params or "params.yaml"),
+                       started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    for name in stages:
+        report.stage(name)
+        if name == INGEST:
+            report.stage(PUSH_DATA)
+    report.stage(REGISTER)
+    logger.info("workspace %s; stages %s; overrides %s", rootp, " -> ".join(stages), overrides or "none")
+
+    lock = WorkspaceLock(rootp, flow_run_id=fid, command=f"flow {FLOW_NAME}")
+    try:
+        lock.acquire()
+    except WorkspaceBusy as exc:
+        return _failed(exc)
+    with lock, run_params(rootp, params, overrides) as cfg:
+        progress = _Progress([*stages, REGISTER])
+        pid = str(progress.artifact_id) if progress.artifact_id else None
+        current = stages[0]
+        try:  # any failure: record it in the report and the artifact, then fail the flow run with it
+            rest = stages
+            if INGEST in stages:
+                current = INGEST
+                before = out_hash(rootp, INGEST, DATA_OUT)
+                _record_stage(report, run_stage(INGEST, str(rootp), force=True, progress_id=pid,
+                                                progress_span=progress.span(INGEST)))
+                report.data_version = out_hash(rootp, INGEST, DATA_OUT)
+                report.data_changed = report.data_version != before
+                current = PUSH_DATA
+                pushed = push_data(str(rootp))
+                s = report.stage(PUSH_DATA)
+                s.outcome = "ran" if pushed["remote"] else "no remote"
+                s.seconds, s.attempts = pushed["seconds"], pushed["attempts"]
+                rest = [s for s in stages if s != INGEST]
+            current = "dvc status"
+            pending = dvc_status(rootp)
+            # What was last registered from this workspace: the whole pipeline state (dvc.lock: data
+            # version, params, code and outputs of every stage) and the model name.
+            last = _read_registered(rootp) or {}
+            if not pending and last.get("lock") == lock_digest(rootp) \
+                    and last.get("model_name") == cfg.register.model_name:
+                for name in rest:
+                    report.stage(name).outcome = "up to date"
+                report.stage(REGISTER).outcome = "up to date"
+                report.registration = {"skipped": True, "model_name": last.get("model_name"),
+                                       "version": last.get("version"),
+                                       "reason": f"{NOTHING_TO_RETRAIN}: data and params unchanged since "
+                                                 f"version {last.get('version')} was registered"}
+                report.status, report.message = NOTHING_TO_RETRAIN, (
+                    f"{NOTHING_TO_RETRAIN}: data version {report.data_version} and params unchanged since "
+                    f"the last registered run")
+                _set_progress(pid, 100.0, NOTHING_TO_RETRAIN)
+                logger.info(report.message)
+                _publish(report, t0)
+                return Completed(message=report.message, data=report.metrics)
+            for name in rest:
+                current = name
+                if not pending:
+                    report.stage(name).outcome = "up to date"
+                    continue
+                _record_stage(report, run_stage(name, str(rootp), progress_id=pid,
+                                                progress_span=progress.span(name)))
+            current = REGISTER
+            reg = register(str(rootp), flow_run_id=fid, progress_id=pid, progress_span=progress.span(REGISTER))
+            s = report.stage(REGISTER)
+            s.outcome, s.seconds, s.attempts = "ran", reg["seconds"], reg["attempts"]
+            report.registration = reg["decision"]
+            write_json(rootp / REGISTERED_FILE, {
+                "lock": lock_digest(rootp), "model_name": cfg.register.model_name, "version": reg["decision"].get("version"), "data_version": report.data_version,
+                "flow_run_id": fid, "registered_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            report.status = "completed"
+            ran = report.ran
+            report.message = (f"ran {', '.join(ran)}" if ran else "every stage was up to date") + \
+                f"; {registration_line_short(report.registration)}"
+            _set_progress(pid, 100.0, "done")
+        except BaseException as exc:
+            _record_failure(report, current, exc)
+            report.status, report.message = "failed", str(exc)
+            _publish(report, t0)
+            if isinstance(exc, (StageFailed, ConfigError)):
+                return _failed(exc)  # its message says it all: no traceback in the logs
+            raise
+    _publish(report, t0)
+    return report.metrics
+
+
+def _failed(exc: BaseException) -> State:
+    """End the flow run Failed with the error's one-line message (calling the flow raises `exc`)."""
+    get_run_logger().error("%s", exc)
+    return Failed(message=str(exc), data=exc)
+
+
+def registration_line_short(reg: dict[str, Any] | None) -> str:
+    """`registered <name> v<version> (<decision>)` for the run's message."""
+    if not reg:
+        return "nothing registered"
+    text = f"registered {reg.get('model_name', '?')} v{reg.get('version', '?')}"
+    return text + (f" ({reg['decision']})" if reg.get("decision") else "")

@@ -1,0 +1,264 @@
+"""What a pipeline run did, as data (`RunReport`), as the run's markdown artifact and as the summary
+`milora run` prints. Pure functions of the report: no Prefect, DVC or MLflow calls here."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from milora.io import read_json, write_json
+
+REPORT_FILE = Path(".milora") / "last_run.json"
+REGISTERED_FILE = Path(".milora") / "registered.json"
+
+# How each stage outcome reads in the artifact and the summary.
+OUTCOME_TEXT = {
+    "ran": "ran",
+    "skipped": "skipped (unchanged)",
+    "restored": "restored from DVC run cache",
+    "up to date": "skipped (pipeline up to date)",
+    "failed": "FAILED",
+    "not run": "not run",
+    "no remote": "skipped (no DVC default remote)",
+}
+
+
+@dataclass
+class StageRun:
+    """One stage (or the register step) in one flow run."""
+
+    name: str
+    outcome: str = "not run"  # ran | skipped | restored | up to date | failed | not run
+    seconds: float = 0.0  # wall time of its subprocess (DVC + the stage), 0 when not invoked
+    compute_seconds: float | None = None  # the stage's own time, as `milora stage` logs it
+    attempts: int = 0
+    detail: str | None = None
+
+    @property
+    def executed(self) -> bool:
+        """Whether the stage's command actually ran (as opposed to DVC skipping it)."""
+        return self.outcome in ("ran", "failed")
+
+
+@dataclass
+class RunReport:
+    """Everything the artifact and the summary show about one flow run."""
+
+    root: str
+    status: str = "running"  # completed | nothing to retrain | failed
+    message: str = ""
+    flow_run_id: str | None = None
+    flow_run_name: str | None = None
+    flow_run_url: str | None = None
+    started_at: str | None = None
+    seconds: float = 0.0
+    overrides: dict[str, Any] = field(default_factory=dict)
+    params_file: str = "params.yaml"
+    data_version: str | None = None
+    data_changed: bool | None = None
+    stages: list[StageRun] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    registration: dict[str, Any] | None = None
+
+    def stage(self, name: str) -> StageRun:
+        """The entry of stage `name` (created on first use, in call order)."""
+        for s in self.stages:
+            if s.name == name:
+                return s
+        s = StageRun(name)
+        self.stages.append(s)
+        return s
+
+    @property
+    def ran(self) -> list[str]:
+        """Names of the stages whose command ran."""
+        return [s.name for s in self.stages if s.executed]
+
+    @property
+    def stage_seconds(self) -> float:
+        """Sum of the stage subprocesses' wall times."""
+        return sum(s.seconds for s in self.stages)
+
+    @property
+    def overhead(self) -> float | None:
+        """Share of the flow's wall time spent outside stage subprocesses (orchestration)."""
+        if self.seconds <= 0:
+            return None
+        return max(0.0, self.seconds - self.stage_seconds) / self.seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunReport:
+        """Inverse of `to_dict`."""
+        data = dict(data)
+        data["stages"] = [StageRun(**s) for s in data.get("stages", [])]
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self) -> Path:
+        """Write the report to `<root>/.milora/last_run.json` (atomically)."""
+        return write_json(Path(self.root) / REPORT_FILE, self.to_dict())
+
+
+def load_report(root: str | os.PathLike[str]) -> RunReport | None:
+    """The report of the last flow run in `root`, if any."""
+    path = Path(root) / REPORT_FILE
+    return RunReport.from_dict(read_json(path)) if path.exists() else None
+
+
+def read_metrics(root: str | os.PathLike[str]) -> dict[str, Any]:
+    """`metrics/<stage>.json` of every stage that wrote one, keyed by stage (what `dvc metrics show` shows)."""
+    out: dict[str, Any] = {}
+    mdir = Path(root) / "metrics"
+    for path in sorted(mdir.glob("*.json")) if mdir.is_dir() else []:
+        try:
+            out[path.stem] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def _scalars(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            rows.extend(_scalars(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            rows.append((f"{prefix}{k}", v))
+    return rows
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _seconds(s: float | None) -> str:
+    return "" if s is None else f"{s:.1f}"
+
+
+def registration_line(reg: dict[str, Any] | None) -> str:
+    """One sentence: what registration decided (or why there was none)."""
+    if not reg:
+        return "nothing registered"
+    if reg.get("skipped"):
+        return str(reg.get("reason") or "nothing registered")
+    name, version = reg.get("model_name"), reg.get("version")
+    head = f"registered {name} version {version} as challenger" if version else "registration ran"
+    decision = reg.get("decision")
+    if decision:
+        head += f"; champion gate: {decision}"
+    if reg.get("reason"):
+        head += f" ({reg['reason']})"
+    return head
+
+
+def render_markdown(report: RunReport) -> str:
+    """The run's markdown artifact: outcome, stages with timings, data version, metrics, registration."""
+    title = report.flow_run_name or report.flow_run_id or "run"
+    lines = [f"# milora-pipeline `{title}`: {report.status}", ""]
+    if report.message:
+        lines += [f"> {_md_escape(report.message)}", ""]
+    lines += [
+        f"* Workspace: `{report.root}`; params: `{report.params_file}`"
+        + (f" with overrides `{json.dumps(report.overrides, sort_keys=True)}`" if report.overrides else ""),
+        f"* Data version: `{report.data_version or 'unknown'}`"
+        + ("" if report.data_changed is None else (" (changed since the last run)" if report.data_changed
+                                                  else " (unchanged)")),
+        f"* Flow wall time: {report.seconds:.1f} s; stage subprocesses: {report.stage_seconds:.1f} s"
+        + (f"; orchestration overhead: {100 * report.overhead:.1f}%" if report.overhead is not None else ""),
+        "",
+        "## Stages",
+        "",
+        "| stage | outcome | wall (s) | stage compute (s) | attempts |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for s in report.stages:
+        outcome = OUTCOME_TEXT.get(s.outcome, s.outcome)
+        if s.detail and s.outcome == "failed":
+            outcome += f": {_md_escape(s.detail)}"
+        lines.append(f"| {s.name} | {outcome} | {_seconds(s.seconds) if s.attempts else ''} | "
+                     f"{_seconds(s.compute_seconds)} | {s.attempts or ''} |")
+    lines += ["", "## Metrics", ""]
+    rows = [(f"{stage}.{k}", v) for stage, m in report.metrics.items() if isinstance(m, dict)
+            for k, v in _scalars(m)]
+    if rows:
+        lines += ["| metric | value |", "|---|---:|"] + [f"| {_md_escape(k)} | {_fmt(v)} |" for k, v in rows]
+    else:
+        lines.append("no metrics yet")
+    lines += ["", "## Registration", "", registration_line(report.registration)]
+    reg = report.registration or {}
+    for label, key in (("Challenger", "challenger_value"), ("Champion", "champion_value"),
+                       ("Champion version", "champion_version")):
+        if reg.get(key) is not None:
+            lines.append(f"* {label}: {_fmt(reg[key])}")
+    if reg.get("model_uri"):
+        lines.append(f"* Model: `{reg['model_uri']}`")
+    if reg.get("run_url"):
+        lines.append(f"* MLflow run: [{reg.get('run_id', 'run')}]({reg['run_url']})")
+    elif reg.get("run_id"):
+        lines.append(f"* MLflow run: `{reg['run_id']}` in `{reg.get('tracking_uri', 'the MLflow store')}`")
+    return "\n".join(lines) + "\n"
+
+
+def render_summary(report: RunReport, adapter_dir: str | None = None, runs_hint: str | None = None) -> str:
+    """The plain-text summary `milora run` prints at the end."""
+    head = f"milora run: {report.status}"
+    if report.message and report.status != "failed":  # a failure's message ends the output on its own
+        head += f" ({report.message})"
+    out = [head, ""]
+    out.append("stages:")
+    width = max((len(s.name) for s in report.stages), default=8)
+    for s in report.stages:
+        timing = f"{s.seconds:6.1f}s" if s.attempts else " " * 7
+        compute = f"  (stage {s.compute_seconds:.1f}s)" if s.compute_seconds is not None else ""
+        tries = f"  [{s.attempts} attempts]" if s.attempts > 1 else ""
+        detail = f": {s.detail}" if s.detail and s.outcome == "failed" else ""
+        out.append(f"  {s.name:<{width}}  {timing}  {OUTCOME_TEXT.get(s.outcome, s.outcome)}{compute}{tries}{detail}")
+    overhead = f", orchestration overhead {100 * report.overhead:.1f}%" if report.overhead is not None else ""
+    out.append(f"  flow {report.seconds:.1f}s, stage subprocesses {report.stage_seconds:.1f}s{overhead}")
+    out += ["", f"data version: {report.data_version or 'unknown'}"
+            + ("" if report.data_changed is None else (" (changed)" if report.data_changed else " (unchanged)"))]
+    ev = report.metrics.get("eval") if isinstance(report.metrics.get("eval"), dict) else None
+    if ev:
+        out += ["", "eval metrics:"] + [f"  {k}: {_fmt(v)}" for k, v in _scalars(ev)]
+    tr = report.metrics.get("train") if isinstance(report.metrics.get("train"), dict) else None
+    if tr:
+        keys = [k for k in ("steps", "train_loss", "final_loss", "loss", "seconds") if k in tr]
+        if keys:
+            out += ["train: " + ", ".join(f"{k} {_fmt(tr[k])}" for k in keys)]
+    out += ["", "model:"]
+    if adapter_dir:
+        out.append(f"  adapter: {adapter_dir}")
+    reg = report.registration or {}
+    out.append(f"  {registration_line(reg)}")
+    if reg.get("model_uri"):
+        out.append(f"  MLflow model: {reg['model_uri']}")
+    if reg.get("run_url") or reg.get("run_id"):
+        out.append(f"  MLflow run: {reg.get('run_url') or reg['run_id']}"
+                   + (f" ({reg['tracking_uri']})" if reg.get("tracking_uri") and not reg.get("run_url") else ""))
+    if report.flow_run_url or runs_hint:
+        out += ["", "runs:"]
+        if report.flow_run_url:
+            out.append(f"  Prefect flow run: {report.flow_run_url}")
+        if runs_hint:
+            out.append(f"  {runs_hint}")
+    return "\n".join(out) + "\n"

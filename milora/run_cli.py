@@ -1,0 +1,91 @@
+"""`milora run`: the whole pipeline as one Prefect flow run, with no server to start by hand.
+
+With `PREFECT_API_URL` set (a running `prefect server start`, or Prefect Cloud), the run is recorded
+there. Otherwise Prefect runs in its ephemeral mode: a temporary local server for the duration of the
+command, with its database in `<root>/.prefect/` (git-ignored), so the history of every `milora run`
+stays browsable with `PREFECT_HOME=.prefect prefect server start`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from milora.cli import UserError
+
+EPHEMERAL_HOME = ".prefect"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `milora run`."""
+    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a params key for this run, e.g. -S adapter.rank=16 (repeatable)")
+    p.add_argument("--params", default=None,
+                   help="params file to start from instead of params.yaml (its values are used for the run)")
+    p.add_argument("--root", default=".", help="project root holding params.yaml and dvc.yaml (default: .)")
+    p.add_argument("--model-name", default=None,
+                   help="MLflow registered model name (default: register.model_name of the params)")
+
+
+def prefect_environment(root: Path) -> str | None:
+    """Point Prefect at `PREFECT_API_URL` if set, else at an ephemeral server with its home under `root`.
+
+    Must run before Prefect is imported. Returns the ephemeral home, or None when a server is used."""
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    home = os.environ.setdefault("PREFECT_HOME", str(root / EPHEMERAL_HOME))
+    os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    # The temporary server migrates its database on first start; a busy 2-core machine needs > 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_UI_ENABLED", "false")
+    return home
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of `milora run`."""
+    from flows.params import validate_run_config
+    from milora.stages import parse_sets
+
+    root = Path(args.root).expanduser().resolve()
+    if not (root / "dvc.yaml").exists():
+        raise UserError(f"{root}: no dvc.yaml here; run from the project root or pass --root")
+    overrides = parse_sets(args.set)
+    if args.model_name:
+        overrides["register.model_name"] = args.model_name
+    validate_run_config(root, args.params, overrides)  # fail in a second, before Prefect starts
+    home = prefect_environment(root)
+    for noisy in ("httpx", "httpcore"):  # one line per API call otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from flows.dvc import StageFailed
+    from flows.pipeline import milora_pipeline
+    from flows.report import load_report, render_summary
+    from milora.config import ConfigError
+    from milora.lock import WorkspaceBusy
+    from milora.paths import Paths
+
+    state = milora_pipeline(overrides=overrides, root=str(root), params=args.params, return_state=True)
+    fid = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
+    report = load_report(root)
+    if report is not None and report.flow_run_id == fid:
+        hint = None
+        if home is not None:
+            hint = (f"Prefect runs are stored in {home}; browse them with "
+                    f"`PREFECT_HOME={home} prefect server start` and http://127.0.0.1:4200/runs"
+                    + (f"/flow-run/{fid}" if fid else ""))
+            report.flow_run_url = None  # the temporary server's address is gone
+        adapter = Paths(root).adapter_dir
+        print(render_summary(report, adapter_dir=str(adapter) if adapter.exists() else None, runs_hint=hint))
+    if state.is_completed():
+        return 0
+    exc = state.result(raise_on_failure=False)
+    message = str(exc) if isinstance(exc, BaseException) else (state.message or state.name)
+    print(f"milora run: error: {message}", file=sys.stderr)
+    user = isinstance(exc, (ConfigError, WorkspaceBusy, UserError)) or (
+        isinstance(exc, StageFailed) and exc.kind == "user")
+    return 2 if user else 1

@@ -1,0 +1,64 @@
+"""A real Prefect server process on 127.0.0.1 for the orchestration tests.
+
+`prefect_server` starts `prefect server start` once per session with an isolated `PREFECT_HOME`
+(analytics off, no UI); `prefect_env` is the environment a subprocess needs to talk to it;
+`prefect_api` points this process's Prefect client at it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.servers import BIN, ServerProcess, free_port
+
+PREFECT_ENV = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_UI_ENABLED": "false",
+    "PREFECT_LOGGING_LEVEL": "INFO",
+}
+
+
+class PrefectServer(ServerProcess):
+    """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        port = free_port()
+        env = {**PREFECT_ENV, "PREFECT_HOME": str(home), "PREFECT_API_URL": ""}
+        super().__init__([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                         port, "/api/health", env=env, log_path=home / "server.log", timeout=180)
+
+    @property
+    def api_url(self) -> str:
+        """The API URL clients use (`PREFECT_API_URL`)."""
+        return f"{self.url}/api"
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory) -> Iterator[PrefectServer]:
+    """A real Prefect server for the whole session."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    server = PrefectServer(home).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def prefect_env(prefect_server, tmp_path_factory) -> dict[str, str]:
+    """Environment variables (to add to the usual ones) for subprocesses that use the test server."""
+    client_home = tmp_path_factory.mktemp("prefect-client")
+    return {**PREFECT_ENV, "PREFECT_API_URL": prefect_server.api_url, "PREFECT_HOME": str(client_home)}
+
+
+@pytest.fixture
+def prefect_api(prefect_server) -> Iterator[str]:
+    """Point this process's Prefect client (flows run in-process, API queries) at the test server."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url,
+                                     PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        yield prefect_server.api_url

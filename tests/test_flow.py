@@ -1,0 +1,279 @@
+"""The Prefect orchestration: override validation, the workspace lock, retry classification, artifact
+rendering (fast), then the flow itself against a real Prefect server and real DVC (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from flows.dvc import (
+    StageFailed,
+    classify_failure,
+    failure_detail,
+    repro_outcome,
+    stage_exit_code,
+    stage_order,
+    stage_seconds,
+)
+from flows.params import BACKUP, render_params, restore_leftover, run_params, validate_run_config
+from flows.report import RunReport, StageRun, render_markdown, render_summary
+from milora.config import ConfigError
+from milora.lock import WorkspaceBusy, WorkspaceLock, held_lock, read_record
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A directory holding copies of the real params.yaml and dvc.yaml."""
+    for name in ("params.yaml", "dvc.yaml"):
+        (tmp_path / name).write_bytes((REPO / name).read_bytes())
+    return tmp_path
+
+
+# --------------------------------------------------------------------------------------- overrides
+
+
+def test_overrides_are_validated_by_the_typed_config(project):
+    cfg = validate_run_config(project, None, {"adapter.rank": 4, "adapter.method": "pissa"})
+    assert (cfg.adapter.rank, cfg.adapter.method) == (4, "pissa")
+
+    with pytest.raises(ConfigError, match=r"unknown key 'adapter\.rnak'; did you mean 'adapter\.rank'"):
+        validate_run_config(project, None, {"adapter.rnak": 4})
+    with pytest.raises(ConfigError, match=r"adapter\.rank = -1"):
+        validate_run_config(project, None, {"adapter.rank": -1})
+    with pytest.raises(ConfigError, match=r"adapter\.method = 'svd' is not allowed"):
+        validate_run_config(project, None, {"adapter.method": "svd"})
+    with pytest.raises(ConfigError, match="overrides must be a mapping"):
+        validate_run_config(project, None, [("adapter.rank", 4)])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="must be a dotted params key"):
+        validate_run_config(project, None, {"adapter..rank": 4})
+    with pytest.raises(ConfigError, match="no such params file"):
+        validate_run_config(project, "missing.yaml", {})
+
+
+def test_render_params_sets_keys_and_keeps_comments_and_layout():
+    text = (REPO / "params.yaml").read_text(encoding="utf-8")
+    out = render_params(text, {"adapter.rank": 4, "train.learning_rate": 1e-4}).decode()
+    changed = [(a, b) for a, b in zip(text.splitlines(), out.splitlines(), strict=True) if a != b]
+    assert len(changed) == 2, changed
+    assert all("#" in b for _, b in changed)  # the trailing comments stayed
+    assert changed[0][1].split("#")[0].split() == ["rank:", "4"]
+    assert changed[1][1].split("#")[0].split() == ["learning_rate:", "0.0001"]
+
+
+def test_run_params_writes_overrides_for_the_run_and_restores_after_failure(project):
+    original = (project / "params.yaml").read_bytes()
+    with pytest.raises(RuntimeError, match="stage blew up"), \
+            run_params(project, None, {"adapter.rank": 4}) as cfg:
+        assert cfg.adapter.rank == 4
+        assert validate_run_config(project).adapter.rank == 8  # the original is what validation reads
+        from milora.config import load_config
+
+        assert load_config(project / "params.yaml").adapter.rank == 4  # what DVC and the stages read
+        assert (project / BACKUP).read_bytes() == original
+        raise RuntimeError("stage blew up")
+    assert (project / "params.yaml").read_bytes() == original
+    assert not (project / BACKUP).exists()
+
+
+def test_run_params_from_another_file_and_no_change_leaves_params_yaml_alone(project):
+    original = (project / "params.yaml").read_bytes()
+    other = project / "small.yaml"
+    other.write_text("train:\n  max_steps: 3\n", encoding="utf-8")
+    with run_params(project, "small.yaml", {}) as cfg:
+        assert cfg.train.max_steps == 3
+        assert (project / "params.yaml").read_text() == "train:\n  max_steps: 3\n"
+    assert (project / "params.yaml").read_bytes() == original
+    before = (project / "params.yaml").stat().st_mtime_ns
+    with run_params(project, None, {}) as cfg:
+        assert cfg.adapter.rank == 8
+    assert (project / "params.yaml").stat().st_mtime_ns == before
+
+
+def test_a_killed_runs_overrides_are_undone_by_the_next_run(project):
+    original = (project / "params.yaml").read_bytes()
+    # What a run killed inside `run_params` leaves: params.yaml overridden, the original in the backup.
+    (project / BACKUP).parent.mkdir(parents=True)
+    (project / BACKUP).write_bytes(original)
+    (project / "params.yaml").write_bytes(render_params(original.decode(), {"adapter.rank": 2}))
+    assert validate_run_config(project).adapter.rank == 8  # validation already reads the original
+    assert restore_leftover(project)
+    assert (project / "params.yaml").read_bytes() == original
+    assert not restore_leftover(project)
+
+
+# --------------------------------------------------------------------------------------- lock
+
+
+def test_lock_excludes_a_second_run_and_names_the_holder(tmp_path):
+    with WorkspaceLock(tmp_path, flow_run_id="run-1", command="test") as lock:
+        assert held_lock(tmp_path) is lock
+        record = read_record(tmp_path)
+        assert (record.pid, record.flow_run_id) == (os.getpid(), "run-1")
+        with pytest.raises(WorkspaceBusy) as err:
+            WorkspaceLock(tmp_path, flow_run_id="run-2").acquire()
+        msg = str(err.value)
+        assert "another run holds the workspace" in msg
+        assert f"since {record.started_at}" in msg and f"pid {os.getpid()}" in msg and "run-1" in msg
+    assert held_lock(tmp_path) is None and read_record(tmp_path) is None
+    with WorkspaceLock(tmp_path, flow_run_id="run-2") as again:  # free again after release
+        assert again.stale is None
+
+
+# The real `milora.lock` in a subprocess, without importing the package's torch-heavy `__init__`.
+HOLDER = textwrap.dedent(f"""
+    import sys, time, types
+    pkg = types.ModuleType("milora")
+    pkg.__path__ = [{str(REPO / "milora")!r}]
+    sys.modules["milora"] = pkg
+    from milora.lock import WorkspaceLock
+    lock = WorkspaceLock(sys.argv[1], flow_run_id="doomed").acquire()
+    print("locked", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_a_dead_holders_lock_is_detected_stale_and_taken_over(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(WorkspaceBusy, match=f"pid {proc.pid} .*flow run doomed"):
+            WorkspaceLock(tmp_path).acquire()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with WorkspaceLock(tmp_path, flow_run_id="next") as lock:
+        assert lock.stale is not None and lock.stale.pid == proc.pid and not lock.stale.pid_alive()
+        assert read_record(tmp_path).flow_run_id == "next"
+
+
+# --------------------------------------------------------------------------------------- DVC output
+
+
+def test_stage_order_follows_the_dvc_yaml_dag():
+    order = stage_order(REPO)
+    assert set(order) >= {"base", "prepare", "svd", "train", "evaluate"}
+
+    def before(a: str, b: str) -> bool:
+        return order.index(a) < order.index(b)
+
+    assert before("base", "prepare") and before("base", "svd")
+    assert before("prepare", "train") and before("svd", "train") and before("train", "evaluate")
+    if "ingest" in order:
+        assert before("ingest", "prepare")
+
+
+def test_stage_order_rejects_a_cycle(tmp_path):
+    (tmp_path / "dvc.yaml").write_text(textwrap.dedent("""
+        stages:
+          a: {cmd: x, deps: [b.txt], outs: [a.txt]}
+          b: {cmd: y, deps: [a.txt], outs: [b.txt]}
+    """))
+    with pytest.raises(ValueError, match="cycle"):
+        stage_order(tmp_path)
+
+
+def test_repro_outcome_and_timings_from_dvc_output():
+    assert repro_outcome("train", "Running stage 'train':\n> milora stage train\n") == "ran"
+    assert repro_outcome("train", "Stage 'train' didn't change, skipping\n") == "skipped"
+    assert repro_outcome("svd", "Stage 'svd' is cached - skipping run, checking out outputs\n") == "restored"
+    assert stage_seconds("12:00:01 INFO milora.stages: stage train: done in 12.5s\n") == 12.5
+    assert stage_seconds("nothing\n") is None
+
+
+@pytest.mark.parametrize(("returncode", "output", "kind"), [
+    (255, "milora stage: error: params.yaml: adapter.rank = 0\nERROR: failed to reproduce 'svd': failed to "
+          "run: milora stage svd, exited with 2", "user"),
+    (255, "ERROR: failed to reproduce 'train': failed to run: milora stage train, exited with -9", "transient"),
+    (-9, "Running stage 'train':", "transient"),
+    (255, "botocore.exceptions.EndpointConnectionError: Could not connect to the endpoint URL: "
+          "\"http://127.0.0.1:1/b\"\nERROR: failed to run: milora stage svd, exited with 1", "transient"),
+    (2, "milora register: error: MLflow tracking server http://127.0.0.1:5000 is unreachable (timed out)",
+     "transient"),
+    (255, "ERROR: Unable to acquire lock. Most likely another DVC process is running", "transient"),
+    (255, "RuntimeError: fault injected into stage 'evaluate'\nERROR: failed to reproduce 'evaluate': failed "
+          "to run: milora stage evaluate, exited with 1", "error"),
+])
+def test_failure_classification(returncode, output, kind):
+    assert classify_failure(returncode, output) == kind
+
+
+def test_failure_detail_prefers_the_clis_one_line_error():
+    out = ("Running stage 'svd':\n> milora stage svd\nmilora stage: error: params.yaml: adapter.rank = 512 is "
+           "not below min(m, n) = 32 of model.layers.0.q_proj\nERROR: failed to reproduce 'svd': failed to run: "
+           "milora stage svd, exited with 2")
+    assert failure_detail(out).startswith("milora stage: error: params.yaml: adapter.rank = 512")
+    tb = "Traceback (most recent call last):\n  File \"x\"\nRuntimeError: fault injected\nERROR: failed ..."
+    assert failure_detail(tb) == "RuntimeError: fault injected"
+    assert stage_exit_code(255, out) == 2
+    exc = StageFailed("svd", 2, "user", failure_detail(out))
+    assert "not retried" in str(exc) and "adapter.rank = 512" in str(exc)
+    import pickle
+
+    again = pickle.loads(pickle.dumps(StageFailed("x", 1, "transient", "d", attempt=3, seconds=1.5)))
+    assert (again.kind, again.attempt, again.seconds) == ("transient", 3, 1.5)
+
+
+# --------------------------------------------------------------------------------------- reports
+
+
+def _report() -> RunReport:
+    r = RunReport(root="/w", status="completed", flow_run_id="fid", flow_run_name="brave-fox", seconds=100.0,
+                  overrides={"adapter.rank": 4}, data_version="abc123.dir", data_changed=True)
+    r.stages = [StageRun("ingest", "ran", 2.0, 0.5, 1), StageRun("base", "skipped", 1.5, None, 1),
+                StageRun("train", "ran", 80.0, 70.0, 2), StageRun("evaluate", "failed", 3.0, None, 1, "boom | x")]
+    r.metrics = {"eval": {"average_accuracy": 0.41234, "accuracy": {"math": 0.5}}, "train": {"steps": 10}}
+    r.registration = {"model_name": "milora", "version": "3", "decision": "promoted to champion",
+                      "reason": "no champion yet", "challenger_value": 0.41, "model_uri": "models:/milora/3",
+                      "run_id": "r1", "run_url": "http://127.0.0.1:5000/#/runs/r1"}
+    return r
+
+
+def test_markdown_artifact_has_stages_metrics_data_version_and_decision():
+    md = render_markdown(_report())
+    assert "| train | ran | 80.0 | 70.0 | 2 |" in md
+    assert "| base | skipped (unchanged) | 1.5 |  | 1 |" in md
+    assert "| evaluate | FAILED: boom \\| x |" in md
+    assert "| eval.average_accuracy | 0.4123 |" in md and "| eval.accuracy.math | 0.5 |" in md
+    assert "`abc123.dir` (changed since the last run)" in md
+    assert "registered milora version 3 as challenger; champion gate: promoted to champion" in md
+    assert "[r1](http://127.0.0.1:5000/#/runs/r1)" in md
+    assert "orchestration overhead: 13.5%" in md  # 100 s flow, 86.5 s in stage subprocesses
+
+
+def test_summary_and_report_round_trip(tmp_path):
+    r = _report()
+    r.root = str(tmp_path)
+    r.save()
+    from flows.report import load_report
+
+    again = load_report(tmp_path)
+    assert again.to_dict() == r.to_dict()
+    text = render_summary(again, adapter_dir="/w/models/adapter", runs_hint="see .prefect")
+    assert "milora run: completed" in text
+    assert "train" in text and "[2 attempts]" in text and "skipped (unchanged)" in text
+    assert "average_accuracy: 0.4123" in text and "adapter: /w/models/adapter" in text
+    assert "MLflow model: models:/milora/3" in text and "see .prefect" in text
+
+
+def test_registration_summary_reads_the_register_steps_json_line(tmp_path):
+    from flows.pipeline import registration_summary
+
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "register.json").write_text(json.dumps({"tracking_uri": "http://127.0.0.1:5000"}))
+    line = json.dumps({"model_name": "m", "version": "2", "run_id": "abc", "created": True,
+                       "model_uri": "models:/m/2", "decision": {"promote": False, "reason": "worse by 0.1",
+                                                                "challenger_value": 0.3, "champion_value": 0.4,
+                                                                "champion_version": "1", "metric": "acc"}})
+    out = registration_summary(["INFO something", line], tmp_path)
+    assert out["decision"] == "champion kept" and out["champion_version"] == "1"
+    assert out["run_url"] == "http://127.0.0.1:5000/#/runs/abc" and out["version"] == "2"
