@@ -127,6 +127,7 @@ def _precision(cfg_precision: str) -> dict[str, bool]:
 def training_arguments(cfg: Any, output_dir: Path) -> TrainingArguments:
     """TrainingArguments from the `train:` section (checkpoints, schedule, precision, DDP backend)."""
     t = cfg.train
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by torchrun / accelerate launch
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=t.max_steps,
@@ -152,7 +153,7 @@ def training_arguments(cfg: Any, output_dir: Path) -> TrainingArguments:
         dataloader_num_workers=0,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
-        ddp_backend=None if torch.cuda.is_available() else "gloo",
+        ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
         **_precision(t.precision),
