@@ -6,8 +6,6 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import torch
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `milora demo`."""
@@ -18,6 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Init, check step-0 equality, train, then check merge / to_lora / save-load reproduce the model."""
+    import torch
     from peft import PeftModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -29,7 +28,7 @@ def main(args: argparse.Namespace) -> int:
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
         return LlamaForCausalLM(cfg).eval()
 
-    def logits(m: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    def logits(m, ids):
         m.eval()
         with torch.no_grad():
             return m(input_ids=ids).logits
