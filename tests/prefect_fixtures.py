@@ -57,8 +57,10 @@ def prefect_env(prefect_server, tmp_path_factory) -> dict[str, str]:
 @pytest.fixture
 def prefect_api(prefect_server) -> Iterator[str]:
     """Point this process's Prefect client (flows run in-process, API queries) at the test server."""
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url,
                                      PREFECT_SERVER_ANALYTICS_ENABLED: False}):
         yield prefect_server.api_url
+        APILogWorker.drain_all(timeout=10)  # send the test's logs while the server is still up

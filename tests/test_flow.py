@@ -277,3 +277,85 @@ def test_registration_summary_reads_the_register_steps_json_line(tmp_path):
     out = registration_summary(["INFO something", line], tmp_path)
     assert out["decision"] == "champion kept" and out["champion_version"] == "1"
     assert out["run_url"] == "http://127.0.0.1:5000/#/runs/abc" and out["version"] == "2"
+
+
+# --------------------------------------------------------------------------------------- slow: retries
+# The stage task on real DVC and a real Prefect server, with stages that fail the way real ones do.
+
+FLAKY = textwrap.dedent("""
+    import os, signal, sys
+    mode, fails, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    os.makedirs("attempts", exist_ok=True)
+    counter = os.path.join("attempts", out)
+    n = int(open(counter).read()) + 1 if os.path.exists(counter) else 1
+    open(counter, "w").write(str(n))
+    if n <= fails:
+        if mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if mode == "connection":
+            sys.exit('botocore.exceptions.EndpointConnectionError: Could not connect to the endpoint URL: '
+                     '"http://127.0.0.1:9/bucket/key"')
+        if mode == "user":
+            print("milora stage: error: params.yaml: adapter.rank = 0: Input should be greater than 0",
+                  file=sys.stderr)
+            sys.exit(2)
+        raise RuntimeError("a bug in the stage")
+    open(out, "w").write("ok\\n")
+""")
+
+
+def _tiny_dvc_project(root: Path) -> Path:
+    from tests.project import run
+
+    (root / "flaky.py").write_text(FLAKY)
+    stages = {f"{mode}": {"cmd": f"python flaky.py {mode} {fails} {mode}.txt", "deps": ["flaky.py"],
+                          "outs": [f"{mode}.txt"]}
+              for mode, fails in (("connection", 1), ("kill", 1), ("user", 9), ("bug", 9))}
+    import yaml
+
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    (root / ".gitignore").write_text("attempts/\n")
+    run(["git", "init", "-q"], root)
+    run(["dvc", "init", "-q"], root)
+    run(["dvc", "config", "--local", "core.site_cache_dir", str(root / ".dvc-site-cache")], root)
+    return root
+
+
+def _task_runs(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+@pytest.mark.slow
+def test_stage_task_retries_transient_failures_only(prefect_api, tmp_path):
+    from prefect import flow
+
+    from flows.pipeline import run_stage
+
+    root = _tiny_dvc_project(tmp_path)
+
+    @flow(name="stage-retry-check")
+    def one_stage(stage: str) -> dict:
+        return run_stage.with_options(retry_delay_seconds=0)(stage, str(root))
+
+    for stage in ("connection", "kill"):  # transient: retried, then it works
+        state = one_stage(stage, return_state=True)
+        assert state.is_completed(), state.message
+        assert state.result()["outcome"] == "ran" and state.result()["attempts"] == 2
+        (task_run,) = _task_runs(state.state_details.flow_run_id)
+        assert task_run.run_count == 2 and task_run.state.is_completed()
+        assert (root / f"{stage}.txt").read_text() == "ok\n"
+
+    for stage, kind, detail in (("user", "user", "milora stage: error: params.yaml: adapter.rank = 0"),
+                                ("bug", "error", "RuntimeError: a bug in the stage")):
+        state = one_stage(stage, return_state=True)  # not transient: one attempt, with its clear message
+        assert state.is_failed()
+        exc = state.result(raise_on_failure=False)
+        assert isinstance(exc, StageFailed) and exc.kind == kind and exc.attempt == 1
+        assert exc.detail.startswith(detail)
+        (task_run,) = _task_runs(state.state_details.flow_run_id)
+        assert task_run.run_count == 1 and task_run.state.is_failed()
+        assert (root / "attempts" / f"{stage}.txt").read_text() == "1"
