@@ -43,7 +43,8 @@ class EmbeddedModelConfig(_Section):
     pretrain_batch_size: int = Field(16, ge=1)
     pretrain_seq_len: int = Field(128, ge=16)
     pretrain_learning_rate: float = Field(3e-3, gt=0, le=1)
-    seed: int = 0
+    threads: int = Field(2, ge=1, le=256)  # torch CPU threads while pretraining
+    seed: int = 0  # init, batch order and which corpus documents are sampled
 
 
 class ModelConfig(_Section):
@@ -59,8 +60,9 @@ class EmbeddedDataConfig(_Section):
 
     math_rows: int = Field(1500, ge=10)
     choice_rows: int = Field(1500, ge=10)
-    corpus_documents: int = Field(4000, ge=10)
-    seed: int = 0
+    corpus_documents: int = Field(4000, ge=10)  # pretraining documents of the embedded base (read by `base`)
+    heldout_documents: int = Field(400, ge=1)  # held-out documents for the forgetting metric (read by `base`)
+    seed: int = 0  # task rows; the corpus sample follows model.embedded.seed
 
 
 class DataConfig(_Section):
