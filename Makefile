@@ -40,3 +40,9 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# MLflow tracking server on 127.0.0.1 over the project's SQLite store (see mlflow/serve.sh for
+# MLFLOW_PORT, MLFLOW_ARTIFACTS_DESTINATION=s3://..., MLFLOW_S3_ENDPOINT_URL).
+.PHONY: mlflow-server
+mlflow-server: setup
+	./mlflow/serve.sh

@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stage": ("milora.stages", "run one pipeline stage (what dvc.yaml and the Prefect flow call)"),
     "compare": ("milora.compare", "LoRA vs PiSSA vs MiLoRA on the same base, data and budget (several seeds)"),
     "demo": ("milora.demo", "adapter round trip on a tiny model built from a config (no data, no network)"),
+    "register": ("milora.register_cli", "log, register and gate this project's trained model in MLflow"),
+    "promote": ("milora.promote_cli", "manual champion decision for a registered model version (--force to override)"),
 }
 
 

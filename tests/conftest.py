@@ -14,6 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.mlflow_fixtures import mlflow_server  # noqa: E402, F401
 from tests.models import tiny_gpt2, tiny_llama  # noqa: E402
 from tests.prefect_fixtures import prefect_api, prefect_env, prefect_server  # noqa: E402, F401
 

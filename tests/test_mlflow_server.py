@@ -1,0 +1,164 @@
+"""Against a real `mlflow server` (mlflow/serve.sh on 127.0.0.1, SQLite backend, artifacts in S3 on moto):
+logging, registration, the champion gate, idempotency, fresh-process loading, outages and credentials."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from milora import registry, tracking
+from milora.config import validate
+from milora.paths import Paths
+from tests.mlflow_fixtures import predict_in_fresh_process, reference_generations
+from tests.pipeline_outputs import build_pipeline_outputs, clone_outputs, set_eval_metrics, tree_digest
+from tests.servers import S3_TEST_ENV
+
+pytestmark = pytest.mark.slow
+
+SECRET = S3_TEST_ENV["AWS_SECRET_ACCESS_KEY"]
+URI_PASSWORD = "uri-password-do-not-log"
+PROMPTS = ["question: what is one plus one? answer:", "a tiny model"]
+
+
+@pytest.fixture(autouse=True)
+def client_env(mlflow_server, monkeypatch):
+    """This process talks to the server, and holds the S3 credentials in its environment like a real user."""
+    for name in ("MLFLOW_RUN_ID", "PREFECT__FLOW_RUN_ID", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    for k, v in S3_TEST_ENV.items():
+        monkeypatch.setenv(k, v)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Paths:
+    return build_pipeline_outputs(tmp_path_factory.mktemp("built")).paths
+
+
+@pytest.fixture
+def project(built, tmp_path) -> Paths:
+    return clone_outputs(built.root, tmp_path / "project")
+
+
+def cfg(name: str, **register):
+    return validate({"register": {"model_name": name, "experiment": "server-tests", "log_lora_export": False,
+                                  "connect_retries": 1, "retry_backoff_s": 0.2, **register}})
+
+
+def s3_keys(mlflow_server) -> list[str]:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=mlflow_server.process.env["MLFLOW_S3_ENDPOINT_URL"])
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=mlflow_server.bucket)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def test_run_is_logged_with_artifacts_in_s3(project, mlflow_server):
+    reg = registry.register_run(cfg("srv-log", log_lora_export=True), project)
+    c = tracking.client(project.root)
+    run = c.get_run(reg.run_id)
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:/")
+    assert run.data.params["adapter.method"] == "milora" and run.data.params["adapter.rank"] == "4"
+    assert run.data.metrics["average_accuracy"] == 0.5 and run.data.metrics["svd.cache_misses"] == 4
+    assert len(c.get_metric_history(reg.run_id, "train_loss")) == 3
+    tags = run.data.tags
+    for tag in ("milora.git_commit", "milora.data_hash", "milora.raw_data_hash", "milora.base.content_hash",
+                "milora.svd_cache_keys", "milora.method", "milora.run_key", "milora.decision"):
+        assert tags[tag], tag
+    keys = [k for k in s3_keys(mlflow_server) if reg.run_id in k]
+    for suffix in ("adapter/milora.json", "adapter/adapter_model.safetensors", "model/MLmodel",
+                   "model/artifacts/base/model.safetensors", "model/code/milora/adapter.py",
+                   "lora_export/adapter_model.safetensors", "plots/spectrum.png", "plots/train_loss.csv",
+                   "lineage/dvc.lock", "eval/predictions.jsonl", "metrics/eval.json"):
+        assert any(k.endswith(suffix) for k in keys), suffix
+    assert not (project.root / "mlflow").exists()  # nothing went to the embedded store
+
+
+def test_champion_loads_in_a_fresh_process_and_generates(project, mlflow_server, tmp_path):
+    registry.register_run(cfg("srv-load"), project)
+    got = predict_in_fresh_process("models:/srv-load@champion", PROMPTS, 5, mlflow_server.url, tmp_path)
+    assert got == reference_generations(project, PROMPTS, 5)
+    assert len(got) == 2 and all(isinstance(g, str) and g for g in got)
+
+
+def test_gate_promotes_better_keeps_worse_and_ties(project):
+    c = tracking.client(project.root)
+    config = cfg("srv-gate", min_delta=0.05)
+    first = registry.register_run(config, project)
+    assert first.decision.promote
+    results = {}
+    for label, acc in [("better", 0.6), ("worse", 0.5), ("below_delta", 0.64), ("tie", 0.6)]:
+        set_eval_metrics(project, average_accuracy=acc, perplexity=10 + len(results))  # a new run each time
+        results[label] = registry.register_run(config, project)
+    assert results["better"].decision.promote
+    assert not results["worse"].decision.promote and "worse by 0.1" in results["worse"].decision.reason
+    assert not results["below_delta"].decision.promote and "not more than min_delta" in results["below_delta"].decision.reason
+    assert not results["tie"].decision.promote and "tie" in results["tie"].decision.reason
+    assert str(c.get_model_version_by_alias("srv-gate", "champion").version) == results["better"].version == "2"
+    assert str(c.get_model_version_by_alias("srv-gate", "challenger").version) == results["tie"].version == "5"
+    tags = c.get_model_version("srv-gate", "4").tags
+    assert (float(tags["milora.gate.challenger_value"]), float(tags["milora.gate.champion_value"])) == (0.64, 0.6)
+    assert tags["milora.decision"] == "not_promoted" and tags["milora.decision.reason"]
+
+
+def test_retrying_registration_creates_no_duplicate(project):
+    c = tracking.client(project.root)
+    first = registry.register_run(cfg("srv-retry"), project)
+    again = registry.register_run(cfg("srv-retry"), project)
+    assert (again.version, again.run_id, again.created) == (first.version, first.run_id, False)
+    assert len(c.search_model_versions("name='srv-retry'")) == 1
+
+
+def test_server_down_then_up_registers_the_same_run_once(project, mlflow_server, monkeypatch):
+    config = cfg("srv-outage")
+    run_id = tracking.start_pipeline_run(config, project.root)  # the flow opened the run while the server was up
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+    before = tree_digest(project.root)
+    mlflow_server.stop()
+    try:
+        with pytest.raises(tracking.TrackingUnavailableError) as exc:
+            registry.register_stage(config, project)
+        assert mlflow_server.url in str(exc.value) and "unreachable" in str(exc.value)
+        assert tree_digest(project.root) == before
+        assert not project.metrics("register").exists()
+    finally:
+        mlflow_server.start()  # same port, same SQLite backend, same bucket
+    registry.register_stage(config, project)
+    written = json.loads(project.metrics("register").read_text())
+    assert written["run_id"] == run_id and written["created"] and written["promoted"]
+    registry.register_stage(config, project)
+    c = tracking.client(project.root)
+    assert [v.run_id for v in c.search_model_versions("name='srv-outage'")] == [run_id]
+
+
+def test_credentials_never_reach_params_tags_artifacts_or_logs(project, mlflow_server, monkeypatch, tmp_path,
+                                                               caplog, capfd):
+    from mlflow.artifacts import download_artifacts
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url.replace("http://", f"http://milora:{URI_PASSWORD}@"))
+    # the data came from a URL with the S3 secret inlined: it is in the adapter's lineage (a pipeline output)
+    lineage_file = project.adapter_dir / "lineage.json"
+    lineage = json.loads(lineage_file.read_text())
+    lineage["params"]["data.source"] = f"https://reader:{SECRET}@data.example/rows.jsonl"
+    lineage_file.write_text(json.dumps(lineage))
+    config = cfg("srv-secrets", log_lora_export=True, log_merged=True)
+    with caplog.at_level(logging.DEBUG):
+        reg = registry.register_run(config, project)
+        registry.promote("srv-secrets", reg.version, force=True, cfg=config, root=project.root)
+    c = tracking.client(project.root)
+    run = c.get_run(reg.run_id)
+    mv = c.get_model_version("srv-secrets", reg.version)
+    assert run.data.params["data.source"] == "https://***@data.example/rows.jsonl"
+    texts = [json.dumps([run.data.params, run.data.tags, list(run.data.metrics), mv.tags, mv.source,
+                         c.get_registered_model("srv-secrets").tags])]
+    local = download_artifacts(run_id=reg.run_id, dst_path=str(tmp_path / "artifacts"))
+    files = [p for p in (tmp_path / "artifacts").rglob("*") if p.is_file()]
+    assert local and len(files) > 20 and any(p.name == "lineage.json" for p in files)
+    blobs = [p.read_bytes() for p in files]
+    out, err = capfd.readouterr()
+    texts += [caplog.text, out, err, mlflow_server.log_path.read_text(errors="replace")]
+    for secret in (SECRET, URI_PASSWORD):
+        assert not any(secret in t for t in texts), secret
+        assert not any(secret.encode() in b for b in blobs), secret
