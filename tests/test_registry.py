@@ -241,3 +241,24 @@ def test_register_needs_the_trained_outputs(tmp_path):
     cfg = validate({})
     with pytest.raises(FileNotFoundError, match="run the train stage first"):
         registry.register_run(cfg, Paths(tmp_path))
+
+
+@pytest.mark.slow
+def test_external_base_is_referenced_not_carried(project, tmp_path):
+    import shutil
+
+    from mlflow.pyfunc import load_model
+
+    external = tmp_path / "hub-snapshot"  # stands for an external base: a local dir or a Hub snapshot
+    expected = reference_generations(project, PROMPTS, 4)
+    shutil.move(project.base_dir, external)
+    identity = json.loads(project.base_json.read_text())
+    identity.update(name_or_path=str(external), load_path=str(external), embedded=False, revision="abc123")
+    project.base_json.write_text(json.dumps(identity))
+
+    model_dir = registry.save_pyfunc(tmp_path / "model", validate({}), project)
+    assert not (model_dir / "artifacts" / "base").exists() and (model_dir / "artifacts" / "adapter").is_dir()
+    model = load_model(str(model_dir))
+    cfg = model.model_config
+    assert cfg["base_name_or_path"] == str(external) and cfg["base_revision"] == "abc123"
+    assert model.predict(PROMPTS, params={"max_new_tokens": 4}) == expected
