@@ -356,10 +356,10 @@ def milora_pipeline(overrides: dict[str, Any] | None = None, model_name: str | N
                 for name in rest:
                     report.stage(name).outcome = "up to date"
                 report.stage(REGISTER).outcome = "up to date"
-                report.registration = {"skipped": True, "model_name": last.get("model_name"),
-                                       "version": last.get("version"),
-                                       "reason": f"{NOTHING_TO_RETRAIN}: data and params unchanged since "
-                                                 f"version {last.get('version')} was registered"}
+                report.registration = {
+                    **(last.get("registration") or {}), "skipped": True,
+                    "reason": f"{NOTHING_TO_RETRAIN}: data and params unchanged since {last.get('model_name')} "
+                              f"version {last.get('version')} was registered"}
                 report.status, report.message = NOTHING_TO_RETRAIN, (
                     f"{NOTHING_TO_RETRAIN}: data version {report.data_version} and params unchanged since "
                     f"the last registered run")
@@ -380,8 +380,10 @@ def milora_pipeline(overrides: dict[str, Any] | None = None, model_name: str | N
             s.outcome, s.seconds, s.attempts = "ran", reg["seconds"], reg["attempts"]
             report.registration = reg["decision"]
             write_json(rootp / REGISTERED_FILE, {
-                "lock": lock_digest(rootp), "model_name": cfg.register.model_name, "version": reg["decision"].get("version"), "data_version": report.data_version,
-                "flow_run_id": fid, "registered_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                "lock": lock_digest(rootp), "model_name": cfg.register.model_name,
+                "version": report.registration.get("version"), "data_version": report.data_version,
+                "flow_run_id": fid, "registered_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "registration": report.registration})
             report.status = "completed"
             ran = report.ran
             report.message = (f"ran {', '.join(ran)}" if ran else "every stage was up to date") + \

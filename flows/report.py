@@ -252,9 +252,13 @@ def render_summary(report: RunReport, adapter_dir: str | None = None, runs_hint:
     out.append(f"  {registration_line(reg)}")
     if reg.get("model_uri"):
         out.append(f"  MLflow model: {reg['model_uri']}")
-    if reg.get("run_url") or reg.get("run_id"):
-        out.append(f"  MLflow run: {reg.get('run_url') or reg['run_id']}"
-                   + (f" ({reg['tracking_uri']})" if reg.get("tracking_uri") and not reg.get("run_url") else ""))
+    if reg.get("run_url"):
+        out.append(f"  MLflow run: {reg['run_url']}")
+    elif reg.get("run_id"):
+        uri = reg.get("tracking_uri") or ""
+        out.append(f"  MLflow run: {reg['run_id']}" + (f" in {uri}" if uri else ""))
+        if uri.startswith("sqlite:"):
+            out.append(f"  browse MLflow: mlflow ui --backend-store-uri {uri}")
     if report.flow_run_url or runs_hint:
         out += ["", "runs:"]
         if report.flow_run_url:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -359,3 +360,296 @@ def test_stage_task_retries_transient_failures_only(prefect_api, tmp_path):
         (task_run,) = _task_runs(state.state_details.flow_run_id)
         assert task_run.run_count == 1 and task_run.state.is_failed()
         assert (root / "attempts" / f"{stage}.txt").read_text() == "1"
+
+
+# --------------------------------------------------------------------------------------- slow: the pipeline
+# One workspace (a temporary copy of the project, test-sized params, its data source a directory that
+# grows) shared by the tests below, in order: each starts from the state the previous one left, as a
+# long-lived deployment's workspace would.
+
+FLOW_ENTRYPOINT = "flows/pipeline.py:milora_pipeline"
+DEPLOYMENT = "milora-pipeline/nightly-retrain"
+PIPELINE = ["ingest", "base", "prepare", "svd", "train", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """The project copy, with `data.source` a directory holding the synthetic task files."""
+    from milora.synthetic import write_task_files
+    from tests.project import make_project
+
+    base = tmp_path_factory.mktemp("flow")
+    source = base / "source"
+    write_task_files(source, 60, 60, seed=0)
+    root = make_project(base / "proj", {"data.source": str(source), "svd.cache": None})
+    return root, source
+
+
+def _milora(root: Path, env: dict, *args: str, extra_env: dict | None = None, check: bool = True):
+    from tests.project import run
+
+    return run(["milora", *args], root, check=check, extra_env={**env, **(extra_env or {})})
+
+
+def _report(root: Path):
+    from flows.report import load_report
+
+    report = load_report(root)
+    assert report is not None
+    return report
+
+
+def _outcomes(report) -> dict[str, str]:
+    return {s.name: s.outcome for s in report.stages}
+
+
+def _versions(root: Path, name: str = "milora") -> list:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+    return sorted(MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions(f"name = '{name}'"),
+                  key=lambda v: int(v.version))
+
+
+def _flow_run(flow_run_id):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+def _artifacts(flow_run_id) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+    return {a.key: a for a in arts}
+
+
+def _mtimes(root: Path, *rels: str) -> dict[str, int]:
+    return {rel: max(p.stat().st_mtime_ns for p in [root / rel, *(root / rel).rglob("*")]) for rel in rels}
+
+
+@pytest.mark.slow
+def test_full_flow_run(workspace, prefect_env, prefect_api):
+    root, _ = workspace
+    out = _milora(root, prefect_env, "run")
+    report = _report(root)
+    assert report.status == "completed", out.stdout
+    assert [s for s in report.ran if s in PIPELINE] == PIPELINE
+    assert _outcomes(report)["register"] == "ran" and _outcomes(report)["push-data"] == "ran"
+    assert report.data_version and report.data_version.endswith(".dir") and report.data_changed
+
+    # The flow's return value is the metrics; the summary says where the model and the runs are.
+    flow_run = _flow_run(report.flow_run_id)
+    assert flow_run.state.is_completed() and flow_run.parameters["root"] == str(root)
+    assert report.metrics["eval"]["average_accuracy"] >= 0
+    assert json.loads((root / "metrics" / "eval.json").read_text()) == report.metrics["eval"]
+    assert "stages:" in out.stdout and "average_accuracy" in out.stdout
+    assert f"adapter: {root / 'models' / 'adapter'}" in out.stdout and "MLflow model: models:/milora/1" in out.stdout
+
+    # One registered version, naming the data version and the Prefect run it came from.
+    (v1,) = _versions(root)
+    assert v1.tags["milora.prefect_flow_run_id"] == report.flow_run_id
+    lineage = json.loads((root / "models" / "adapter" / "lineage.json").read_text())
+    assert v1.tags["milora.data_hash"] == lineage["data_hash"]
+
+    # Artifacts: the markdown report and the progress bar, finished.
+    arts = _artifacts(report.flow_run_id)
+    md = arts["milora-run-report"].data
+    for stage in PIPELINE:
+        assert f"| {stage} | ran |" in md
+    assert report.data_version in md and "registered milora version 1 as challenger" in md
+    assert "| eval.average_accuracy |" in md
+    assert float(arts["milora-progress"].data) == 100.0
+    # The stages' output is in the task logs.
+    assert _log_contains(report.flow_run_id, "milora.stages: stage train: done in")
+    # The run's overrides never leak into the committed params.yaml.
+    from tests.project import run
+
+    assert run(["git", "status", "--porcelain", "params.yaml"], root).stdout == ""
+
+
+def _log_contains(flow_run_id, text: str) -> bool:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                limit=200, offset=0)
+        offset = 200
+        while logs and not any(text in log.message for log in logs):
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                    limit=200, offset=offset)
+            offset += 200
+        return bool(logs)
+
+
+@pytest.mark.slow
+def test_second_run_skips_every_stage_and_registers_nothing(workspace, prefect_env, prefect_api):
+    root, _ = workspace
+    before = _mtimes(root, "models/adapter", "models/svd_init", "data/prepared", "metrics/eval.json")
+    out = _milora(root, prefect_env, "run")
+    report = _report(root)
+    assert report.status == "nothing to retrain" and report.data_changed is False
+    assert all(_outcomes(report)[s] == "up to date" for s in PIPELINE[1:] + ["register"])
+    assert "nothing to retrain" in out.stdout
+    assert _mtimes(root, *before) == before
+    assert len(_versions(root)) == 1
+    flow_run = _flow_run(report.flow_run_id)
+    assert flow_run.state.is_completed() and "nothing to retrain" in flow_run.state.message
+    assert report.metrics["eval"] == json.loads((root / "metrics" / "eval.json").read_text())
+
+
+@pytest.mark.slow
+def test_failure_at_evaluate_then_retry_resumes_without_retraining(workspace, prefect_env, prefect_api):
+    root, _ = workspace
+    trained = _mtimes(root, "models/adapter", "checkpoints")
+    # A new eval budget re-runs only `evaluate`, into which the fault is injected.
+    out = _milora(root, prefect_env, "run", "-S", "eval.max_new_tokens=5", check=False,
+                  extra_env={"MILORA_FAULT_INJECT": "evaluate"})
+    assert out.returncode == 1
+    assert "stage 'evaluate' failed" in out.stderr and "fault injected" in out.stderr
+    failed = _report(root)
+    assert failed.status == "failed"
+    outcomes = _outcomes(failed)
+    assert outcomes["evaluate"] == "failed" and outcomes["register"] == "not run"
+    assert all(outcomes[s] == "skipped" for s in ("base", "prepare", "svd", "train"))
+    assert [s.attempts for s in failed.stages if s.name == "evaluate"] == [1]  # a bug is not retried
+    assert _flow_run(failed.flow_run_id).state.is_failed()
+    from tests.project import run
+
+    assert run(["git", "status", "--porcelain", "params.yaml"], root).stdout == ""
+
+    # `prefect flow-run retry` re-runs the same flow run (same overrides), without the fault.
+    run(["prefect", "flow-run", "retry", failed.flow_run_id, "--entrypoint", FLOW_ENTRYPOINT], root,
+        extra_env=prefect_env)
+    report = _report(root)
+    assert report.flow_run_id == failed.flow_run_id and report.status == "completed"
+    outcomes = _outcomes(report)
+    assert outcomes["evaluate"] == "ran" and outcomes["register"] == "ran"
+    assert all(outcomes[s] == "skipped" for s in ("base", "prepare", "svd", "train"))
+    assert _mtimes(root, *trained) == trained  # train did not run again
+    versions = _versions(root)
+    assert len(versions) == 2 and versions[-1].tags["milora.prefect_flow_run_id"] == failed.flow_run_id
+    assert _flow_run(failed.flow_run_id).state.is_completed()
+
+
+def _add_rows(source: Path) -> None:
+    """New rows in the data source, as a growing production source gets them."""
+    from milora.synthetic import math_rows
+
+    with (source / "math.jsonl").open("a", encoding="utf-8") as f:
+        for row in math_rows(20, seed=123):
+            f.write(json.dumps(row) + "\n")
+
+
+def _wait_for_deployment(name: str, timeout: float = 180) -> object:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                return client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+
+
+def _flow_run_id(cli_output: str) -> str:
+    import re
+
+    return re.search(r"UUID: ([0-9a-f-]{36})", cli_output).group(1)
+
+
+@pytest.mark.slow
+def test_deployment_scheduled_retraining_with_override(workspace, prefect_env, prefect_api, tmp_path):
+    """`milora deploy` serves nightly-retrain in the background; the real CLI triggers it."""
+    from tests.project import env, run
+
+    root, source = workspace
+    log = (tmp_path / "serve.log").open("wb")
+    serve = subprocess.Popen(["milora", "deploy", "--root", str(root)], cwd=root, env=env(prefect_env),
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deployment = _wait_for_deployment(DEPLOYMENT)
+        assert deployment.parameters == {"root": str(root)}
+        assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+
+        # New rows in the source + a rank override: the run versions the new data and retrains.
+        _add_rows(source)
+        versions_before = len(_versions(root))
+        started = run(["prefect", "deployment", "run", DEPLOYMENT, "--params",
+                       '{"overrides": {"adapter.rank": 2}}'], root, extra_env=prefect_env)
+        fid = _flow_run_id(started.stdout)
+        # While it runs, a second run on the same workspace is refused with the holder's name.
+        deadline = time.monotonic() + 300
+        from milora.lock import read_record
+
+        while (rec := read_record(root)) is None or rec.flow_run_id != fid:
+            assert time.monotonic() < deadline, "the deployment run never took the workspace lock"
+            time.sleep(0.5)
+        busy = _milora(root, prefect_env, "run", check=False)
+        assert busy.returncode == 2
+        assert "another run holds the workspace" in busy.stderr and fid in busy.stderr
+        watched = run(["prefect", "flow-run", "watch", fid], root, extra_env=prefect_env, check=False)
+        flow_run = _flow_run(fid)
+        assert flow_run.state.is_completed(), watched.stdout[-3000:]
+        assert flow_run.parameters["overrides"] == {"adapter.rank": 2}
+        report = _report(root)
+        assert report.flow_run_id == fid and report.data_changed is True
+        outcomes = _outcomes(report)
+        assert all(outcomes[s] == "ran" for s in ("prepare", "svd", "train", "evaluate", "register"))
+        assert outcomes["base"] == "skipped"
+        lineage = json.loads((root / "models" / "adapter" / "lineage.json").read_text())
+        assert lineage["rank"] == 2  # the override reached the stages
+        versions = _versions(root)
+        assert len(versions) == versions_before + 1
+        assert versions[-1].tags["milora.rank"] == "2"
+        assert versions[-1].tags["milora.data_hash"] == lineage["data_hash"]
+        assert versions[-1].tags["milora.data_hash"] != versions[0].tags["milora.data_hash"]
+        assert run(["git", "status", "--porcelain", "params.yaml"], root).stdout == ""
+
+        # The same parameters and an unchanged source: nothing to retrain, no new version.
+        again = run(["prefect", "deployment", "run", DEPLOYMENT, "--params", '{"overrides": {"adapter.rank": 2}}',
+                     "--watch", "--watch-timeout", "600"], root, extra_env=prefect_env)
+        state = _flow_run(_flow_run_id(again.stdout)).state
+        assert state.is_completed() and "nothing to retrain" in state.message
+        assert len(_versions(root)) == versions_before + 1
+
+        # A config error fails at once: no task runs at all, the message names the key.
+        bad = run(["prefect", "deployment", "run", DEPLOYMENT, "--params", '{"overrides": {"adapter.rnak": 2}}',
+                   "--watch", "--watch-timeout", "300"], root, extra_env=prefect_env, check=False)
+        assert bad.returncode == 1
+        bad_id = _flow_run_id(bad.stdout)
+        state = _flow_run(bad_id).state
+        assert state.is_failed() and "did you mean 'adapter.rank'" in state.message
+        assert _task_runs(bad_id) == []
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        try:
+            serve.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_a_config_error_in_a_stage_fails_without_retries(workspace, prefect_env, prefect_api):
+    """A value only the model can reject (rank above the matrix size) fails `svd` once, with its message."""
+    root, _ = workspace
+    out = _milora(root, prefect_env, "run", "-S", "adapter.rank=4096", check=False)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("milora run: error: stage 'svd' failed (configuration")
+    assert "adapter rank 4096 is too large" in out.stderr
+    report = _report(root)
+    svd = next(s for s in report.stages if s.name == "svd")
+    assert (svd.outcome, svd.attempts) == ("failed", 1)
+    (task_run,) = [t for t in _task_runs(report.flow_run_id) if t.name == "svd"]
+    assert task_run.run_count == 1 and task_run.state.is_failed()
