@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("milora.run_cli", "run the whole pipeline as a Prefect flow (no server needed) and summarise it"),
     "deploy": ("milora.deploy_cli", "serve the scheduled nightly-retrain deployment of the pipeline flow"),
     "stage": ("milora.stages", "run one pipeline stage (what dvc.yaml and the Prefect flow call)"),
+    "cache": ("milora.cache_cli", "inspect the SVD cache: ls | info KEY | verify | prune --older-than DAYS"),
     "compare": ("milora.compare", "LoRA vs PiSSA vs MiLoRA on the same base, data and budget (several seeds)"),
     "demo": ("milora.demo", "adapter round trip on a tiny model built from a config (no data, no network)"),
     "register": ("milora.register_cli", "log, register and gate this project's trained model in MLflow"),
@@ -70,10 +71,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ConnectionError as exc:  # a server or S3 endpoint is down: clear message, exit 1 (worth a retry)
+        if args.debug:
+            raise
+        print(f"milora {args.command}: connection error: {exc}", file=sys.stderr)
+        return 1
     except _user_error_types() as exc:
         if args.debug:
             raise
         print(f"milora {args.command}: error: {exc}", file=sys.stderr)
+        print("(run with --debug for the full traceback)", file=sys.stderr)
         return 2
 
 

@@ -11,6 +11,7 @@ import csv
 import io
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -95,7 +96,10 @@ def svd_stage(cfg: Any, paths: Any) -> None:
     # plain LoRA computes no SVD: take the spectra of the original weights for the plot
     lora_spectra = {} if acfg.side else {n: torch.linalg.svdvals(weight_2d(m).detach().float())
                                          for n, m in targets.items()}
-    peft_model = milora.init_adapter(model, acfg, cache=cfg.svd.cache)
+    cache = cfg.svd.cache
+    if cache and "://" not in cache and not Path(cache).expanduser().is_absolute():
+        cache = str(paths.root / cache)  # a relative cache directory lives in the project
+    peft_model = milora.init_adapter(model, acfg, cache=cache)
     state = state_of(peft_model)
     milora.save_adapter(peft_model, paths.svd_init_dir)
 
