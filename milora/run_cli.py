@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -46,6 +47,14 @@ def prefect_environment(root: Path) -> str | None:
     return home
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind like KeyboardInterrupt (not an Exception, so nothing swallows it)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(f"signal {signum}")
+
+
 def main(args: argparse.Namespace) -> int:
     """Entry point of `milora run`."""
     from flows.params import validate_run_config
@@ -69,7 +78,16 @@ def main(args: argparse.Namespace) -> int:
     from milora.lock import WorkspaceBusy
     from milora.paths import Paths
 
-    state = milora_pipeline(overrides=overrides, root=str(root), params=args.params, return_state=True)
+    # `kill` (SIGTERM) ends a run as cleanly as Ctrl-C: the running stage's process group is stopped, the
+    # workspace lock released, params.yaml restored, and the flow run marked as crashed.
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        state = milora_pipeline(overrides=overrides, root=str(root), params=args.params, return_state=True)
+    except Terminated:
+        print("milora run: terminated; run it again (or `prefect flow-run retry`) to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     fid = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
     report = load_report(root)
     if report is not None and report.flow_run_id == fid:

@@ -537,6 +537,71 @@ def test_failure_at_evaluate_then_retry_resumes_without_retraining(workspace, pr
     assert _flow_run(failed.flow_run_id).state.is_completed()
 
 
+def _stage_processes(root: Path) -> list[int]:
+    """Pids of `milora stage` processes working in `root` (Linux /proc)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"milora\x00stage" in (proc / "cmdline").read_bytes() \
+                    and Path(os.readlink(proc / "cwd")) == root:
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_killed_during_train_then_rerun_resumes_from_checkpoint(workspace, prefect_env, prefect_api):
+    from milora.lock import read_record
+    from tests.project import env, run
+
+    root, _ = workspace
+    args = ["milora", "run", "-S", "train.max_steps=60", "-S", "train.save_steps=4"]
+    proc = subprocess.Popen(args, cwd=root, env=env(prefect_env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    progress_file = root / "checkpoints" / "progress.json"
+    try:
+        deadline = time.monotonic() + 600
+        while True:  # until training of this run is under way
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            try:
+                progress = json.loads(progress_file.read_text())
+            except (OSError, ValueError):
+                progress = {}
+            if progress.get("max_steps") == 60 and progress.get("step", 0) >= 8:
+                break
+            time.sleep(0.2)
+        # The progress artifact follows training (train is step 5 of 7: between 4/7 and 5/7 done).
+        fid = read_record(root).flow_run_id
+        while True:
+            bar = _artifacts(fid).get("milora-progress")
+            if bar is not None and 100 * 4 / 7 < float(bar.data) < 100 * 5 / 7:
+                break
+            assert time.monotonic() < deadline, bar
+            time.sleep(0.5)
+        assert "train:" in bar.description and "% of the steps" in bar.description
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    # Cleanly stopped: no stage left running, lock released, params.yaml restored, checkpoints kept.
+    assert _stage_processes(root) == []
+    assert read_record(root) is None
+    assert run(["git", "status", "--porcelain", "params.yaml"], root).stdout == ""
+    assert _flow_run(fid).state.is_crashed()
+    assert sorted(root.joinpath("checkpoints").glob("checkpoint-*"))
+
+    again = _milora(root, prefect_env, *args[1:])
+    assert "milora.train: resuming from checkpoints/checkpoint-" in again.stdout + again.stderr
+    report = _report(root)
+    assert report.status == "completed" and _outcomes(report)["train"] == "ran"
+    assert all(_outcomes(report)[s] == "skipped" for s in ("base", "prepare", "svd"))
+    assert json.loads(progress_file.read_text())["step"] == 60
+
+
 def _add_rows(source: Path) -> None:
     """New rows in the data source, as a growing production source gets them."""
     from milora.synthetic import math_rows
