@@ -1,8 +1,25 @@
 """SVD engine: the singular triplets a MiLoRA (minor) or PiSSA (principal) init needs.
 
 `solve` returns the `r` triplets of one matrix; `compute_factors` turns the triplets of every target
-matrix into LoRA factors (`B = U_r sqrt(S_r/s)`, `A = sqrt(S_r/s) V_r^T`), through an optional cache.
-Whatever the base dtype, the decomposition runs in fp32 or fp64.
+matrix into LoRA factors (`B = U_r sqrt(S_r/s)`, `A = sqrt(S_r/s) V_r^T`), through an optional cache,
+splitting the work across ranks under `torch.distributed`.
+
+Solvers (`AdapterConfig.svd_solver`):
+
+* `full` / `full64`: `torch.linalg.svd` in fp32 / fp64, the reference (and the full spectrum).
+* `gram`: works on the fp64 Gram matrix `G` of the shorter side. Minor side: Cholesky of `G`, then a
+  thick-restarted block Krylov iteration on `G^-1` with Rayleigh-Ritz on `G`, stopped when the
+  extrapolated excess of the captured minor energy is below `GRAM_TOL`; the final triplets come from
+  an SVD of `W X` for the converged subspace `X`, so `W V = U S` holds to rounding and `U` is
+  orthonormal even where sigma ~ 0. Principal side: the same iteration on `G` itself. fp64 matters:
+  an fp32 Gram loses the minor end (its error is ~1e-7 of sigma_max^2).
+* `lowrank`: randomized subspace iteration on `W` (principal side only: it finds the largest triplets).
+* `auto`: `full` for small matrices (where it is fastest anyway), `gram` (minor) or `lowrank`
+  (principal) for large ones; see `resolve_solver`. Thresholds are from `benchmarks/svd_init.py`.
+
+Whatever the solver, the caller computes the residual `W - s B A` from the factors actually used, so
+the step-0 model is exact. Every solver is deterministic (fixed seeds on a private generator) and
+returns fp32 triplets (fp64 for `full64`) that are exactly what the cache stores.
 """
 
 from __future__ import annotations
@@ -19,7 +36,19 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 Side = Literal["minor", "principal"]
-SOLVER_VERSION = 1
+SOLVERS = ("auto", "full", "full64", "gram", "lowrank")
+SOLVER_VERSION = 2  # bump when a solver's output for the same input changes: old cache entries then miss
+
+# `auto` uses the full SVD below this shorter side, or when the rank is a large share of it
+# (measured crossover on 2 CPU cores: see docs/benchmarks.md, "SVD initialisation").
+AUTO_MIN_SIDE = 384
+AUTO_MAX_RANK_SHARE = 0.125
+GRAM_TOL = 1e-4  # certified relative excess of the captured energy (the benchmark's bar is 1e-3)
+GRAM_DEPTH = 6  # Krylov blocks per restart
+GRAM_MAX_BLOCKS = 60  # fp64 operator applications before giving up on `GRAM_TOL` (then warn)
+FAST_MAX_BLOCKS = 30  # fp32 operator applications before handing over to the certificate
+LOWRANK_NITER = 6
+SEED = 0x5EED
 
 
 @dataclass
@@ -31,6 +60,11 @@ class Triplets:
     Vh: Tensor  # (r, n)
     spectrum: Tensor | None = None  # all singular values (descending) when the solver produced them
     solver: str = "full"
+
+    @property
+    def count(self) -> int:
+        """How many triplets are stored."""
+        return self.S.numel()
 
     def take(self, rank: int, side: Side) -> Triplets:
         """The `rank` triplets of `side` (the last ones for minor, the first ones for principal)."""
@@ -58,6 +92,8 @@ class InitReport:
 
     matrices: list[MatrixReport] = field(default_factory=list)
     seconds: float = 0.0
+    rank: int = 0  # distributed rank of this process (0 when not distributed)
+    world_size: int = 1
 
     @property
     def hits(self) -> int:
@@ -71,8 +107,9 @@ class InitReport:
 
     def summary(self) -> str:
         """One line: matrices, hits, misses, seconds."""
+        where = f" (rank {self.rank}/{self.world_size})" if self.world_size > 1 else ""
         return (
-            f"SVD init: {len(self.matrices)} matrices, {self.hits} cache hits, "
+            f"SVD init{where}: {len(self.matrices)} matrices, {self.hits} cache hits, "
             f"{self.misses} misses, {self.seconds:.2f}s"
         )
 
@@ -87,31 +124,385 @@ class TripletCache(Protocol):
         ...
 
 
+# ----------------------------------------------------------------------------- solvers
+
+
 def _full(W: Tensor, rank: int, side: Side, dtype: torch.dtype, name: str) -> Triplets:
     U, S, Vh = torch.linalg.svd(W.to(dtype), full_matrices=False)
-    t = Triplets(U, S, Vh, spectrum=S.clone(), solver=name).take(rank, side)
-    return Triplets(t.U.contiguous(), t.S.contiguous(), t.Vh.contiguous(), S, name)
+    t = Triplets(U, S, Vh).take(rank, side)
+    return Triplets(t.U.contiguous(), t.S.contiguous(), t.Vh.contiguous(), S.contiguous(), name)
+
+
+def _syrk(A: Tensor) -> Tensor:
+    """`A^T A` (symmetric, full) for a tall `A`; BLAS syrk on CPU (half a matmul's work)."""
+    if A.device.type == "cpu" and A.dtype in (torch.float32, torch.float64):
+        try:
+            from scipy.linalg import blas
+        except ImportError:  # pragma: no cover - scipy ships with the pipeline's dependencies
+            return A.T @ A
+        syrk = blas.ssyrk if A.dtype == torch.float32 else blas.dsyrk
+        a = A.numpy()
+        # syrk wants a column-major operand: `a.T` of a row-major `a` is one, without a copy.
+        c = syrk(1.0, a.T, trans=0, lower=1) if a.flags.c_contiguous else syrk(1.0, a, trans=1, lower=1)
+        G = torch.from_numpy(c)
+        return torch.tril(G) + torch.tril(G, -1).T
+    return A.T @ A
+
+
+def _potrf(G: Tensor) -> Tensor | None:
+    """Lower Cholesky factor of the SPD `G`, or None when it is not (numerically) positive definite."""
+    if G.device.type == "cpu":
+        try:
+            from scipy.linalg import lapack
+        except ImportError:  # pragma: no cover
+            lapack = None
+        if lapack is not None:  # OpenBLAS potrf is ~2x faster than torch's here
+            potrf = lapack.spotrf if G.dtype == torch.float32 else lapack.dpotrf
+            c, info = potrf(G.numpy().T, lower=1, clean=1)  # G is symmetric: its transpose is column-major
+            return torch.from_numpy(c) if info == 0 else None
+    L, info = torch.linalg.cholesky_ex(G)
+    return L if int(info) == 0 else None
+
+
+def _cholesky(G: Tensor, max_shift: float) -> Tensor | None:
+    """Cholesky factor of `G + shift I` for the smallest shift in `[0, max_shift * ||G||]` that works.
+
+    A shift keeps the eigenvectors, so inverse iteration still finds the minor subspace (the spectrum
+    below the shift is only flattened); None when even the largest shift fails.
+    """
+    L = _potrf(G)
+    if L is not None:
+        return L
+    scale = float(G.diagonal().abs().max()) or 1.0
+    shift = G.shape[0] * torch.finfo(G.dtype).eps * scale
+    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    while shift <= max_shift * scale:
+        L = _potrf(G + shift * eye)
+        if L is not None:
+            log.debug("Gram matrix (%s) is numerically singular: Cholesky with shift %.1e", G.dtype, shift / scale)
+            return L
+        shift *= 10
+    return None
+
+
+@dataclass
+class _Operator:
+    """`G = F^T F` (symmetric PSD, `N x N`) as products, and for the minor side an (approximate) inverse.
+
+    With `F` (a square LU'd `A`, or the Cholesky factor `L^T`), Rayleigh quotients are `|F x|^2`:
+    accurate to `eps * cond(A)` rather than `eps * cond(A)^2` as with `x^T G x` (the minor end).
+    """
+
+    N: int
+    dtype: torch.dtype
+    device: torch.device
+    G: Callable[[Tensor], Tensor]
+    F: Callable[[Tensor], Tensor] | None = None
+    Ft: Callable[[Tensor], Tensor] | None = None
+    inv: Callable[[Tensor], Tensor] | None = None
+    name: str = ""
+
+    def products(self, X: Tensor) -> tuple[Tensor | None, Tensor]:
+        """(`F X` or None, `G X`)."""
+        if self.F is not None and self.Ft is not None:
+            FX = self.F(X)
+            return FX, self.Ft(FX)
+        return None, self.G(X)
+
+    def lambda_max(self) -> float:
+        """A lower estimate of the largest eigenvalue of `G` (a few power steps): the scale of rounding."""
+        gen = torch.Generator(device="cpu").manual_seed(SEED + 1)
+        x = torch.randn(self.N, 1, generator=gen, dtype=self.dtype).to(self.device)
+        lam = 0.0
+        for _ in range(4):
+            y = self.G(x / torch.linalg.vector_norm(x))
+            lam, x = float(torch.linalg.vector_norm(y)), y
+        return lam
+
+
+def _chol_operator(G: Tensor, L: Tensor | None, name: str) -> _Operator:
+    op = _Operator(G.shape[0], G.dtype, G.device, G=lambda X: G @ X, name=name)
+    if L is not None:
+        Lt = L.T
+        op.F, op.Ft = (lambda X: Lt @ X), (lambda Y: L @ Y)
+        op.inv = lambda Y: torch.linalg.solve_triangular(Lt, torch.linalg.solve_triangular(L, Y, upper=False),
+                                                         upper=True)
+    return op
+
+
+def _fast_operator(A32: Tensor, side: Side) -> _Operator | None:
+    """fp32 operator for the tall fp32 `A` (`G = A^T A`): a preconditioner whose result `_certify` checks.
+
+    Minor side, square `A`: LU of `A` itself (accuracy follows cond(A), not cond(A)^2). Otherwise the
+    fp32 Gram matrix, with (minor side) its Cholesky factor, shifted by up to 1e-5 of its norm.
+    """
+    M, N = A32.shape
+    if side == "minor" and M == N:
+        LU, piv, info = torch.linalg.lu_factor_ex(A32)
+        d = LU.diagonal().abs()
+        if int(info) == 0 and bool(torch.isfinite(LU).all()) and float(d.min()) > N * 1e-7 * float(d.max()):
+            return _Operator(
+                N, A32.dtype, A32.device, G=lambda X: A32.T @ (A32 @ X), F=lambda X: A32 @ X,
+                Ft=lambda Y: A32.T @ Y, name="lu32",
+                inv=lambda Y: torch.linalg.lu_solve(LU, piv, torch.linalg.lu_solve(LU, piv, Y, adjoint=True)),
+            )
+    G = _syrk(A32)
+    if side == "principal":
+        return _chol_operator(G, None, "gram32")
+    L = _cholesky(G, max_shift=1e-5)
+    return None if L is None else _chol_operator(G, L, "chol32")
+
+
+def _extend(Q: Tensor, Y: Tensor) -> Tensor | None:
+    """An orthonormal basis of `Y` orthogonal to the orthonormal `Q` (CGS2 + QR, twice); None if `Y` is in it."""
+    norm = float(torch.linalg.matrix_norm(Y)) or 1.0
+    for _ in range(2):
+        Y = Y - Q @ (Q.T @ Y)
+    if float(torch.linalg.matrix_norm(Y)) <= 100 * torch.finfo(Y.dtype).eps * norm:
+        return None  # span(Q) is invariant: the Krylov space is exhausted
+    X = torch.linalg.qr(Y).Q
+    # Columns of Y that were ~0 come back from QR as arbitrary directions: orthogonalise once more.
+    X = X - Q @ (Q.T @ X)
+    return torch.linalg.qr(X).Q
+
+
+def _converged(history: list[float], tol: float, noise: float) -> bool:
+    """Geometric extrapolation of a converging sequence: is the remaining change below `tol` (relative)?"""
+    if len(history) < 3:
+        return False
+    d1, d0 = abs(history[-3] - history[-2]), abs(history[-2] - history[-1])
+    if d0 <= noise:
+        return True
+    rho = min(d0 / d1, 0.95) if d1 > 0 else 0.95
+    return d0 * rho / (1.0 - rho) <= tol * abs(history[-1])
+
+
+def _sym(H: Tensor) -> Tensor:
+    return (H + H.T) / 2
+
+
+def _start_block(N: int, block: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(SEED)
+    return torch.linalg.qr(torch.randn(N, block, generator=gen, dtype=dtype).to(device)).Q
+
+
+def _ritz_converged(
+    Q: Tensor, GQ: Tensor, theta: Tensor, Z: Tensor, top: slice, history: list[float], tol: float,
+    eps: float, lam_max: float, factored: bool,
+) -> bool:
+    """Have the wanted Ritz pairs converged? Appends their energy to `history`.
+
+    Two tests, both to `tol` of the captured energy or to rounding level: the energy of `W` on the
+    other side's vectors (`A x / sqrt(theta)`) exceeds theta by `|r|^2 / theta` (a residual
+    certificate: errors there are amplified by sigma_j / sigma_i), and the Ritz energy itself has
+    stopped moving (geometric extrapolation of its decrease, against near-cut mixing).
+    """
+    th = theta[top]
+    rank = th.numel()
+    R = GQ @ Z[:, top] - (Q @ Z[:, top]) * th
+    if factored:  # |F x|^2 is good to ~eps sigma_max sigma_i, the residual to ~eps sigma_max sqrt(theta)
+        energy_noise = 8 * eps * lam_max**0.5 * float(th.clamp_min(0).sqrt().sum())
+        res_floor = torch.full_like(th, 64 * eps**2 * lam_max)
+    else:  # x^T G x and G x are good to ~eps lambda_max
+        energy_noise = 8 * eps * lam_max * rank
+        res_floor = (8 * eps * lam_max) ** 2 / th.abs().clamp_min(eps * lam_max)
+    thc = th.clamp_min(eps * lam_max * 1e-8)
+    excess = float((R.pow(2).sum(0) / thc).sum())
+    history.append(float(th.sum()))
+    captured = abs(history[-1])
+    return excess <= tol * captured + float(res_floor.sum()) and _converged(history, tol, energy_noise)
+
+
+def _krylov(op: _Operator, block: int, rank: int, side: Side, tol: float, max_blocks: int) -> tuple[Tensor, int, bool]:
+    """Thick-restarted block Krylov: an orthonormal `N x block` basis whose Ritz vectors hold the wanted ones.
+
+    The operator is `op.inv` (~`G^-1`) for the minor side and `G` for the principal side; every
+    restart keeps the best `block` Ritz vectors, so the captured energy moves monotonically.
+    Rayleigh-Ritz after every block; stops when `_ritz_converged`. Returns (basis, operator
+    applications, converged).
+    """
+    eps = torch.finfo(op.dtype).eps
+    lam_max = op.lambda_max()
+    X = _start_block(op.N, block, op.dtype, op.device)
+    top = slice(0, rank) if side == "minor" else slice(-rank, None)
+    history: list[float] = []
+    applied = 0
+    while True:
+        Q = X
+        FQ, GQ = op.products(Q)
+        H = FQ.T @ FQ if FQ is not None else Q.T @ GQ
+        theta, Z = torch.linalg.eigh(_sym(H))
+        stop = done = False
+        for _ in range(GRAM_DEPTH):
+            Xj = _extend(Q, op.inv(Q[:, -block:]) if side == "minor" else GQ[:, -block:])
+            applied += 1
+            if Xj is None:  # invariant subspace: its Ritz pairs are exact
+                stop = done = True
+                break
+            FXj, GXj = op.products(Xj)
+            if FQ is not None and FXj is not None:
+                C, D = FQ.T @ FXj, FXj.T @ FXj
+                FQ = torch.cat([FQ, FXj], 1)
+            else:
+                C, D = Q.T @ GXj, Xj.T @ GXj
+            H = torch.cat([torch.cat([H, C], 1), torch.cat([C.T, D], 1)], 0)
+            Q, GQ = torch.cat([Q, Xj], 1), torch.cat([GQ, GXj], 1)
+            theta, Z = torch.linalg.eigh(_sym(H))  # ascending
+            done = _ritz_converged(Q, GQ, theta, Z, top, history, tol, eps, lam_max, FQ is not None)
+            stop = done or applied >= max_blocks
+            if stop:
+                break
+        X = Q @ (Z[:, :block] if side == "minor" else Z[:, -block:])
+        if stop:
+            converged = done
+            log.debug("krylov (%s): %d block applications (block %d, rank %d), converged=%s",
+                      op.name, applied, block, rank, converged)
+            return X, applied, converged
+
+
+def _certify(A: Tensor, X: Tensor, rank: int, tol: float, lam_max: float) -> tuple[Tensor, Tensor, float] | None:
+    """fp64 Rayleigh-Ritz of the block `X` on `W` and a residual certificate for its `rank` minor vectors.
+
+    For a Ritz pair (theta, x) of `G = A^T A` with residual `r = G x - theta x`, the energy of `W` on
+    the other side's vector (`A x / sqrt(theta)`) exceeds theta by `|r|^2 / theta`; the certificate asks
+    that excess, summed, to be below `tol` of the captured energy (or at rounding level). Returns
+    (`X_r`, `A X_r`, relative excess), or None when it fails (the caller then takes the exact fp64 path).
+    """
+    X = torch.linalg.qr(X).Q
+    AX = A @ X
+    theta, Z = torch.linalg.eigh(_sym(AX.T @ AX))
+    X, AX, th = X @ Z[:, :rank], AX @ Z[:, :rank], theta[:rank].clamp_min(0)
+    R = A.T @ AX - X * th
+    captured = float(th.sum())
+    # |r|^2 / theta is computed to ~(eps sigma_max)^2 per vector (theta ~ 0 included)
+    floor = rank * A.shape[1] * (8 * torch.finfo(A.dtype).eps) ** 2 * lam_max
+    excess = float((R.pow(2).sum(0) / th.clamp_min(floor / rank)).sum())
+    if excess <= tol * captured + floor:
+        return X, AX, excess / max(captured, floor)
+    log.debug("certificate failed: other-side excess %.2e of %.2e captured", excess, captured)
+    return None
+
+
+def _exact_gram(A: Tensor, rank: int, side: Side, block: int, tol: float, info: dict) -> Tensor:
+    """The wanted block through the fp64 Gram matrix: Krylov on its Cholesky inverse, or dense eigh."""
+    N = A.shape[1]
+    G = _syrk(A)
+    L = _cholesky(G, max_shift=1e-8) if side == "minor" else None
+    # Small matrices (or a Krylov space that would span much of the space): dense eigh of G is cheaper.
+    if N <= 256 or 2 * block * (GRAM_DEPTH + 1) > N or (side == "minor" and L is None):
+        info["path"] = "dense64"
+        evecs = torch.linalg.eigh(G).eigenvectors  # ascending
+        return evecs[:, :block] if side == "minor" else evecs[:, -block:]
+    X, applied, ok = _krylov(_chol_operator(G, L, "chol64"), block, rank, side, tol, GRAM_MAX_BLOCKS)
+    info.update(path="krylov64", blocks=info.get("blocks", 0) + applied)
+    if not ok:
+        log.warning(
+            "gram solver: no convergence to %.0e after %d block applications on a %s matrix; using the best "
+            "subspace found. Set adapter.svd_solver: full for an exact SVD.", tol, applied, tuple(A.shape),
+        )
+    return X
+
+
+def _gram(W: Tensor, rank: int, side: Side, tol: float = GRAM_TOL, info: dict | None = None) -> Triplets:
+    """Triplets through the Gram matrix of the shorter side (see the module docstring)."""
+    info = {} if info is None else info
+    m, n = W.shape
+    wide = m < n
+    W32 = W.detach().to(torch.float32)
+    A32 = W32.T if wide else W32  # tall (M x N, M >= N): we want its right singular vectors
+    A = A32.to(torch.float64)
+    N = A.shape[1]
+    block = min(N, rank + max(8, rank // 4))
+    X = AX = None
+    if N > 256 and 2 * block * (GRAM_DEPTH + 1) <= N:
+        op = _fast_operator(A32, side)
+        if op is not None:
+            X32, applied, _ = _krylov(op, block, rank, side, tol, FAST_MAX_BLOCKS)
+            info.update(path=op.name, blocks=applied)
+            X = X32.to(torch.float64)
+            if side == "minor":
+                got = _certify(A, X, rank, tol, op.lambda_max())
+                if got is None:
+                    X = None
+                    info["fallback"] = op.name
+                else:
+                    X, AX, info["certified_excess"] = got
+        else:
+            info["fallback"] = "no fp32 factorization"
+    if X is None:
+        X = _exact_gram(A, rank, side, block, tol, info)
+    # Rayleigh-Ritz on W itself: singular values from W (not squared), U orthonormal by construction.
+    Uy, Sy, Vyh = torch.linalg.svd(AX if AX is not None else A @ X, full_matrices=False)
+    sl = slice(Sy.numel() - rank, None) if side == "minor" else slice(0, rank)
+    Ua, S, Va = Uy[:, sl], Sy[sl], X @ Vyh[sl].T
+    U, Vh = (Va, Ua.T) if wide else (Ua, Va.T)
+    f32 = torch.float32
+    return Triplets(U.to(f32).contiguous(), S.to(f32).contiguous(), Vh.to(f32).contiguous(), None, "gram")
+
+
+_LOWRANK_MINOR = (
+    "svd_solver 'lowrank' finds the largest singular triplets only (PiSSA); MiLoRA needs the smallest: "
+    "set adapter.svd_solver to 'auto', 'gram' or 'full'"
+)
+
+
+def _lowrank(W: Tensor, rank: int, side: Side, niter: int = LOWRANK_NITER) -> Triplets:
+    """Principal triplets by randomized subspace iteration (`niter` power steps, QR after each)."""
+    if side != "principal":
+        raise ValueError(_LOWRANK_MINOR)
+    A = W.detach().to(torch.float32)
+    m, n = A.shape
+    p = min(m, n, rank + max(10, rank // 2))
+    gen = torch.Generator(device="cpu").manual_seed(SEED)
+    Q = torch.linalg.qr(A @ torch.randn(n, p, generator=gen).to(A.device)).Q
+    for _ in range(niter):
+        Q = torch.linalg.qr(A.T @ Q).Q
+        Q = torch.linalg.qr(A @ Q).Q
+    Ub, S, Vh = torch.linalg.svd(Q.T @ A, full_matrices=False)
+    U = Q @ Ub[:, :rank]
+    return Triplets(U.contiguous(), S[:rank].contiguous(), Vh[:rank].contiguous(), None, "lowrank")
 
 
 def resolve_solver(solver: str, side: Side, shape: tuple[int, int], rank: int) -> str:
-    """The concrete solver `auto` stands for, for this side and shape."""
+    """The concrete solver `auto` stands for, for this side, shape and rank."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown svd_solver {solver!r}; use one of {', '.join(SOLVERS)}")
+    if solver == "lowrank" and side == "minor":
+        raise ValueError(_LOWRANK_MINOR)
     if solver != "auto":
         return solver
-    return "full"
+    k = min(shape)
+    if k < AUTO_MIN_SIDE or rank > AUTO_MAX_RANK_SHARE * k:
+        return "full"
+    return "gram" if side == "minor" else "lowrank"
 
 
-def solve(W: Tensor, rank: int, side: Side, solver: str = "auto") -> Triplets:
-    """The `rank` smallest (`minor`) or largest (`principal`) singular triplets of the 2-D matrix `W`."""
+def solve(W: Tensor, rank: int, side: Side, solver: str = "auto", info: dict | None = None) -> Triplets:
+    """The `rank` smallest (`minor`) or largest (`principal`) singular triplets of the 2-D matrix `W`.
+
+    `info`, when given, receives how the solver got there (for benchmarks and debugging).
+    """
     if W.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(W.shape)}")
     if not 0 < rank < min(W.shape):
         raise ValueError(f"rank must be in [1, {min(W.shape) - 1}] for a {tuple(W.shape)} matrix, got {rank}")
+    if not torch.isfinite(W).all():
+        raise ValueError(f"the {tuple(W.shape)} matrix has NaN or inf entries: is the base model corrupted?")
     name = resolve_solver(solver, side, tuple(W.shape), rank)
+    info = {} if info is None else info
+    info["solver"] = name
     if name == "full":
         return _full(W, rank, side, torch.float32, name)
     if name == "full64":
         return _full(W, rank, side, torch.float64, name)
-    raise ValueError(f"unknown svd_solver {solver!r}")
+    if name == "gram":
+        return _gram(W, rank, side, info=info)
+    return _lowrank(W, rank, side)
+
+
+def captured_energy(W: Tensor, Vh: Tensor) -> float:
+    """`||W V||_F^2` in fp64: the energy of `W` on the row space of `Vh` (benchmarks and tests)."""
+    return float((W.to(torch.float64) @ Vh.to(torch.float64).T).pow(2).sum())
 
 
 def factors(t: Triplets, scale: float) -> tuple[Tensor, Tensor]:
@@ -120,6 +511,18 @@ def factors(t: Triplets, scale: float) -> tuple[Tensor, Tensor]:
     B = (t.U.to(torch.float64) * root).to(torch.float32)
     A = (root[:, None] * t.Vh.to(torch.float64)).to(torch.float32)
     return A.contiguous(), B.contiguous()
+
+
+# ----------------------------------------------------------------------------- whole-model init
+
+
+def _dist_info() -> tuple[int, int]:
+    """(rank, world size) when `torch.distributed` is initialised with more than one process, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def compute_factors(
@@ -131,27 +534,72 @@ def compute_factors(
     cache: TripletCache | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Triplets], InitReport]:
-    """Factors (A, B) for every named 2-D weight (`out x in`), via the cache when one is given."""
+    """Factors (A, B) for every named 2-D weight (`out x in`), via the cache when one is given.
+
+    Under `torch.distributed` with a cache shared by the ranks (a shared directory or S3), rank `i`
+    decomposes the matrices with index `% world_size == i`, stores them, waits at a barrier, then reads
+    the others' share from the cache: N ranks take ~1/N of the time and end with identical factors.
+    """
     from tqdm.auto import tqdm
 
-    out: dict[str, tuple[Tensor, Tensor]] = {}
-    trips: dict[str, Triplets] = {}
-    report = InitReport()
+    for W in weights.values():  # fail on a bad solver/side pairing before any work
+        resolve_solver(solver, side, tuple(W.shape), rank)
+    me, world = _dist_info()
+    report = InitReport(rank=me, world_size=world)
+    items = list(weights.items())
+    if world > 1 and cache is None:
+        log.info(
+            "SVD init under torch.distributed without a cache: each of the %d ranks decomposes all %d "
+            "matrices (set svd.cache to a shared directory or s3:// URI to split the work)", world, len(items),
+        )
+    split = world > 1 and cache is not None
+    mine = [i for i in range(len(items)) if not split or i % world == me]
+    rest = [i for i in range(len(items)) if split and i % world != me]
+
+    done: dict[int, tuple[Triplets, MatrixReport]] = {}
     t_all = time.perf_counter()
-    bar = tqdm(weights.items(), desc=f"SVD init ({side})", unit="matrix", disable=not progress, leave=False)
-    for name, W in bar:
+    bar = tqdm(total=len(items), desc=f"SVD init ({side})", unit="matrix", disable=not progress, leave=False)
+
+    def one(i: int, expect_hit: bool) -> None:
+        name, W = items[i]
         t0 = time.perf_counter()
-        compute = (lambda W=W: solve(W, rank, side, solver))  # noqa: E731
+        concrete = resolve_solver(solver, side, tuple(W.shape), rank)
+        compute = (lambda W=W, concrete=concrete: solve(W, rank, side, concrete))  # noqa: E731
         if cache is None:
             t, key, hit = compute(), None, False
         else:
-            t, key, hit = cache.get_or_compute(W, rank, side, solver, compute)
-        t = t.take(rank, side) if t.S.numel() != rank else t
+            t, key, hit = cache.get_or_compute(W, rank, side, concrete, compute)
+        if t.count != rank:
+            t = t.take(rank, side)
+        dt = time.perf_counter() - t0
+        done[i] = (t, MatrixReport(name, tuple(W.shape), dt, hit, key, t.solver))
+        if hit:
+            log.debug("%s %s: cache hit in %.3fs", name, tuple(W.shape), dt)
+        else:
+            if expect_hit:
+                log.warning("%s: not in the cache after the barrier (is svd.cache shared by all ranks?): "
+                            "decomposed here", name)
+            log.info("%s %s: %s solver %.2fs", name, tuple(W.shape), t.solver, dt)
+        bar.update(1)
+
+    for i in mine:
+        one(i, expect_hit=False)
+    if rest:
+        import torch.distributed as dist
+
+        log.info("rank %d/%d: decomposed its %d matrices; waiting for the other ranks", me, world, len(mine))
+        dist.barrier()
+        for i in rest:
+            one(i, expect_hit=True)
+    bar.close()
+
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    trips: dict[str, Triplets] = {}
+    for i, (name, _) in enumerate(items):
+        t, mrep = done[i]
         out[name] = factors(t, scale)
         trips[name] = t
-        dt = time.perf_counter() - t0
-        report.matrices.append(MatrixReport(name, tuple(W.shape), dt, hit, key, t.solver))
-        log.debug("%s %s: %s in %.3fs", name, tuple(W.shape), "hit" if hit else t.solver, dt)
+        report.matrices.append(mrep)
     report.seconds = time.perf_counter() - t_all
     log.info(report.summary())
     return out, trips, report
