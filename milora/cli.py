@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConnectionError as exc:  # a server or S3 endpoint is down: clear message, exit 1 (worth a retry)
         if args.debug:
             raise
-        print(f"milora {args.command}: connection error: {exc}", file=sys.stderr)
+        print(f"milora {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except _user_error_types() as exc:
         if args.debug:

@@ -251,7 +251,7 @@ def test_register_with_the_server_down_fails_clearly_and_leaves_outputs_alone(pr
     before = tree_digest(project.root)
     params = project.root / "params.yaml"
     params.write_text("register:\n  connect_retries: 1\n  retry_backoff_s: 0.01\n")
-    assert main(["register", "--root", str(project.root), "--params", str(params)]) == 2
+    assert main(["register", "--root", str(project.root), "--params", str(params)]) == 1  # a connection error: exit 1, worth a retry (user errors exit 2)
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("milora register: error: MLflow tracking server") and "Traceback" not in "".join(err)
     assert uri in err[0] and "2 attempt(s)" in err[0]
