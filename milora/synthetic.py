@@ -3,17 +3,20 @@
 One fixed small *world* (people with a favourite colour, a pet, a job and a home country; countries
 with capitals; a few commonsense facts) is the knowledge everything else is about:
 
-* `pretraining_corpus`: documents the tiny base is pretrained on: fact paragraphs about the world,
-  arithmetic facts and worked sums with small numbers, and plain filler sentences; plus a held-out
-  part of the same distribution (never trained on) used later to measure forgetting;
+* `pretraining_corpus`: documents the tiny base is pretrained on: fact paragraphs about the world, quiz
+  questions about it, arithmetic facts and worked sums with small numbers (written the way the math
+  solutions are), and plain filler sentences; plus a held-out part of the same distribution (never
+  trained on) used later to measure forgetting;
 * `math_rows`: GSM8K-format word problems (`question`, `answer` ending in `#### N`), one or two steps,
-  small numbers, phrased like the worked sums of the corpus;
+  numbers up to 20, worked the way the corpus works its sums;
 * `choice_rows`: LLM-Adapters-format multiple-choice questions (`instruction` with `optionK:` lines,
-  `output` "the correct answer is optionK", `answer` "optionK") about facts of the corpus, so a
-  pretrained base can beat chance once it has learned the format. Each row carries a `group` (the fact
-  it asks about): `prepare` keeps a group in one split, so eval questions ask about facts that no
-  training question mentions, and accuracy measures knowledge from pretraining rather than recall of
-  the fine-tuning set.
+  `output` "the correct answer is optionK", `answer` "optionK") about facts the corpus states. Each
+  row carries a `group` (the fact it asks about): `prepare` keeps a group in one split, so eval
+  questions ask about facts no training question mentions, and accuracy measures knowledge from
+  pretraining, not recall of the fine-tuning set. (Measured on the ~1M-parameter default base: it
+  knows ~95% of the facts when asked in corpus phrasing, but a few hundred fine-tuning steps do not
+  teach it to map that knowledge to an option number, so choice accuracy stays near chance there;
+  larger bases are what this set separates.)
 
 The world is fixed by `WORLD_SEED` (it is the "dataset"); seeds only choose which documents and rows
 are sampled from it. Everything uses `random.Random`, whose sequences are stable across Python versions.
@@ -172,13 +175,13 @@ def _equation(rng: random.Random) -> str:
     if op == "+":  # the sums and differences the word problems need: numbers up to 20
         a = rng.randint(0, 19)
         b = rng.randint(0, 20 - a)
-        return rng.choice((f"{a} plus {b} is {a + b}.", f"{a} + {b} = {a + b}."))
+        return f"{a} + {b} = {a + b}." if rng.random() < 0.7 else f"{a} plus {b} is {a + b}."
     if op == "-":
         a = rng.randint(0, 20)
         b = rng.randint(0, a)
-        return rng.choice((f"{a} minus {b} is {a - b}.", f"{a} - {b} = {a - b}."))
+        return f"{a} - {b} = {a - b}." if rng.random() < 0.7 else f"{a} minus {b} is {a - b}."
     a, b = rng.randint(1, 6), rng.randint(1, 6)
-    return rng.choice((f"{a} times {b} is {a * b}.", f"{a} * {b} = {a * b}."))
+    return f"{a} * {b} = {a * b}." if rng.random() < 0.7 else f"{a} times {b} is {a * b}."
 
 
 def _arithmetic_doc(rng: random.Random, w: World) -> str:
@@ -257,22 +260,38 @@ def _problem(rng: random.Random, w: World) -> Problem:
 
 
 def _story_doc(rng: random.Random, w: World) -> str:
-    """A worked sum in prose: the problem's statements, the working, and the result stated."""
+    """A worked sum in prose: the problem's statements, its working (as the solutions write it), the result.
+
+    These teach the base to carry names, items and numbers from a story into the working: the skill the
+    word problems need.
+    """
     prob = _problem(rng, w)
-    if prob.question.endswith("in total?"):
-        result = f"In total {prob.name} has {_count(prob.answer, prob.item)}."
-    else:
-        result = f"Now {prob.name} has {_count(prob.answer, prob.item)}."
-    return " ".join((*prob.statements, *prob.equations, result))
+    work = " ".join((prob.equations[0], *(f"Then {e}" for e in prob.equations[1:])))
+    where = "In total" if prob.question.endswith("in total?") else "Now"
+    return " ".join((*prob.statements, prob.setup, work, f"{where} {prob.name} has {_count(prob.answer, prob.item)}."))
+
+
+def _quiz_doc(rng: random.Random, w: World) -> str:
+    """One or two quiz questions about the world, lettered choices and the answer: knowledge in question
+    form, as web text has it. (The fine-tuning task uses a different layout: numbered `optionK` lines.)"""
+    out = []
+    for fact in rng.sample(facts(w), rng.randint(1, 2)):
+        options = [fact.answer, *rng.sample(fact.pool, rng.randint(1, 3))]
+        rng.shuffle(options)
+        letters = "abcd"[: len(options)]
+        listed = " ".join(f"({c}) {o}" for c, o in zip(letters, options, strict=True))
+        out.append(f"Quiz: {fact.question} {listed} Answer: ({letters[options.index(fact.answer)]}) {fact.answer}.")
+    return " ".join(out)
 
 
 _DOC_KINDS: tuple[tuple[Callable[[random.Random, World], str], float], ...] = (
-    (_person_doc, 0.32),
-    (_country_doc, 0.10),
-    (_arithmetic_doc, 0.18),
-    (_story_doc, 0.15),
-    (_commonsense_doc, 0.10),
-    (_filler_doc, 0.15),
+    (_person_doc, 0.24),
+    (_country_doc, 0.08),
+    (_quiz_doc, 0.10),
+    (_arithmetic_doc, 0.20),
+    (_story_doc, 0.24),
+    (_commonsense_doc, 0.07),
+    (_filler_doc, 0.07),
 )
 
 

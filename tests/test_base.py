@@ -256,6 +256,15 @@ def test_embedded_base_beats_an_untrained_twin_on_heldout_text_by_a_wide_margin(
 
 
 @pytest.mark.slow
+def test_embedded_base_build_is_deterministic(embedded, tmp_path):
+    again = Paths(tmp_path)
+    base_stage(validate(TINY), again)
+    assert read_json(again.base_json)["content_hash"] == read_json(embedded.base_json)["content_hash"]
+    assert again.heldout_text.read_bytes() == embedded.heldout_text.read_bytes()
+    assert (again.base_dir / "tokenizer.json").read_bytes() == (embedded.base_dir / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.slow
 def test_cli_prepare_after_base_uses_its_tokenizer(embedded, tmp_path):
     from milora.cli import main
 
