@@ -9,6 +9,7 @@ export HF_DATASETS_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: setup run test test-fast lint bench clean
 

@@ -31,7 +31,7 @@ TEST_OVERRIDES: dict[str, Any] = {
     "data.embedded.math_rows": 60,
     "data.embedded.choice_rows": 60,
     "data.embedded.corpus_documents": 200,
-    "data.max_length": 128,
+    "data.max_length": 256,
     "data.max_eval_rows": 24,
     "adapter.rank": 4,
     "train.max_steps": 12,
