@@ -40,7 +40,7 @@ TRANSIENT_PATTERNS: tuple[str, ...] = (
     r"ReadTimeout", r"ReadTimeoutError", r"RemoteDisconnected", r"Max retries exceeded",
     r"Temporary failure in name resolution", r"\b503 Service Unavailable\b", r"\bServiceUnavailable\b",
     r"\bSlowDown\b", r"\bRequestTimeout\b", r"\bThrottling(Exception)?\b", r"API request to .* failed",
-    r"Unable to acquire lock", r"Broken pipe", r"MLflow tracking server .* is unreachable",
+    r"Unable to acquire lock", r"Broken pipe", r"\bunreachable\b", r"\bcannot reach\b",
 )
 _TRANSIENT = re.compile("|".join(TRANSIENT_PATTERNS), re.I)
 

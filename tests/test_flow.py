@@ -201,6 +201,9 @@ def test_repro_outcome_and_timings_from_dvc_output():
     (2, "milora register: error: MLflow tracking server http://127.0.0.1:5000 is unreachable (timed out)",
      "transient"),
     (255, "ERROR: Unable to acquire lock. Most likely another DVC process is running", "transient"),
+    (255, "milora stage: error: SVD cache s3://b/p: cannot reach the S3 endpoint http://127.0.0.1:9 "
+          "(ConnectTimeoutError). Check AWS_ENDPOINT_URL_S3\nERROR: failed to reproduce 'svd': failed to run: "
+          "milora stage svd, exited with 1", "transient"),
     (255, "RuntimeError: fault injected into stage 'evaluate'\nERROR: failed to reproduce 'evaluate': failed "
           "to run: milora stage evaluate, exited with 1", "error"),
 ])
@@ -227,7 +230,7 @@ def test_failure_detail_prefers_the_clis_one_line_error():
 # --------------------------------------------------------------------------------------- reports
 
 
-def _report() -> RunReport:
+def _sample_report() -> RunReport:
     r = RunReport(root="/w", status="completed", flow_run_id="fid", flow_run_name="brave-fox", seconds=100.0,
                   overrides={"adapter.rank": 4}, data_version="abc123.dir", data_changed=True)
     r.stages = [StageRun("ingest", "ran", 2.0, 0.5, 1), StageRun("base", "skipped", 1.5, None, 1),
@@ -240,7 +243,7 @@ def _report() -> RunReport:
 
 
 def test_markdown_artifact_has_stages_metrics_data_version_and_decision():
-    md = render_markdown(_report())
+    md = render_markdown(_sample_report())
     assert "| train | ran | 80.0 | 70.0 | 2 |" in md
     assert "| base | skipped (unchanged) | 1.5 |  | 1 |" in md
     assert "| evaluate | FAILED: boom \\| x |" in md
@@ -252,7 +255,7 @@ def test_markdown_artifact_has_stages_metrics_data_version_and_decision():
 
 
 def test_summary_and_report_round_trip(tmp_path):
-    r = _report()
+    r = _sample_report()
     r.root = str(tmp_path)
     r.save()
     from flows.report import load_report
@@ -381,7 +384,7 @@ def workspace(tmp_path_factory):
     base = tmp_path_factory.mktemp("flow")
     source = base / "source"
     write_task_files(source, 60, 60, seed=0)
-    root = make_project(base / "proj", {"data.source": str(source), "svd.cache": None})
+    root = make_project(base / "proj", {"data.source": str(source)})
     return root, source
 
 
@@ -503,40 +506,6 @@ def test_second_run_skips_every_stage_and_registers_nothing(workspace, prefect_e
     assert report.metrics["eval"] == json.loads((root / "metrics" / "eval.json").read_text())
 
 
-@pytest.mark.slow
-def test_failure_at_evaluate_then_retry_resumes_without_retraining(workspace, prefect_env, prefect_api):
-    root, _ = workspace
-    trained = _mtimes(root, "models/adapter", "checkpoints")
-    # A new eval budget re-runs only `evaluate`, into which the fault is injected.
-    out = _milora(root, prefect_env, "run", "-S", "eval.max_new_tokens=5", check=False,
-                  extra_env={"MILORA_FAULT_INJECT": "evaluate"})
-    assert out.returncode == 1
-    assert "stage 'evaluate' failed" in out.stderr and "fault injected" in out.stderr
-    failed = _report(root)
-    assert failed.status == "failed"
-    outcomes = _outcomes(failed)
-    assert outcomes["evaluate"] == "failed" and outcomes["register"] == "not run"
-    assert all(outcomes[s] == "skipped" for s in ("base", "prepare", "svd", "train"))
-    assert [s.attempts for s in failed.stages if s.name == "evaluate"] == [1]  # a bug is not retried
-    assert _flow_run(failed.flow_run_id).state.is_failed()
-    from tests.project import run
-
-    assert run(["git", "status", "--porcelain", "params.yaml"], root).stdout == ""
-
-    # `prefect flow-run retry` re-runs the same flow run (same overrides), without the fault.
-    run(["prefect", "flow-run", "retry", failed.flow_run_id, "--entrypoint", FLOW_ENTRYPOINT], root,
-        extra_env=prefect_env)
-    report = _report(root)
-    assert report.flow_run_id == failed.flow_run_id and report.status == "completed"
-    outcomes = _outcomes(report)
-    assert outcomes["evaluate"] == "ran" and outcomes["register"] == "ran"
-    assert all(outcomes[s] == "skipped" for s in ("base", "prepare", "svd", "train"))
-    assert _mtimes(root, *trained) == trained  # train did not run again
-    versions = _versions(root)
-    assert len(versions) == 2 and versions[-1].tags["milora.prefect_flow_run_id"] == failed.flow_run_id
-    assert _flow_run(failed.flow_run_id).state.is_completed()
-
-
 def _stage_processes(root: Path) -> list[int]:
     """Pids of `milora stage` processes working in `root` (Linux /proc)."""
     pids = []
@@ -551,13 +520,17 @@ def _stage_processes(root: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_killed_during_train_then_rerun_resumes_from_checkpoint(workspace, prefect_env, prefect_api):
+def test_killed_in_train_resumes_then_fault_at_evaluate_and_retry_skips_train(workspace, prefect_env,
+                                                                              prefect_api):
+    """Resumability: a run killed during `train` is re-run and training resumes from its checkpoint; that
+    re-run fails at `evaluate` (fault injected by env), and `prefect flow-run retry` completes it without
+    running `train` again."""
     from milora.lock import read_record
     from tests.project import env, run
 
     root, _ = workspace
-    args = ["milora", "run", "-S", "train.max_steps=60", "-S", "train.save_steps=4"]
-    proc = subprocess.Popen(args, cwd=root, env=env(prefect_env), stdout=subprocess.PIPE,
+    args = ["run", "-S", "train.max_steps=60", "-S", "train.save_steps=4"]
+    proc = subprocess.Popen(["milora", *args], cwd=root, env=env(prefect_env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     progress_file = root / "checkpoints" / "progress.json"
     try:
@@ -572,9 +545,9 @@ def test_killed_during_train_then_rerun_resumes_from_checkpoint(workspace, prefe
                 break
             time.sleep(0.2)
         # The progress artifact follows training (train is step 5 of 7: between 4/7 and 5/7 done).
-        fid = read_record(root).flow_run_id
+        killed_id = read_record(root).flow_run_id
         while True:
-            bar = _artifacts(fid).get("milora-progress")
+            bar = _artifacts(killed_id).get("milora-progress")
             if bar is not None and 100 * 4 / 7 < float(bar.data) < 100 * 5 / 7:
                 break
             assert time.monotonic() < deadline, bar
@@ -587,19 +560,43 @@ def test_killed_during_train_then_rerun_resumes_from_checkpoint(workspace, prefe
             proc.kill()
             proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
-    # Cleanly stopped: no stage left running, lock released, params.yaml restored, checkpoints kept.
+    # Stopped cleanly: no stage left running, lock released, params.yaml restored, checkpoints kept.
     assert _stage_processes(root) == []
     assert read_record(root) is None
     assert run(["git", "status", "--porcelain", "params.yaml"], root).stdout == ""
-    assert _flow_run(fid).state.is_crashed()
+    assert _flow_run(killed_id).state.is_crashed()
     assert sorted(root.joinpath("checkpoints").glob("checkpoint-*"))
 
-    again = _milora(root, prefect_env, *args[1:])
-    assert "milora.train: resuming from checkpoints/checkpoint-" in again.stdout + again.stderr
-    report = _report(root)
-    assert report.status == "completed" and _outcomes(report)["train"] == "ran"
-    assert all(_outcomes(report)[s] == "skipped" for s in ("base", "prepare", "svd"))
+    # Run again, with a fault injected into `evaluate`: training resumes, then evaluate fails, not retried.
+    versions_before = len(_versions(root))
+    failing = _milora(root, prefect_env, *args, check=False, extra_env={"MILORA_FAULT_INJECT": "evaluate"})
+    assert failing.returncode == 1
+    assert "milora.train: resuming from checkpoints/checkpoint-" in failing.stdout + failing.stderr
+    assert "stage 'evaluate' failed" in failing.stderr and "fault injected" in failing.stderr
+    failed = _report(root)
+    outcomes = _outcomes(failed)
+    assert (failed.status, outcomes["train"], outcomes["evaluate"], outcomes["register"]) == \
+        ("failed", "ran", "failed", "not run")
+    assert all(outcomes[s] == "skipped" for s in ("base", "prepare", "svd"))
+    assert [s.attempts for s in failed.stages if s.name == "evaluate"] == [1]  # a bug is not retried
     assert json.loads(progress_file.read_text())["step"] == 60
+    assert _flow_run(failed.flow_run_id).state.is_failed()
+    assert run(["git", "status", "--porcelain", "params.yaml"], root).stdout == ""
+    trained = _mtimes(root, "models/adapter", "checkpoints")
+
+    # `prefect flow-run retry` re-runs that flow run (same overrides), without the fault: train is skipped.
+    run(["prefect", "flow-run", "retry", failed.flow_run_id, "--entrypoint", FLOW_ENTRYPOINT], root,
+        extra_env=prefect_env)
+    report = _report(root)
+    assert report.flow_run_id == failed.flow_run_id and report.status == "completed"
+    outcomes = _outcomes(report)
+    assert outcomes["evaluate"] == "ran" and outcomes["register"] == "ran"
+    assert all(outcomes[s] == "skipped" for s in ("base", "prepare", "svd", "train"))
+    assert _mtimes(root, *trained) == trained  # train did not run again
+    versions = _versions(root)
+    assert len(versions) == versions_before + 1
+    assert versions[-1].tags["milora.prefect_flow_run_id"] == failed.flow_run_id
+    assert _flow_run(failed.flow_run_id).state.is_completed()
 
 
 def _add_rows(source: Path) -> None:
