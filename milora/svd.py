@@ -25,6 +25,7 @@ returns fp32 triplets (fp64 for `full64`) that are exactly what the cache stores
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -201,6 +202,7 @@ class _Operator:
     Ft: Callable[[Tensor], Tensor] | None = None
     inv: Callable[[Tensor], Tensor] | None = None
     name: str = ""
+    lu: tuple[Tensor, Tensor] | None = None  # the fp32 LU factors of a square A (for `solve64`)
 
     def products(self, X: Tensor) -> tuple[Tensor | None, Tensor]:
         """(`F X` or None, `G X`)."""
@@ -208,6 +210,19 @@ class _Operator:
             FX = self.F(X)
             return FX, self.Ft(FX)
         return None, self.G(X)
+
+    def solve64(self, X: Tensor, A: Tensor) -> Tensor | None:
+        """`G^-1 X` to fp64 accuracy: iterative refinement on the fp32 factorization, residuals with fp64 `A`.
+
+        Square LU route: `A^T Z = X` then `A Y = Z`, each refined (contraction ~eps32 cond(A)); Gram route:
+        `G Y = X` refined (contraction ~eps32 cond(A)^2). None when the refinement does not converge.
+        """
+        if self.lu is not None:
+            LU, piv = self.lu
+            Z = _refined(lambda R: torch.linalg.lu_solve(LU, piv, R, adjoint=True), lambda Y: A.T @ Y, X)
+            return None if Z is None else _refined(lambda R: torch.linalg.lu_solve(LU, piv, R), lambda Y: A @ Y, Z)
+        assert self.inv is not None
+        return _refined(self.inv, lambda Y: A.T @ (A @ Y), X)
 
     def lambda_max(self) -> float:
         """A lower estimate of the largest eigenvalue of `G` (a few power steps): the scale of rounding."""
@@ -230,6 +245,25 @@ def _chol_operator(G: Tensor, L: Tensor | None, name: str) -> _Operator:
     return op
 
 
+def _refined(
+    solve32: Callable[[Tensor], Tensor], matvec: Callable[[Tensor], Tensor], B: Tensor, sweeps: int = 6
+) -> Tensor | None:
+    """Solve `M Y = B` (fp64) by iterative refinement: `solve32 ~ M^-1` in fp32, residuals `B - M Y` in fp64."""
+    scale = B.abs().amax(0).clamp_min(1e-300)  # column scaling keeps fp32 away from under/overflow
+    Y = solve32((B / scale).float()).double() * scale
+    norm = float(torch.linalg.matrix_norm(B))
+    prev = math.inf
+    for _ in range(sweeps):
+        R = B - matvec(Y)
+        rel = float(torch.linalg.matrix_norm(R)) / norm
+        if rel <= 1e-14 or rel > 0.5 * prev:  # at fp64 level, or no longer contracting
+            break
+        rs = R.abs().amax(0).clamp_min(1e-300)
+        Y = Y + solve32((R / rs).float()).double() * rs
+        prev = rel
+    return Y if min(rel, prev) <= 1e-8 else None
+
+
 def _fast_operator(A32: Tensor, side: Side) -> _Operator | None:
     """fp32 operator for the tall fp32 `A` (`G = A^T A`): a preconditioner whose result `_certify` checks.
 
@@ -243,7 +277,7 @@ def _fast_operator(A32: Tensor, side: Side) -> _Operator | None:
         if int(info) == 0 and bool(torch.isfinite(LU).all()) and float(d.min()) > N * 1e-7 * float(d.max()):
             return _Operator(
                 N, A32.dtype, A32.device, G=lambda X: A32.T @ (A32 @ X), F=lambda X: A32 @ X,
-                Ft=lambda Y: A32.T @ Y, name="lu32",
+                Ft=lambda Y: A32.T @ Y, name="lu32", lu=(LU, piv),
                 inv=lambda Y: torch.linalg.lu_solve(LU, piv, torch.linalg.lu_solve(LU, piv, Y, adjoint=True)),
             )
     G = _syrk(A32)
@@ -260,10 +294,12 @@ def _extend(Q: Tensor, Y: Tensor) -> Tensor | None:
         Y = Y - Q @ (Q.T @ Y)
     if float(torch.linalg.matrix_norm(Y)) <= 100 * torch.finfo(Y.dtype).eps * norm:
         return None  # span(Q) is invariant: the Krylov space is exhausted
-    X = torch.linalg.qr(Y).Q
-    # Columns of Y that were ~0 come back from QR as arbitrary directions: orthogonalise once more.
-    X = X - Q @ (Q.T @ X)
-    return torch.linalg.qr(X).Q
+    X, R = torch.linalg.qr(Y)
+    d = R.diagonal().abs()
+    if float(d.min()) < 1e-6 * float(d.max()):
+        # Columns of Y that were ~0 come back from QR as arbitrary directions: orthogonalise once more.
+        X = torch.linalg.qr(X - Q @ (Q.T @ X)).Q
+    return X
 
 
 def _converged(history: list[float], tol: float, noise: float) -> bool:
@@ -292,10 +328,11 @@ def _ritz_converged(
 ) -> bool:
     """Have the wanted Ritz pairs converged? Appends their energy to `history`.
 
-    Two tests, both to `tol` of the captured energy or to rounding level: the energy of `W` on the
-    other side's vectors (`A x / sqrt(theta)`) exceeds theta by `|r|^2 / theta` (a residual
-    certificate: errors there are amplified by sigma_j / sigma_i), and the Ritz energy itself has
-    stopped moving (geometric extrapolation of its decrease, against near-cut mixing).
+    Two tests, both to `tol` of the captured energy or to rounding level: the Ritz energy has stopped
+    moving (geometric extrapolation of its decrease), and the energy of `W` on the other side's
+    vectors (`A x / sqrt(theta)`) exceeds theta by at most `|r|^2 / theta` (a residual certificate:
+    errors there are amplified by sigma_j / sigma_i). With fp32 products only the first: their
+    residuals are noise-bound, and `_certify` checks the result in fp64.
     """
     th = theta[top]
     rank = th.numel()
@@ -310,7 +347,10 @@ def _ritz_converged(
     excess = float((R.pow(2).sum(0) / thc).sum())
     history.append(float(th.sum()))
     captured = abs(history[-1])
-    return excess <= tol * captured + float(res_floor.sum()) and _converged(history, tol, energy_noise)
+    settled = _converged(history, tol, energy_noise)
+    if eps > 1e-10:  # fp32 products: residuals are noise-bound; `_certify` (and `solve64`) judge them in fp64
+        return settled
+    return settled and excess <= tol * captured + float(res_floor.sum())
 
 
 def _krylov(op: _Operator, block: int, rank: int, side: Side, tol: float, max_blocks: int) -> tuple[Tensor, int, bool]:
@@ -318,28 +358,40 @@ def _krylov(op: _Operator, block: int, rank: int, side: Side, tol: float, max_bl
 
     The operator is `op.inv` (~`G^-1`) for the minor side and `G` for the principal side; every
     restart keeps the best `block` Ritz vectors, so the captured energy moves monotonically.
-    Rayleigh-Ritz after every block; stops when `_ritz_converged`. Returns (basis, operator
-    applications, converged).
+    The basis and the Rayleigh-Ritz problem are fp64 whatever the operator's precision: the
+    eigenvalues of the projected `Q^T G Q` span cond(A)^2, which fp32 cannot resolve at the minor end
+    even when the fp32 operator has already found the right subspace. Rayleigh-Ritz after every
+    block; stops when `_ritz_converged`. Returns (fp64 basis, operator applications, converged).
     """
-    eps = torch.finfo(op.dtype).eps
+    f64 = torch.float64
+    eps = torch.finfo(op.dtype).eps  # the precision of the products sets the noise floors
     lam_max = op.lambda_max()
-    X = _start_block(op.N, block, op.dtype, op.device)
+    X = _start_block(op.N, block, f64, op.device)
+
+    def products(Y: Tensor) -> tuple[Tensor | None, Tensor]:
+        FY, GY = op.products(Y.to(op.dtype))
+        return (None if FY is None else FY.to(f64)), GY.to(f64)
+
+    def inv(Y: Tensor) -> Tensor:
+        assert op.inv is not None
+        return op.inv(Y.to(op.dtype)).to(f64)
+
     top = slice(0, rank) if side == "minor" else slice(-rank, None)
     history: list[float] = []
     applied = 0
     while True:
         Q = X
-        FQ, GQ = op.products(Q)
+        FQ, GQ = products(Q)
         H = FQ.T @ FQ if FQ is not None else Q.T @ GQ
         theta, Z = torch.linalg.eigh(_sym(H))
         stop = done = False
         for _ in range(GRAM_DEPTH):
-            Xj = _extend(Q, op.inv(Q[:, -block:]) if side == "minor" else GQ[:, -block:])
+            Xj = _extend(Q, inv(Q[:, -block:]) if side == "minor" else GQ[:, -block:])
             applied += 1
             if Xj is None:  # invariant subspace: its Ritz pairs are exact
                 stop = done = True
                 break
-            FXj, GXj = op.products(Xj)
+            FXj, GXj = products(Xj)
             if FQ is not None and FXj is not None:
                 C, D = FQ.T @ FXj, FXj.T @ FXj
                 FQ = torch.cat([FQ, FXj], 1)
@@ -417,11 +469,14 @@ def _gram(W: Tensor, rank: int, side: Side, tol: float = GRAM_TOL, info: dict | 
     if N > 256 and 2 * block * (GRAM_DEPTH + 1) <= N:
         op = _fast_operator(A32, side)
         if op is not None:
-            X32, applied, _ = _krylov(op, block, rank, side, tol, FAST_MAX_BLOCKS)
+            X, applied, _ = _krylov(op, block, rank, side, tol, FAST_MAX_BLOCKS)
             info.update(path=op.name, blocks=applied)
-            X = X32.to(torch.float64)
             if side == "minor":
-                got = _certify(A, X, rank, tol, op.lambda_max())
+                # The fp32 solves leave noise along large-sigma directions: cheap in energy on the Gram side
+                # but amplified by sigma_j / sigma_i on the other (U = W v / sigma). One inverse-iteration
+                # step on the `rank` wanted Ritz vectors with fp64-accurate solves damps it by lambda_i/lambda_j.
+                Y = op.solve64(X[:, :rank], A)
+                got = None if Y is None else _certify(A, Y, rank, tol, op.lambda_max())
                 if got is None:
                     X = None
                     info["fallback"] = op.name
