@@ -355,7 +355,7 @@ def milora_pipeline(overrides: dict[str, Any] | None = None, model_name: str | N
                     and last.get("model_name") == cfg.register.model_name:
                 for name in rest:
                     report.stage(name).outcome = "up to date"
-                report.stage(REGISTER).outcome = "up to date"
+                report.stage(REGISTER).outcome = "already registered"
                 report.registration = {
                     **(last.get("registration") or {}), "skipped": True,
                     "reason": f"{NOTHING_TO_RETRAIN}: data and params unchanged since {last.get('model_name')} "

@@ -24,6 +24,7 @@ OUTCOME_TEXT = {
     "failed": "FAILED",
     "not run": "not run",
     "no remote": "skipped (no DVC default remote)",
+    "already registered": "skipped (this pipeline state is already registered)",
 }
 
 
@@ -223,7 +224,8 @@ def render_summary(report: RunReport, adapter_dir: str | None = None, runs_hint:
     """The plain-text summary `milora run` prints at the end."""
     head = f"milora run: {report.status}"
     if report.message and report.status != "failed":  # a failure's message ends the output on its own
-        head += f" ({report.message})"
+        head = (f"milora run: {report.message}" if report.message.startswith(report.status)
+                else f"{head} ({report.message})")
     out = [head, ""]
     out.append("stages:")
     width = max((len(s.name) for s in report.stages), default=8)

@@ -103,6 +103,10 @@ def main(args: argparse.Namespace) -> int:
         return 0
     exc = state.result(raise_on_failure=False)
     message = str(exc) if isinstance(exc, BaseException) else (state.message or state.name)
+    if fid and not isinstance(exc, (ConfigError, WorkspaceBusy)):
+        prefix = f"PREFECT_HOME={home} " if home is not None else ""
+        print(f"to resume: `milora run` again with the same options, or `{prefix}prefect flow-run retry {fid} "
+              f"--entrypoint flows/pipeline.py:milora_pipeline` (completed stages are skipped)")
     print(f"milora run: error: {message}", file=sys.stderr)
     user = isinstance(exc, (ConfigError, WorkspaceBusy, UserError)) or (
         isinstance(exc, StageFailed) and exc.kind == "user")

@@ -497,7 +497,8 @@ def test_second_run_skips_every_stage_and_registers_nothing(workspace, prefect_e
     out = _milora(root, prefect_env, "run")
     report = _report(root)
     assert report.status == "nothing to retrain" and report.data_changed is False
-    assert all(_outcomes(report)[s] == "up to date" for s in PIPELINE[1:] + ["register"])
+    assert all(_outcomes(report)[s] == "up to date" for s in PIPELINE[1:])
+    assert _outcomes(report)["register"] == "already registered"
     assert "nothing to retrain" in out.stdout
     assert _mtimes(root, *before) == before
     assert len(_versions(root)) == 1
@@ -579,6 +580,7 @@ def test_killed_in_train_resumes_then_fault_at_evaluate_and_retry_skips_train(wo
         ("failed", "ran", "failed", "not run")
     assert all(outcomes[s] == "skipped" for s in ("base", "prepare", "svd"))
     assert [s.attempts for s in failed.stages if s.name == "evaluate"] == [1]  # a bug is not retried
+    assert f"prefect flow-run retry {failed.flow_run_id} --entrypoint {FLOW_ENTRYPOINT}" in failing.stdout
     assert json.loads(progress_file.read_text())["step"] == 60
     assert _flow_run(failed.flow_run_id).state.is_failed()
     assert run(["git", "status", "--porcelain", "params.yaml"], root).stdout == ""
