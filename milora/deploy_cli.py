@@ -16,6 +16,7 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from milora.cli import UserError
 
@@ -41,6 +42,35 @@ def _api_url() -> str | None:
     return os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
 
 
+def schedule(cron: str, timezone: str) -> Any:
+    """The Prefect cron schedule, or a `UserError` naming what is wrong with the cron or the timezone."""
+    import zoneinfo
+
+    from prefect.schedules import Cron
+
+    try:
+        zoneinfo.ZoneInfo(timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise UserError(f"schedule.timezone = {timezone!r} is not an IANA timezone (e.g. UTC, Europe/Paris); "
+                        "fix it in params.yaml or pass --timezone") from None
+    try:
+        return Cron(cron, timezone=timezone)
+    except ValueError as exc:
+        raise UserError(f"schedule.cron = {cron!r} is not a valid cron expression ({str(exc).splitlines()[0]}); "
+                        "use five fields like '0 3 * * *', in params.yaml or with --cron") from None
+
+
+def check_server(api_url: str) -> None:
+    """Fail with one clear line when the Prefect API does not answer."""
+    import httpx
+
+    try:
+        httpx.get(api_url.rstrip("/") + "/health", timeout=10).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise UserError(f"the Prefect server at PREFECT_API_URL={api_url} does not answer ({type(exc).__name__}); "
+                        "start it with `prefect server start` or fix PREFECT_API_URL") from None
+
+
 def main(args: argparse.Namespace) -> int:
     """Entry point of `milora deploy`."""
     from flows.params import validate_run_config
@@ -52,13 +82,13 @@ def main(args: argparse.Namespace) -> int:
     overrides = parse_sets(args.set)
     cfg = validate_run_config(root, args.params, overrides)
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    if not _api_url():
+    api = _api_url()
+    if not api:
         raise UserError("milora deploy needs a Prefect server: start one with `prefect server start` and set "
                         "PREFECT_API_URL=http://127.0.0.1:4200/api (or `prefect config set PREFECT_API_URL=...`)")
 
     for noisy in ("httpx", "httpcore"):  # one line per API call otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from prefect.schedules import Cron
     from prefect.types.entrypoint import EntrypointType
 
     from flows.pipeline import milora_pipeline
@@ -67,12 +97,8 @@ def main(args: argparse.Namespace) -> int:
     if not args.no_schedule:
         cron = args.cron or cfg.schedule.cron
         tz = args.timezone or cfg.schedule.timezone
-        try:
-            schedules = [Cron(cron, timezone=tz)]
-        except ValueError as exc:
-            raise UserError(f"schedule: cron {cron!r} / timezone {tz!r} is not valid: "
-                            f"{str(exc).splitlines()[0]}; fix schedule.cron/schedule.timezone or pass "
-                            f"--cron/--timezone") from None
+        schedules = [schedule(cron, tz)]
+    check_server(api)
     parameters: dict = {"root": str(root)}
     if overrides:
         parameters["overrides"] = overrides

@@ -111,6 +111,29 @@ def test_a_killed_runs_overrides_are_undone_by_the_next_run(project):
     assert not restore_leftover(project)
 
 
+def test_milora_run_rejects_bad_overrides_before_starting_anything(project, capsys):
+    from milora.cli import main
+
+    assert main(["run", "--root", str(project), "-S", "adapter.rnak=4"]) == 2
+    err = capsys.readouterr().err
+    assert "milora run: error:" in err and "did you mean 'adapter.rank'" in err
+    assert not (project / ".prefect").exists() and not (project / ".milora").exists()
+
+
+def test_deploy_validates_the_schedule_and_the_server():
+    from milora.cli import UserError
+    from milora.deploy_cli import check_server, schedule
+    from tests.servers import free_port
+
+    assert schedule("0 3 * * *", "Europe/Paris").cron == "0 3 * * *"
+    with pytest.raises(UserError, match=r"schedule\.cron = '61 \* \* \* \*' is not a valid cron"):
+        schedule("61 * * * *", "UTC")
+    with pytest.raises(UserError, match=r"schedule\.timezone = 'Mars/Base' is not an IANA timezone"):
+        schedule("0 3 * * *", "Mars/Base")
+    with pytest.raises(UserError, match="does not answer"):
+        check_server(f"http://127.0.0.1:{free_port()}/api")
+
+
 # --------------------------------------------------------------------------------------- lock
 
 
