@@ -170,13 +170,28 @@ def _fingerprint(cfg: Any, paths: Any) -> dict[str, Any]:
     }
 
 
+def _last_complete_checkpoint(ckpt: Path, is_main: bool) -> str | None:
+    """The newest checkpoint that was fully written; a half-written one (killed while saving) is removed."""
+    while True:
+        last = get_last_checkpoint(str(ckpt))
+        if last is None:
+            return None
+        p = Path(last)
+        if (p / "trainer_state.json").exists() and any(p.glob("adapter_model.*")) and (p / "optimizer.pt").exists():
+            return last
+        if not is_main:
+            return None
+        log.warning("checkpoint %s is incomplete (killed while saving?): removing it", p)
+        shutil.rmtree(p)
+
+
 def _resume_point(cfg: Any, paths: Any, is_main: bool) -> str | None:
     """The checkpoint to resume from, discarding checkpoints of a different configuration."""
     ckpt = paths.checkpoints_dir
     fp_path = ckpt / FINGERPRINT
     want = _fingerprint(cfg, paths)
     if ckpt.exists() and fp_path.exists() and json.loads(fp_path.read_text()) == want:
-        last = get_last_checkpoint(str(ckpt))
+        last = _last_complete_checkpoint(ckpt, is_main)
         if last:
             log.info("resuming from %s", last)
         return last
