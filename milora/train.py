@@ -154,6 +154,7 @@ def training_arguments(cfg: Any, output_dir: Path) -> TrainingArguments:
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
+        use_cpu=not torch.cuda.is_available(),  # on CPU, lets accelerate set up multi-CPU DDP under torchrun
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
         **_precision(t.precision),
