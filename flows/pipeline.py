@@ -59,7 +59,7 @@ from flows.params import run_params, validate_run_config
 from flows.report import REGISTERED_FILE, RunReport, read_metrics, registration_line, render_markdown
 from milora.config import ConfigError
 from milora.io import read_json, write_json
-from milora.lock import WorkspaceBusy, WorkspaceLock
+from milora.lock import WorkspaceBusy, WorkspaceLock, held_lock
 from milora.paths import Paths
 
 FLOW_NAME = "milora-pipeline"
@@ -108,10 +108,13 @@ def _set_progress(artifact_id: str | None, value: float, description: str | None
         get_run_logger().debug("progress update failed: %s", exc)
 
 
-def _train_fraction(root: Path) -> float | None:
-    """Training progress from `checkpoints/progress.json` (written by the train stage at each log)."""
+def _train_fraction(root: Path, since: float) -> float | None:
+    """Training progress from `checkpoints/progress.json` (written by the train stage at each log), if
+    written after `since` (a file left by an earlier run says nothing about this one)."""
     path = Paths(root).checkpoints_dir / "progress.json"
     try:
+        if path.stat().st_mtime < since:
+            return None
         data = json.loads(path.read_text(encoding="utf-8"))
         return min(1.0, float(data["step"]) / float(data["max_steps"]))
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
@@ -120,8 +123,6 @@ def _train_fraction(root: Path) -> float | None:
 
 def _inherited_fds(root: Path) -> tuple[int, ...]:
     """The workspace lock's descriptor, so a stage outliving this process keeps the workspace locked."""
-    from milora.lock import held_lock
-
     lock = held_lock(root)
     return (lock.fileno(),) if lock is not None else ()
 
@@ -165,8 +166,10 @@ def run_stage(stage: str, root: str, force: bool = False, progress_id: str | Non
     _set_progress(progress_id, lo, f"{stage}: running")
     on_tick = None
     if stage == "train":
+        started = time.time()
+
         def on_tick() -> None:
-            frac = _train_fraction(rootp)
+            frac = _train_fraction(rootp, started)
             if frac is not None:
                 _set_progress(progress_id, lo + (hi - lo) * frac, f"train: {100 * frac:.0f}% of the steps")
 
