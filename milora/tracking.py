@@ -409,6 +409,9 @@ def dvc_data_hashes(root: Path) -> dict[str, str]:
             for o in (stages.get("prepare") or {}).get("outs", []) or []:
                 if str(o.get("path", "")).rstrip("/") == "data/prepared" and o.get("md5"):
                     out["data_hash"] = str(o["md5"])
+            for o in (stages.get("ingest") or {}).get("outs", []) or []:
+                if str(o.get("path", "")).rstrip("/") == "data/raw" and o.get("md5"):
+                    out["raw_data_hash"] = str(o["md5"])  # the raw data version (ingest stage's out)
         except (yaml.YAMLError, AttributeError) as exc:
             log.warning("cannot read %s (%s): no DVC data hash from it", lock, exc)
     else:
