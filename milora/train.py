@@ -237,6 +237,20 @@ def _ranks_agree(model: torch.nn.Module) -> tuple[int, bool]:
     return dist.get_world_size(), all(torch.equal(g, gathered[0]) for g in gathered)
 
 
+def _eval_loss(model: torch.nn.Module, encoded: list[dict[str, Any]], batch_size: int, is_main: bool) -> float | None:
+    """Token-weighted eval loss of the (unwrapped) model in eval mode; computed by the main process only."""
+    from milora.evaluate import mean_loss
+
+    if not encoded or not is_main:
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        return mean_loss(model, encoded, batch_size)
+    finally:
+        model.train(was_training)
+
+
 def encode_rows(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
     """Encode prepared rows for training (response-only labels)."""
     from milora.data import encode
@@ -265,7 +279,7 @@ def train_stage(cfg: Any, paths: Any) -> None:
     if not train_rows:
         raise ValueError(f"{paths.prepared_dir / 'train.jsonl'} has no rows: nothing to train on")
     train_ds = EncodedDataset(encode_rows(tokenizer, train_rows, cfg.data.max_length))
-    eval_ds = EncodedDataset(encode_rows(tokenizer, eval_rows, cfg.data.max_length)) if eval_rows else None
+    eval_encoded = encode_rows(tokenizer, eval_rows, cfg.data.max_length)
 
     args = training_arguments(cfg, paths.checkpoints_dir)
     is_main = args.process_index == 0
@@ -276,13 +290,15 @@ def train_stage(cfg: Any, paths: Any) -> None:
     callbacks: list[TrainerCallback] = [ProgressCallback(paths.checkpoints_dir / PROGRESS)]
     if os.environ.get(KILL_ENV):
         callbacks.append(KillAfterCheckpoint(int(os.environ[KILL_ENV])))
+    # No `trainer.evaluate()` before `train()`: it prepares the model for evaluation, and accelerate then
+    # refuses to prepare it again, so DDP would never wrap it and the ranks would train unsynchronised.
     trainer = Trainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+        model=model, args=args, train_dataset=train_ds,
         data_collator=PadCollator(tokenizer.pad_token_id), callbacks=callbacks,
     )
     start_file = paths.checkpoints_dir / "start_eval.json"
-    if eval_ds is not None and resume is None:
-        start_eval = trainer.evaluate()["eval_loss"]
+    if resume is None:
+        start_eval = _eval_loss(model, eval_encoded, cfg.eval.batch_size, is_main)
         if is_main:
             write_json(start_file, {"eval_loss": start_eval})
     else:
@@ -292,7 +308,7 @@ def train_stage(cfg: Any, paths: Any) -> None:
     resumed_step = int(Path(resume).name.split("-")[-1]) if resume else 0
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
-    end_eval = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
+    end_eval = _eval_loss(model, eval_encoded, cfg.eval.batch_size, is_main)
     world, agree = _ranks_agree(model)
     if not agree:
         raise RuntimeError("DDP ranks ended with different adapter weights")
