@@ -140,9 +140,70 @@ class RegisterConfig(_Section):
     retry_backoff_s: float = Field(2.0, ge=0, le=300)  # first wait between tries (doubles each time)
 
 
+_CRON_FIELDS = (  # name, low, high, names
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day of month", 1, 31, ()),
+    ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
+    ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
+)
+_CRON_MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+
+
+def _cron_value(text: str, low: int, high: int, names: tuple[str, ...]) -> int:
+    if text.lower() in names:
+        return names.index(text.lower()) + (1 if low == 1 else 0)
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise ValueError(f"{text!r} is not in {low}-{high}" + (f" or {'/'.join(names[:3])}/..." if names else ""))
+    return int(text)
+
+
+def check_cron(expr: str) -> str:
+    """A syntactic check of a five-field cron expression (what Prefect's `Cron` schedule accepts), so
+    a bad `schedule.cron` fails when params are loaded rather than when `milora deploy` starts."""
+    if expr.strip().lower() in _CRON_MACROS:
+        return expr
+    fields = expr.split()
+    if len(fields) != 5:
+        raise ValueError(f"needs 5 fields (minute hour day-of-month month day-of-week), got {len(fields)}; "
+                         "e.g. '0 3 * * *' for 03:00 every day")
+    for text, (name, low, high, names) in zip(fields, _CRON_FIELDS, strict=True):
+        for item in text.split(","):
+            try:
+                rng, _, step = item.partition("/")
+                if step and (not step.isdigit() or int(step) == 0):
+                    raise ValueError(f"step {step!r} is not a positive number")
+                if name == "day of week" and ("#" in rng or rng.endswith("L")):  # nth / last weekday
+                    rng = rng.split("#")[0].removesuffix("L")
+                if rng in ("*", "?") or (name == "day of month" and rng == "L"):
+                    continue
+                a, _, b = rng.partition("-")
+                if _cron_value(a, low, high, names) > (_cron_value(b, low, high, names) if b else high):
+                    raise ValueError(f"range {rng!r} is empty")
+            except ValueError as exc:
+                raise ValueError(f"{name} field {text!r}: {exc}") from None
+    return expr
+
+
 class ScheduleConfig(_Section):
     cron: str = "0 3 * * *"
     timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        return check_cron(v)
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, v: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(v)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError("not an IANA timezone (e.g. UTC, Europe/Paris, America/New_York)") from None
+        return v
 
 
 # `register` is a params section name; it shadows ABCMeta.register on the class, which nothing here uses.

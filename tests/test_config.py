@@ -65,6 +65,12 @@ def test_contract_keys_exist():
         ({"adapter": {"svd_solver": "magic"}}, r"adapter\.svd_solver = 'magic' is not allowed"),
         ({"adapter": {"rank": "eight"}}, r"adapter\.rank = 'eight'"),
         ({"adapter": {"target_modules": []}}, r"adapter\.target_modules = \[\]: must name at least one module"),
+        ({"schedule": {"cron": "0 3 * *"}}, r"schedule\.cron = '0 3 \* \*': needs 5 fields .* got 4"),
+        ({"schedule": {"cron": "0 25 * * *"}}, r"schedule\.cron = '0 25 \* \* \*': hour field '25': '25' is not in 0-23"),
+        ({"schedule": {"cron": "*/0 * * * *"}}, r"minute field '\*/0': step '0' is not a positive number"),
+        ({"schedule": {"cron": "0 3 * smarch *"}}, r"month field 'smarch'"),
+        ({"schedule": {"cron": "0 3 * * 1-9"}}, r"day of week field '1-9': '9' is not in 0-7"),
+        ({"schedule": {"timezone": "Mars/Base"}}, r"schedule\.timezone = 'Mars/Base': not an IANA timezone"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(params, pattern):
@@ -168,3 +174,21 @@ def test_property_bad_values_never_pass(key, value):
 def test_property_random_trees_only_raise_config_error(tree):
     with contextlib.suppress(ConfigError):
         validate(tree if isinstance(tree, dict) else {"model": tree})
+
+
+@pytest.mark.parametrize("cron", ["0 3 * * *", "*/15 1-5 * jan-mar mon-fri", "@daily", "0 0 L * 5#2", "0,30 9-17/2 1 * 0"])
+def test_valid_crons_pass(cron):
+    assert validate({"schedule": {"cron": cron, "timezone": "Europe/Paris"}}).schedule.cron == cron
+
+
+def test_schedule_agrees_with_prefect():
+    """Whatever the config accepts, Prefect's `Cron` schedule accepts too (and rejects what it rejects)."""
+    from prefect.schedules import Cron
+
+    for cron in ["0 3 * * *", "*/15 1-5 * jan-mar mon-fri", "@daily", "0,30 9-17/2 1 * 0", "0 0 L * 5#2"]:
+        Cron(cron, timezone="UTC")
+    for cron in ["0 25 * * *", "61 * * * *", "0 3 * *"]:
+        with pytest.raises(ValueError):
+            Cron(cron, timezone="UTC")
+        with pytest.raises(ConfigError):
+            validate({"schedule": {"cron": cron}})
