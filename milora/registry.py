@@ -375,15 +375,39 @@ def versions_of_run(mlflow_client: MlflowClient, name: str, run_id: str) -> list
     return sorted((v for v in found if v.name == name), key=lambda v: int(v.version))
 
 
+def versions_of_key(mlflow_client: MlflowClient, name: str, key: str) -> list[ModelVersion]:
+    """Versions of model `name` registered from outputs with run key `key` (oldest first)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = mlflow_client.search_model_versions(f"name='{name}' and tags.`{tracking.TAG_RUN_KEY}` = '{key}'")
+    except MlflowException as exc:
+        if _is_missing(exc):
+            return []
+        raise
+    return sorted(found, key=lambda v: int(v.version))
+
+
 def ensure_version(mlflow_client: MlflowClient, name: str, run_id: str, source: str,
                    tags: Mapping[str, str]) -> tuple[ModelVersion, bool]:
-    """The version of `name` for `run_id`, registering one if there is none; returns (version, created)."""
+    """The version of `name` for `run_id` or for the same outputs (run key tag), registering one if there
+    is none; returns (version, created).
+
+    Looking up by run key too makes registration idempotent across flow runs: a run that died between
+    registering and recording it, run again by a new flow run (a new MLflow run), finds its version.
+    """
     from mlflow.exceptions import MlflowException
 
     existing = versions_of_run(mlflow_client, name, run_id)
     if existing:
         log.info("run %s is already registered as %s version %s", run_id, name, existing[0].version)
         return existing[0], False
+    key = tags.get(tracking.TAG_RUN_KEY)
+    same = versions_of_key(mlflow_client, name, key) if key else []
+    if same:
+        log.info("these outputs (run key %s) are already registered as %s version %s (run %s): not registering "
+                 "them again", key[:12] if key else "", name, same[0].version, same[0].run_id)
+        return same[0], False
     try:
         mlflow_client.create_registered_model(name, description="MiLoRA fine-tunes (milora-pipeline)")
     except MlflowException as exc:

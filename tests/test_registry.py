@@ -173,6 +173,25 @@ def test_retrying_registration_never_duplicates(project):
 
 
 @pytest.mark.slow
+def test_a_new_flow_run_with_the_same_outputs_registers_no_new_version(project, monkeypatch):
+    """A flow run died between registering and recording it; the next flow run (a new MLflow run, joined by
+    its own flow-run id) has the same outputs: it finds the version by run key instead of adding one."""
+    cfg = validate({"register": {"model_name": "rerun-e2e", "log_lora_export": False}})
+    c = tracking.client(project.root)
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "11111111-1111-1111-1111-111111111111")
+    first = registry.register_run(cfg, project)
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "22222222-2222-2222-2222-222222222222")
+    again = registry.register_run(cfg, project)
+    assert again.run_id != first.run_id  # the new flow run has its own MLflow run
+    assert (again.version, again.created) == (first.version, False)
+    assert len(versions(c, "rerun-e2e")) == 1
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "33333333-3333-3333-3333-333333333333")
+    set_eval_metrics(project, average_accuracy=0.9)  # different outputs: a new version, as always
+    third = registry.register_run(cfg, project)
+    assert third.created and third.version == "2"
+
+
+@pytest.mark.slow
 def test_register_cli_and_manual_promotion(project, capsys):
     from milora.cli import main
 
