@@ -258,6 +258,9 @@ def pretrain(model: nn.Module, data: torch.Tensor, e: Any) -> list[tuple[int, fl
     curve: list[tuple[int, float]] = []
     model.train()
     bar = tqdm(range(e.pretrain_steps), desc="pretraining the embedded base", unit="step", disable=None)
+    # Without a terminal (under DVC, Prefect, CI) tqdm is off: log a progress line every ~10% instead.
+    every = 0 if not bar.disable else max(1, e.pretrain_steps // 10)
+    t0 = time.perf_counter()
     for step in bar:
         if pos + e.pretrain_batch_size > len(order):
             order, pos = torch.randperm(len(data), generator=gen), 0
@@ -274,6 +277,10 @@ def pretrain(model: nn.Module, data: torch.Tensor, e: Any) -> list[tuple[int, fl
         if (step + 1) % 50 == 0 or step + 1 == e.pretrain_steps:
             bar.set_postfix(loss=f"{curve[-1][1]:.3f}")
             log.debug("pretrain step %d/%d loss %.4f", step + 1, e.pretrain_steps, curve[-1][1])
+        if every and ((step + 1) % every == 0 or step + 1 == e.pretrain_steps):
+            elapsed = time.perf_counter() - t0
+            log.info("base: pretraining step %d/%d, loss %.3f, %.0f s elapsed, ~%.0f s left", step + 1,
+                     e.pretrain_steps, curve[-1][1], elapsed, elapsed * (e.pretrain_steps - step - 1) / (step + 1))
     model.eval()
     return curve
 

@@ -21,6 +21,7 @@ from milora.base import (
     heldout_nll,
     load_base,
     load_tokenizer,
+    pretrain,
     spectrum_stats,
     train_tokenizer,
 )
@@ -198,6 +199,22 @@ def test_load_base_refuses_a_base_json_for_another_model(tmp_path):
     write_json(paths.base_json, {"name_or_path": "someorg/other", "load_path": str(tmp_path)})
     with pytest.raises(ValueError, match="describes 'someorg/other' but model.name_or_path is 'embedded'"):
         load_base(validate({}), paths)
+
+
+def test_pretraining_logs_progress_lines_without_a_terminal(caplog, corpus_tokenizer):
+    """Under DVC / Prefect / CI there is no TTY and tqdm is off: progress still shows, as ~10 log lines."""
+    import logging
+
+    from milora.base import pack
+
+    e = validate({"model": {"embedded": {**TINY["model"]["embedded"], "pretrain_steps": 20}}}).model.embedded
+    docs, _ = synthetic.pretraining_corpus(40, 1, seed=0)
+    data = pack(corpus_tokenizer, docs, 32)
+    with caplog.at_level(logging.INFO, logger="milora.base"):
+        curve = pretrain(build_model(e, len(corpus_tokenizer), corpus_tokenizer), data, e)
+    lines = [r.getMessage() for r in caplog.records if "pretraining step" in r.getMessage()]
+    assert len(curve) == 20 and len(lines) == 10, lines
+    assert lines[0].startswith("base: pretraining step 2/20, loss ") and lines[-1].startswith("base: pretraining step 20/20")
 
 
 # ----------------------------------------------------------------------------- the embedded base
