@@ -112,6 +112,7 @@ class TrainConfig(_Section):
     logging_steps: int = Field(10, gt=0)
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    processes: int = Field(1, ge=1, le=1024)  # DDP processes on this node (the stage launches torchrun itself)
 
 
 class EvalConfig(_Section):

@@ -262,9 +262,38 @@ def encode_rows(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> 
     return out
 
 
+def launch_distributed(cfg: Any, paths: Any) -> None:
+    """Run this stage in `train.processes` DDP processes: torchrun (standalone rendezvous on this node)
+    re-executing `milora stage train` with the same, already resolved config."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from milora.io import atomic_write_text
+
+    params = paths.root / ".milora" / "train_ddp_params.yaml"
+    params.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(params, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    n = cfg.train.processes
+    env = dict(os.environ)
+    if not torch.cuda.is_available():  # CPU ranks share the cores
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+           "-m", "milora.cli", "stage", "train", "--params", str(params), "--root", str(paths.root)]
+    log.info("train: launching %d DDP processes: %s", n, " ".join(cmd))
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc != 0:
+        raise RuntimeError(f"the {n} DDP training processes failed (torchrun exit status {rc}); see their log above")
+
+
 def train_stage(cfg: Any, paths: Any) -> None:
     """Train the adapter from `models/svd_init`, resuming from `checkpoints/` when possible."""
     import milora
+
+    if cfg.train.processes > 1 and "WORLD_SIZE" not in os.environ:
+        launch_distributed(cfg, paths)
+        return
     from milora.base import load_base
     from milora.evaluate import read_jsonl
     from milora.io import atomic_write_text, read_json, write_json

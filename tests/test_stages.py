@@ -109,12 +109,18 @@ def test_kill_and_resume_equals_uninterrupted(shared, tmp_path):
     assert worst <= 1e-5, f"resumed adapter differs from uninterrupted by {worst}"  # fp32 CPU tolerance
 
 
-def test_ddp_two_processes_agree(shared, tmp_path):
+@pytest.mark.parametrize("launch", ["torchrun", "train.processes"])
+def test_ddp_two_processes_agree(shared, tmp_path, launch):
+    """2 gloo processes on the CPU: by hand under torchrun, or launched by the stage (`train.processes: 2`)."""
     root = _run_root(shared, tmp_path / "ddp", {"train.max_steps": 6})
     _milora(root, "stage", "svd")
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-           str(free_port()), str(BIN / "milora"), "stage", "train", "--root", str(root), "--params",
-           str(root / "params.yaml")]
+    if launch == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+               str(free_port()), str(BIN / "milora"), "stage", "train", "--root", str(root), "--params",
+               str(root / "params.yaml")]
+    else:
+        cmd = [str(BIN / "milora"), "stage", "train", "--root", str(root), "--params", str(root / "params.yaml"),
+               "-S", "train.processes=2"]
     p = subprocess.run(cmd, env=env({"OMP_NUM_THREADS": "1"}), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-6000:]
     train = json.loads(Paths(root).metrics("train").read_text())
