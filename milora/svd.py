@@ -235,20 +235,30 @@ class _Operator:
             return FX, self.Ft(FX)
         return None, self.G(X)
 
-    def solve64(self, X: Tensor, A: Tensor) -> Tensor | None:
+    def solve64(self, X: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor | None] | None:
         """`G^-1 X` to fp64 accuracy: iterative refinement on the fp32 factorization, residuals with fp64 `A`.
 
         Square LU route: `A^T Z = X` then `A Y = Z`, each refined (contraction ~eps32 cond(A)); Gram route:
-        `G Y = X` refined (contraction ~eps32 cond(A)^2). None when the refinement does not converge.
+        `G Y = X` refined (contraction ~eps32 cond(A)^2). Returns (`Y`, `A Y`, `G Y` or None): the
+        products of the last refinement sweep, so that `_certify` needs no more. None when the
+        refinement does not converge.
         """
         if self.lu is not None:
             LU, piv = self.lu  # of A^T
             Z = _refined(lambda R: torch.linalg.lu_solve(LU, piv, R), lambda Y: A.T @ Y, X)
             if Z is None:
                 return None
-            return _refined(lambda R: torch.linalg.lu_solve(LU, piv, R, adjoint=True), lambda Y: A @ Y, Z)
+            Y = _refined(lambda R: torch.linalg.lu_solve(LU, piv, R, adjoint=True), lambda Y: A @ Y, Z[0])
+            return None if Y is None else (Y[0], Y[1], None)
         assert self.inv is not None
-        return _refined(self.inv, lambda Y: A.T @ (A @ Y), X)
+        last: list[Tensor] = []
+
+        def gram(Y: Tensor) -> Tensor:
+            last[:] = [A @ Y]
+            return A.T @ last[0]
+
+        out = _refined(self.inv, gram, X)
+        return None if out is None else (out[0], last[0], out[1])
 
     def lambda_max(self) -> float:
         """A lower estimate of the largest eigenvalue of `G` (a few power steps): the scale of rounding."""
@@ -281,18 +291,20 @@ def _chol_operator(G: Tensor | None, L: Tensor | None, name: str) -> _Operator:
 
 def _refined(
     solve32: Callable[[Tensor], Tensor], matvec: Callable[[Tensor], Tensor], B: Tensor, sweeps: int = 12
-) -> Tensor | None:
+) -> tuple[Tensor, Tensor] | None:
     """Solve `M Y = B` (fp64) by iterative refinement: `solve32 ~ M^-1` in fp32, residuals `B - M Y` in fp64.
 
     Stops at a relative residual of `REFINE_TOL` (what the inverse-iteration step needs) or when a sweep no
-    longer halves it; None if it did not get below `REFINE_TOL` (the fp32 factorization is too far off).
+    longer halves it. Returns (`Y`, `M Y`: the last `matvec`, which was of the returned `Y`), or None if the
+    residual did not get below `REFINE_TOL` (the fp32 factorization is too far off).
     """
     scale = B.abs().amax(0).clamp_min(1e-300)  # column scaling keeps fp32 away from under/overflow
     Y = solve32((B / scale).float()).double() * scale
     norm = float(torch.linalg.matrix_norm(B))
     best = math.inf
     for _ in range(sweeps):
-        R = B - matvec(Y)
+        MY = matvec(Y)
+        R = B - MY
         rel = float(torch.linalg.matrix_norm(R)) / norm
         if rel <= REFINE_TOL or rel > 0.5 * best:
             best = min(best, rel)
@@ -300,7 +312,7 @@ def _refined(
         best = rel
         rs = R.abs().amax(0).clamp_min(1e-300)
         Y = Y + solve32((R / rs).float()).double() * rs
-    return Y if best <= REFINE_TOL else None
+    return (Y, MY) if best <= REFINE_TOL else None
 
 
 def _lu_of_transpose(A: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -502,19 +514,32 @@ def _krylov(
             return X, applied, done
 
 
-def _certify(A: Tensor, X: Tensor, rank: int, tol: float, lam_max: float) -> tuple[Tensor, Tensor, float, bool]:
-    """fp64 Rayleigh-Ritz of the block `X` on `W` and a residual certificate for its `rank` minor vectors.
+def _certify(
+    A: Tensor, Y: Tensor, AY: Tensor, GY: Tensor | None, rank: int, tol: float, lam_max: float
+) -> tuple[Tensor, Tensor, float, bool]:
+    """fp64 Rayleigh-Ritz of the block `Y` on `W` and a residual certificate for its `rank` minor vectors.
 
+    `AY = A Y` and `GY = A^T A Y` (None: computed here) come with `Y`, from the refinement's last sweep.
     For a Ritz pair (theta, x) of `G = A^T A` with residual `r = G x - theta x`, the energy of `W` on
     the other side's vector (`A x / sqrt(theta)`) exceeds theta by `|r|^2 / theta`; the certificate asks
     that excess, summed, to be below `tol` of the captured energy (or at rounding level). Returns the
     block's Ritz vectors (ascending) and `A` times them, the relative excess, and whether it passed.
     """
-    X = torch.linalg.qr(X).Q
-    AX = A @ X
+    # Orthonormalise Y = X T (columns scaled first: inverse iteration leaves them of uneven norms) and
+    # carry the products along: A X = (A Y) T^-1. T is well conditioned (a cond(T) of c costs c eps64
+    # relative in the products, far below the tolerances here).
+    d = torch.linalg.vector_norm(Y, dim=0).clamp_min(1e-300)
+    X, T = torch.linalg.qr(Y / d)
+    T = T * d  # Y = X T
+
+    def right(P: Tensor) -> Tensor:
+        return torch.linalg.solve_triangular(T, P, upper=True, left=False)
+
+    AX = right(AY)
     theta, Z = torch.linalg.eigh(_sym(AX.T @ AX))
     X, AX, th = X @ Z, AX @ Z, theta[:rank].clamp_min(0)
-    R = A.T @ AX[:, :rank] - X[:, :rank] * th
+    GX = A.T @ AX[:, :rank] if GY is None else right(GY) @ Z[:, :rank]
+    R = GX - X[:, :rank] * th
     captured = float(th.sum())
     # |r|^2 / theta is computed to ~(eps sigma_max)^2 per vector (theta ~ 0 included)
     floor = rank * A.shape[1] * (8 * torch.finfo(A.dtype).eps) ** 2 * lam_max
@@ -574,10 +599,10 @@ def _gram(W: Tensor, rank: int, side: Side, tol: float = GRAM_TOL, info: dict | 
                 # A few such steps while the excess keeps falling (near-cut mixing decays more slowly).
                 lam, last, passed = op.lambda_max(), math.inf, False
                 for step in range(1, INVERSE_STEPS + 1):
-                    Y = op.solve64(X, A)
-                    if Y is None:
+                    solved = op.solve64(X, A)
+                    if solved is None:
                         break
-                    X, AX, excess, passed = _certify(A, Y, rank, CERT_TOL, lam)
+                    X, AX, excess, passed = _certify(A, *solved, rank, CERT_TOL, lam)
                     info.update(inverse_steps=step, certified_excess=excess)
                     if passed or excess > 0.25 * last:
                         break
@@ -646,7 +671,8 @@ def solve(W: Tensor, rank: int, side: Side, solver: str = "auto", info: dict | N
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(W.shape)}")
     if not 0 < rank < min(W.shape):
         raise ValueError(f"rank must be in [1, {min(W.shape) - 1}] for a {tuple(W.shape)} matrix, got {rank}")
-    if not torch.isfinite(W).all():
+    # A finite sum means finite entries (inf and NaN propagate); only an overflowing sum needs the full check.
+    if not torch.isfinite(W.sum()) and not torch.isfinite(W).all():
         raise ValueError(f"the {tuple(W.shape)} matrix has NaN or inf entries: is the base model corrupted?")
     name = resolve_solver(solver, side, tuple(W.shape), rank)
     info = {} if info is None else info
