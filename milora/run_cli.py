@@ -47,6 +47,50 @@ def prefect_environment(root: Path) -> str | None:
     return home
 
 
+SERVER_MARK = b"prefect.server.api.server:create_app"  # in the command line of Prefect's temporary server
+
+
+def _proc_read(pid: int, name: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except OSError:
+        return b""
+
+
+def stop_orphaned_servers(home: str) -> list[int]:
+    """Stop temporary Prefect servers of this project left by a `milora run` that was SIGKILLed.
+
+    Prefect stops its temporary server at exit, which a SIGKILL skips: the server outlives the run,
+    reparented to init or a subreaper. Such a server runs with this project's `PREFECT_HOME` and its
+    parent is no longer a Python process; a server of a live run (a Python parent) is left alone.
+    Linux only (reads /proc); returns the pids stopped.
+    """
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    want = f"PREFECT_HOME={home}".encode()
+    stopped = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        pid = int(entry.name)
+        if SERVER_MARK not in _proc_read(pid, "cmdline") or want not in _proc_read(pid, "environ").split(b"\0"):
+            continue
+        stat = _proc_read(pid, "stat").decode(errors="replace")
+        ppid = int(stat.rsplit(")", 1)[-1].split()[1]) if ")" in stat else 0
+        parent = _proc_read(ppid, "cmdline").split(b"\0")[0] if ppid > 1 else b""
+        if b"python" in Path(parent.decode(errors="replace")).name.encode():
+            continue  # a live run's server
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            continue
+        stopped.append(pid)
+        logging.getLogger(__name__).warning(
+            "stopped Prefect's temporary server (pid %d) left running by an earlier, killed `milora run`", pid)
+    return stopped
+
+
 class Terminated(BaseException):
     """SIGTERM arrived: unwind like KeyboardInterrupt (not an Exception, so nothing swallows it)."""
 
@@ -68,6 +112,8 @@ def main(args: argparse.Namespace) -> int:
         overrides["register.model_name"] = args.model_name
     validate_run_config(root, args.params, overrides)  # fail in a second, before Prefect starts
     home = prefect_environment(root)
+    if home is not None:
+        stop_orphaned_servers(home)
     for noisy in ("httpx", "httpcore"):  # one line per API call otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -3,6 +3,7 @@ rendering (fast), then the flow itself against a real Prefect server and real DV
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -178,6 +179,45 @@ def test_a_dead_holders_lock_is_detected_stale_and_taken_over(tmp_path):
     with WorkspaceLock(tmp_path, flow_run_id="next") as lock:
         assert lock.stale is not None and lock.stale.pid == proc.pid and not lock.stale.pid_alive()
         assert read_record(tmp_path).flow_run_id == "next"
+
+
+def _fake_server(home: Path, detached: bool) -> int:
+    """A process that looks like Prefect's temporary server of project `home`: orphaned (its launching
+    shell has exited) or the child of this live Python process."""
+    argv = [sys.executable, "-c", "import time; time.sleep(120)", "prefect.server.api.server:create_app"]
+    env = {**os.environ, "PREFECT_HOME": str(home)}
+    if not detached:
+        return subprocess.Popen(argv, env=env).pid
+    out = subprocess.run(["sh", "-c", " ".join(f"'{a}'" for a in argv) + " >/dev/null 2>&1 & echo $!"], env=env,
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.strip())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"  # a zombie has exited
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_a_killed_runs_orphaned_temporary_server_is_stopped_by_the_next_run(tmp_path):
+    from milora.run_cli import stop_orphaned_servers
+
+    home = tmp_path / ".prefect"
+    orphan, live, other = _fake_server(home, True), _fake_server(home, False), _fake_server(tmp_path / "x", True)
+    try:
+        time.sleep(0.5)
+        assert stop_orphaned_servers(str(home)) == [orphan]
+        deadline = time.time() + 10
+        while _alive(orphan) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(orphan) and _alive(live) and _alive(other)  # another project's server is not ours
+    finally:
+        for pid in (orphan, live, other):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------------------- DVC output
