@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 Side = Literal["minor", "principal"]
 SOLVERS = ("auto", "full", "full64", "gram", "lowrank")
-SOLVER_VERSION = 2  # bump when a solver's output for the same input changes: old cache entries then miss
+SOLVER_VERSION = 3  # bump when a solver's output for the same input changes: old cache entries then miss
 
 # `auto` uses the full SVD below this shorter side, or when the rank is a large share of it
 # (measured crossover on 2 CPU cores: see docs/benchmarks.md, "SVD initialisation").
