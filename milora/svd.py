@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 Side = Literal["minor", "principal"]
 SOLVERS = ("auto", "full", "full64", "gram", "lowrank")
-SOLVER_VERSION = 3  # bump when a solver's output for the same input changes: old cache entries then miss
+SOLVER_VERSION = 4  # bump when a solver's output for the same input changes: old cache entries then miss
 
 # `auto` uses the full SVD below this shorter side, or when the rank is a large share of it
 # (measured crossover on 2 CPU cores: see docs/benchmarks.md, "SVD initialisation").
@@ -59,7 +59,9 @@ AUTO_MIN_SIDE = 384
 AUTO_MAX_RANK_SHARE = 0.125
 GRAM_TOL = 3e-4  # relative change of the captured minor energy at which the Krylov iteration stops
 CERT_TOL = 3e-4  # certified bound on the other side's relative excess energy (the benchmark's bar: 1e-3)
-GRAM_DEPTH = 6  # Krylov blocks per restart
+GRAM_DEPTH = 5  # Krylov blocks per restart cycle
+GRAM_KEEP = 2  # Ritz vectors kept at a restart, in blocks
+GRAM_CHECK = 1  # Rayleigh-Ritz (convergence test) every this many blocks, and at the end of each cycle
 GRAM_EXTRA, GRAM_EXTRA_MIN = 0.25, 8  # Krylov block: rank + max(GRAM_EXTRA_MIN, GRAM_EXTRA * rank) columns
 GRAM_MAX_BLOCKS = 60  # fp64 operator applications before giving up on `GRAM_TOL` (then warn)
 FAST_MAX_BLOCKS = 30  # fp32 operator applications before handing over to the certificate
@@ -210,6 +212,65 @@ def _cholesky(G: Tensor, max_shift: float) -> Tensor | None:
     return None
 
 
+class _Exact:
+    """fp64 products with the fp32 matrix `A` (exact in fp64), without an fp64 copy of `A`.
+
+    Row blocks of `A` are converted as they are used (they stay in cache for the product), which costs
+    no more than products with a stored fp64 copy, and saves making one (an fp64 copy of an 11008 x 4096
+    matrix: ~0.1 s and 360 MB). `full` makes the copy, for the exact path only.
+    """
+
+    CHUNK = 512  # rows per block: 16 MB of fp64 for N = 4096 (measured: 256-512 best, 1024+ slower)
+
+    def __init__(self, A32: Tensor) -> None:
+        self.A32 = A32
+        self.shape = A32.shape
+        self._full: Tensor | None = None
+
+    @property
+    def full(self) -> Tensor:
+        """`A` in fp64 (made on first use)."""
+        if self._full is None:
+            self._full = self.A32.to(torch.float64)
+        return self._full
+
+    def _rows(self):  # noqa: ANN202 - a generator of (slice, fp64 block)
+        M = self.shape[0]
+        for i in range(0, M, self.CHUNK):
+            sl = slice(i, min(i + self.CHUNK, M))
+            yield sl, (self._full[sl] if self._full is not None else self.A32[sl].to(torch.float64))
+
+    def mm(self, Y: Tensor) -> Tensor:
+        """`A Y`."""
+        if self._full is not None:
+            return self._full @ Y
+        out = torch.empty(self.shape[0], Y.shape[1], dtype=torch.float64, device=Y.device)
+        for sl, Ai in self._rows():
+            torch.mm(Ai, Y, out=out[sl])
+        return out
+
+    def tmm(self, Z: Tensor) -> Tensor:
+        """`A^T Z`."""
+        if self._full is not None:
+            return self._full.T @ Z
+        out = torch.zeros(self.shape[1], Z.shape[1], dtype=torch.float64, device=Z.device)
+        for sl, Ai in self._rows():
+            out.addmm_(Ai.T, Z[sl])
+        return out
+
+    def gram(self, Y: Tensor) -> tuple[Tensor, Tensor]:
+        """(`A Y`, `A^T A Y`) in one pass over `A`."""
+        if self._full is not None:
+            AY = self._full @ Y
+            return AY, self._full.T @ AY
+        AY = torch.empty(self.shape[0], Y.shape[1], dtype=torch.float64, device=Y.device)
+        GY = torch.zeros(self.shape[1], Y.shape[1], dtype=torch.float64, device=Y.device)
+        for sl, Ai in self._rows():
+            torch.mm(Ai, Y, out=AY[sl])
+            GY.addmm_(Ai.T, AY[sl])
+        return AY, GY
+
+
 @dataclass
 class _Operator:
     """`G = F^T F` (symmetric PSD, `N x N`) as products, and for the minor side an (approximate) inverse.
@@ -236,7 +297,7 @@ class _Operator:
             return FX, self.Ft(FX)
         return None, self.G(X)
 
-    def solve64(self, X: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    def solve64(self, X: Tensor, A: _Exact) -> tuple[Tensor, Tensor, Tensor | None] | None:
         """`G^-1 X` to fp64 accuracy: iterative refinement on the fp32 factorization, residuals with fp64 `A`.
 
         Square LU route: `A^T Z = X` then `A Y = Z`, each refined (contraction ~eps32 cond(A)); Gram route:
@@ -246,17 +307,18 @@ class _Operator:
         """
         if self.lu is not None:
             LU, piv = self.lu  # of A^T
-            Z = _refined(lambda R: torch.linalg.lu_solve(LU, piv, R), lambda Y: A.T @ Y, X)
+            Z = _refined(lambda R: torch.linalg.lu_solve(LU, piv, R), A.tmm, X)
             if Z is None:
                 return None
-            Y = _refined(lambda R: torch.linalg.lu_solve(LU, piv, R, adjoint=True), lambda Y: A @ Y, Z[0])
+            Y = _refined(lambda R: torch.linalg.lu_solve(LU, piv, R, adjoint=True), A.mm, Z[0])
             return None if Y is None else (Y[0], Y[1], None)
         assert self.inv is not None
         last: list[Tensor] = []
 
         def gram(Y: Tensor) -> Tensor:
-            last[:] = [A @ Y]
-            return A.T @ last[0]
+            AY, GY = A.gram(Y)
+            last[:] = [AY]
+            return GY
 
         out = _refined(self.inv, gram, X)
         return None if out is None else (out[0], last[0], out[1])
@@ -317,20 +379,11 @@ def _refined(
 
 
 def _lu_of_transpose(A: Tensor) -> tuple[Tensor, Tensor, int]:
-    """LU factors of `A^T` in `torch.linalg.lu_solve`'s format, and LAPACK's info.
+    """LU factors of `A^T` (`torch.linalg.lu_solve`'s format) and LAPACK's info.
 
-    On CPU through OpenBLAS getrf on the column-major view `A^T` of a row-major `A` (no copy; ~1.5x
-    faster than torch's getrf here).
+    torch's (MKL) getrf: as fast as OpenBLAS's here, and it leaves no spinning OpenBLAS threads behind to
+    slow the solves that follow (see `_one_blas_thread`).
     """
-    if A.device.type == "cpu" and A.is_contiguous() and A.dtype in (torch.float32, torch.float64):
-        try:
-            from scipy.linalg import lapack
-        except ImportError:  # pragma: no cover
-            lapack = None
-        if lapack is not None:
-            getrf = lapack.sgetrf if A.dtype == torch.float32 else lapack.dgetrf
-            lu, piv, info = getrf(A.numpy().T)
-            return torch.from_numpy(lu), torch.from_numpy(piv + 1).to(torch.int32), int(info)
     LU, piv, info = torch.linalg.lu_factor_ex(A.T)
     return LU, piv, int(info)
 
@@ -358,15 +411,30 @@ def _fast_operator(A32: Tensor, side: Side) -> _Operator | None:
 
 
 def _extend(Q: Tensor, Y: Tensor) -> Tensor | None:
-    """An orthonormal basis of `Y` orthogonal to the orthonormal `Q` (CGS2 + QR, twice); None if `Y` is in it."""
+    """An orthonormal basis of `Y` orthogonal to the orthonormal `Q` (block CGS2, then Cholesky QR twice);
+    None if `Y` is in span(Q).
+
+    Cholesky QR (two Gram matrices and two triangular solves: a few large BLAS-3 calls, where Householder
+    QR is many small ones) is orthonormal to rounding after its second pass when cond(Y) is below ~1e6;
+    otherwise (or when most of `Y` was in span(Q)) Householder QR and a third pass against `Q`.
+    """
     norm = float(torch.linalg.matrix_norm(Y)) or 1.0
     for _ in range(2):
         Y = Y - Q @ (Q.T @ Y)
-    if float(torch.linalg.matrix_norm(Y)) <= 100 * torch.finfo(Y.dtype).eps * norm:
+    left = float(torch.linalg.matrix_norm(Y))
+    if left <= 100 * torch.finfo(Y.dtype).eps * norm:
         return None  # span(Q) is invariant: the Krylov space is exhausted
+    if left >= 1e-4 * norm:
+        L, info = torch.linalg.cholesky_ex(Y.T @ Y)
+        d = L.diagonal()
+        if int(info) == 0 and float(d.min()) >= 1e-6 * float(d.max()):
+            X = torch.linalg.solve_triangular(L.T, Y, upper=True, left=False)
+            L, info = torch.linalg.cholesky_ex(X.T @ X)
+            if int(info) == 0:
+                return torch.linalg.solve_triangular(L.T, X, upper=True, left=False)
     X, R = torch.linalg.qr(Y)
     d = R.diagonal().abs()
-    if float(d.min()) < 1e-6 * float(d.max()):
+    if left < 1e-4 * norm or float(d.min()) < 1e-6 * float(d.max()):
         # Columns of Y that were ~0 come back from QR as arbitrary directions: orthogonalise once more.
         X = torch.linalg.qr(X - Q @ (Q.T @ X)).Q
     return X
@@ -391,6 +459,54 @@ def _converged(history: list[float], tol: float, noise: float) -> bool:
 
 def _sym(H: Tensor) -> Tensor:
     return (H + H.T) / 2
+
+
+_OPENBLAS: list = []  # [threadpoolctl controller of scipy's OpenBLAS, or None], made on first use
+
+
+def _one_blas_thread():  # noqa: ANN202 - a context manager
+    """Context: scipy's OpenBLAS on one thread, for its small calls.
+
+    After a multithreaded call, OpenBLAS's idle threads spin for ~0.1 s, taking a core from the torch
+    (MKL) work that follows: ~2x slower triangular solves after each small eigh. Small problems lose
+    nothing on one thread. A no-op without threadpoolctl.
+    """
+    import contextlib
+
+    if not _OPENBLAS:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _OPENBLAS.append(ThreadpoolController().select(internal_api="openblas"))
+        except Exception:  # pragma: no cover - threadpoolctl is optional (scikit-learn brings it)
+            _OPENBLAS.append(None)
+    ctl = _OPENBLAS[0]
+    return ctl.limit(limits=1) if ctl is not None else contextlib.nullcontext()
+
+
+def _eigh(H: Tensor, vectors: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Eigenvalues (ascending) and, with `vectors`, eigenvectors of the symmetric `H` (its mean with `H^T`).
+
+    On CPU through scipy's LAPACK (divide and conquer, one thread): 2-4x faster than torch's on the
+    few-hundred-wide projected problems here.
+    """
+    H = _sym(H)
+    if H.device.type == "cpu" and H.dtype == torch.float64:
+        try:
+            from scipy.linalg import eigh
+        except ImportError:  # pragma: no cover
+            eigh = None
+        if eigh is not None:
+            with _one_blas_thread():
+                if not vectors:
+                    w = eigh(H.numpy(), eigvals_only=True, driver="evd", check_finite=False)
+                    return torch.from_numpy(w), None
+                w, v = eigh(H.numpy(), driver="evd", check_finite=False)
+            return torch.from_numpy(w), torch.from_numpy(v)
+    if not vectors:
+        return torch.linalg.eigvalsh(H), None
+    w, v = torch.linalg.eigh(H)
+    return w, v
 
 
 def _start_block(N: int, block: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -421,19 +537,27 @@ def _ritz_converged(
     return excess <= CERT_TOL * abs(history[-1]) + res_floor
 
 
+def _krylov_width(block: int) -> int:
+    """Columns of the Krylov basis at its largest: the Ritz vectors kept at a restart plus a cycle's blocks."""
+    return (GRAM_KEEP + GRAM_DEPTH) * block
+
+
 def _krylov(
     op: _Operator, block: int, rank: int, side: Side, tol: float, max_blocks: int, X0: Tensor | None = None
 ) -> tuple[Tensor, int, bool]:
     """Thick-restarted block Krylov: an orthonormal `N x block` basis whose Ritz vectors hold the wanted ones.
 
-    The operator is `op.inv` (~`G^-1`) for the minor side and `G` for the principal side; every
-    restart keeps the best `block` Ritz vectors, so the captured energy moves monotonically.
-    The basis and the Rayleigh-Ritz problem are fp64 whatever the operator's precision: the
-    eigenvalues of the projected `Q^T G Q` span cond(A)^2, which fp32 cannot resolve at the minor end
-    even when the fp32 operator has already found the right subspace. With a factor `F` (`G = F^T F`)
-    the projection is `(F Q)^T (F Q)`; products with `G` itself are only formed when needed (the
-    principal side's next block, the residual test of fp64 operators). Rayleigh-Ritz after every
-    block; stops when `_ritz_converged`. Returns (fp64 basis, operator applications, converged).
+    The operator is `op.inv` (~`G^-1`) for the minor side and `G` for the principal side. A cycle adds
+    `GRAM_DEPTH` blocks, the first one from the best `block` Ritz vectors, the others from the block
+    before; a restart keeps the best `GRAM_KEEP * block` Ritz vectors (with their products and a
+    diagonal projected matrix: no operator work), so the captured energy moves monotonically and
+    little of the Krylov space is lost. The basis and the Rayleigh-Ritz problem are fp64 whatever the
+    operator's precision: the eigenvalues of the projected `Q^T G Q` span cond(A)^2, which fp32 cannot
+    resolve at the minor end even when the fp32 operator has already found the right subspace. With a
+    factor `F` (`G = F^T F`) the projection is `(F Q)^T (F Q)`; products with `G` itself are only
+    formed when needed (the principal side's next block, the residual test of fp64 operators).
+    Rayleigh-Ritz every `GRAM_CHECK` blocks and at the end of each cycle (where the restart needs it
+    anyway); stops when `_ritz_converged`. Returns (fp64 basis, operator applications, converged).
     """
     f64 = torch.float64
     eps = torch.finfo(op.dtype).eps  # the precision of the products sets the noise floors
@@ -441,7 +565,8 @@ def _krylov(
     factored = op.F is not None and op.Ft is not None
     need_g = side == "principal" or exact or not factored
     lam_max = op.lambda_max()
-    N, width = op.N, block * (GRAM_DEPTH + 1)
+    N, width = op.N, _krylov_width(block)
+    keep = GRAM_KEEP * block
     X = _start_block(N, block, f64, op.device) if X0 is None else torch.linalg.qr(X0.to(f64)).Q
     Q = torch.empty(N, width, dtype=f64, device=op.device)
     FQ = torch.empty(N, width, dtype=f64, device=op.device) if factored else None
@@ -480,43 +605,60 @@ def _krylov(
     res_floor = rank * 64 * eps**2 * lam_max
     top = slice(0, rank) if side == "minor" else slice(-rank, None)
     history: list[float] = []
-    applied = 0
+
+    def converged(k: int, theta: Tensor) -> bool:
+        def residual() -> Tensor:
+            assert GQ is not None
+            th, Zk = _eigh(H[:k, :k])
+            assert Zk is not None
+            Zt = Zk[:, top]
+            return GQ[:, :k] @ Zt - (Q[:, :k] @ Zt) * th[top]
+
+        return _ritz_converged(history, theta, top, tol, noise(theta[top]), residual if exact else None, res_floor)
+
+    add(X, 0)
+    k, src, applied = block, (0, block), 0  # src: the columns the next block comes from
     while True:
-        add(X, 0)
-        k = X.shape[1]
         stop = done = False
-        for _ in range(GRAM_DEPTH):
-            last = Q[:, k - block:k]
-            Xj = _extend(Q[:, :k], inv(last) if side == "minor" else GQ[:, k - block:k])  # type: ignore[index]
+        for j in range(GRAM_DEPTH):
+            a, b = src
+            Xj = _extend(Q[:, :k], inv(Q[:, a:b]) if side == "minor" else GQ[:, a:b])  # type: ignore[index]
             applied += 1
             if Xj is None:  # invariant subspace: its Ritz pairs are exact
                 stop = done = True
                 break
             add(Xj, k)
-            k += Xj.shape[1]
-            theta = torch.linalg.eigvalsh(_sym(H[:k, :k]))  # ascending; vectors only when needed
-
-            def residual(k: int = k) -> Tensor:
-                assert GQ is not None
-                th, Zk = torch.linalg.eigh(_sym(H[:k, :k]))
-                Zt = Zk[:, top]
-                return GQ[:, :k] @ Zt - (Q[:, :k] @ Zt) * th[top]
-
-            done = _ritz_converged(history, theta, top, tol, noise(theta[top]),
-                                   residual if exact else None, res_floor)
-            stop = done or applied >= max_blocks
-            if stop:
-                break
-        theta, Z = torch.linalg.eigh(_sym(H[:k, :k]))
-        X = Q[:, :k] @ (Z[:, :block] if side == "minor" else Z[:, -block:])
+            src, k = (k, k + Xj.shape[1]), k + Xj.shape[1]
+            stop = applied >= max_blocks
+            if stop or j == GRAM_DEPTH - 1:
+                break  # the Rayleigh-Ritz below checks
+            if (j + 1) % GRAM_CHECK == 0:
+                done = stop = converged(k, _eigh(H[:k, :k], vectors=False)[0])  # ascending
+                if stop:
+                    break
+        theta, Z = _eigh(H[:k, :k])
+        assert Z is not None
+        if not done and Xj is not None:
+            done = converged(k, theta)
+            stop = stop or done
         if stop:
             log.debug("krylov (%s): %d block applications (block %d, rank %d), converged=%s",
                       op.name, applied, block, rank, done)
-            return X, applied, done
+            return Q[:, :k] @ (Z[:, :block] if side == "minor" else Z[:, -block:]), applied, done
+        # Thick restart: the best `keep` Ritz vectors (best first), their products, a diagonal `H`.
+        kk = min(keep, k)
+        Zk = Z[:, :kk] if side == "minor" else Z[:, -kk:].flip(1)
+        Q[:, :kk] = Q[:, :k] @ Zk
+        if FQ is not None:
+            FQ[:, :kk] = FQ[:, :k] @ Zk
+        if GQ is not None:
+            GQ[:, :kk] = GQ[:, :k] @ Zk
+        H[:kk, :kk] = torch.diag(theta[:kk] if side == "minor" else theta[-kk:].flip(0))
+        k, src = kk, (0, min(block, kk))
 
 
 def _certify(
-    A: Tensor, Y: Tensor, AY: Tensor, GY: Tensor | None, rank: int, tol: float, lam_max: float
+    A: _Exact, Y: Tensor, AY: Tensor, GY: Tensor | None, rank: int, tol: float, lam_max: float
 ) -> tuple[Tensor, Tensor, float, bool]:
     """fp64 Rayleigh-Ritz of the block `Y` on `W` and a residual certificate for its `rank` minor vectors.
 
@@ -537,13 +679,14 @@ def _certify(
         return torch.linalg.solve_triangular(T, P, upper=True, left=False)
 
     AX = right(AY)
-    theta, Z = torch.linalg.eigh(_sym(AX.T @ AX))
+    theta, Z = _eigh(AX.T @ AX)
+    assert Z is not None
     X, AX, th = X @ Z, AX @ Z, theta[:rank].clamp_min(0)
-    GX = A.T @ AX[:, :rank] if GY is None else right(GY) @ Z[:, :rank]
+    GX = A.tmm(AX[:, :rank]) if GY is None else right(GY) @ Z[:, :rank]
     R = GX - X[:, :rank] * th
     captured = float(th.sum())
     # |r|^2 / theta is computed to ~(eps sigma_max)^2 per vector (theta ~ 0 included)
-    floor = rank * A.shape[1] * (8 * torch.finfo(A.dtype).eps) ** 2 * lam_max
+    floor = rank * A.shape[1] * (8 * torch.finfo(torch.float64).eps) ** 2 * lam_max
     excess = float((R.pow(2).sum(0) / th.clamp_min(floor / rank)).sum())
     passed = excess <= tol * captured + floor
     if not passed:
@@ -559,7 +702,7 @@ def _exact_gram(A: Tensor, rank: int, side: Side, block: int, tol: float, info: 
     G = _syrk(A)
     L = _cholesky(G, max_shift=1e-8) if side == "minor" else None
     # Small matrices (or a Krylov space that would span much of the space): dense eigh of G is cheaper.
-    if N <= 256 or 2 * block * (GRAM_DEPTH + 1) > N or (side == "minor" and L is None):
+    if N <= 256 or 2 * _krylov_width(block) > N or (side == "minor" and L is None):
         info["path"] = "dense64"
         evecs = torch.linalg.eigh(G).eigenvectors  # ascending
         return evecs[:, :block] if side == "minor" else evecs[:, -block:]
@@ -580,11 +723,11 @@ def _gram(W: Tensor, rank: int, side: Side, tol: float = GRAM_TOL, info: dict | 
     wide = m < n
     W32 = W.detach().to(torch.float32)
     A32 = W32.T if wide else W32  # tall (M x N, M >= N): we want its right singular vectors
-    A = A32.to(torch.float64)
+    A = _Exact(A32)  # fp64 products with W: the certificate's and the triplets'
     N = A.shape[1]
     block = min(N, rank + max(GRAM_EXTRA_MIN, int(rank * GRAM_EXTRA)))
     X = AX = X0 = None
-    if N > 256 and 2 * block * (GRAM_DEPTH + 1) <= N:
+    if N > 256 and 2 * _krylov_width(block) <= N:
         op = _fast_operator(A32, side)
         if op is not None:
             X, applied, converged = _krylov(op, block, rank, side, tol, FAST_MAX_BLOCKS)
@@ -603,7 +746,7 @@ def _gram(W: Tensor, rank: int, side: Side, tol: float = GRAM_TOL, info: dict | 
                 lam = op.lambda_max()
                 assert op.inv is not None
                 Y = op.inv(X.to(op.dtype)).to(torch.float64)
-                X, AX, excess, passed = _certify(A, Y, A @ Y, None, rank, CERT_TOL, lam)
+                X, AX, excess, passed = _certify(A, Y, *A.gram(Y), rank, CERT_TOL, lam)
                 info.update(inverse_steps=0, certified_excess=excess)
                 last = excess
                 for step in range(1, INVERSE_STEPS + 1 if not passed else 1):
@@ -623,9 +766,9 @@ def _gram(W: Tensor, rank: int, side: Side, tol: float = GRAM_TOL, info: dict | 
         else:
             info["fallback"] = "no fp32 factorization"
     if X is None:
-        X = _exact_gram(A, rank, side, block, tol, info, X0)
+        X = _exact_gram(A.full, rank, side, block, tol, info, X0)
     # Rayleigh-Ritz on W itself: singular values from W (not squared), U orthonormal by construction.
-    Uy, Sy, Vyh = torch.linalg.svd(AX if AX is not None else A @ X, full_matrices=False)
+    Uy, Sy, Vyh = torch.linalg.svd(AX if AX is not None else A.mm(X), full_matrices=False)
     sl = slice(Sy.numel() - rank, None) if side == "minor" else slice(0, rank)
     Ua, S, Va = Uy[:, sl], Sy[sl], X @ Vyh[sl].T
     U, Vh = (Va, Ua.T) if wide else (Ua, Va.T)
