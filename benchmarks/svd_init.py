@@ -234,12 +234,14 @@ A harder spectrum (sigma_i = i^-1: cond ~ 10^4, beyond what an fp32 Gram matrix 
 {chr(10).join(hard_rows)}
 
 How `gram` works (path `lu32`: square W; `chol32`: the others): fp32 LU of W, or fp32 Cholesky of
-the Gram matrix of the shorter side; block Krylov on its inverse with the basis and Rayleigh-Ritz in
-fp64; one inverse-iteration step on the r wanted vectors with fp64-accurate solves (iterative
-refinement of the fp32 factorization against W in fp64); then a residual certificate in fp64 against W
-itself (`sum |r_i|^2 / theta_i <= 1e-4` of the captured energy). If the fp32 factorization, the
-refinement or the certificate fails, the exact fp64 Gram path (`krylov64`) takes over. The triplets
-come from an SVD of `W X`, so `W V = U S` holds to rounding and U is orthonormal.
+the Gram matrix of the shorter side; thick-restarted block Krylov on its inverse (each restart keeps
+the best {svd.GRAM_KEEP} blocks of Ritz vectors) with the basis and Rayleigh-Ritz in fp64; one
+inverse-iteration step on the block (fp32 solve) with a Rayleigh-Ritz on W in fp64, then a residual
+certificate in fp64 against W itself (`sum |r_i|^2 / theta_i <= {svd.CERT_TOL:g}` of the captured
+energy); if it fails, steps with fp64-accurate solves (iterative refinement of the fp32 factorization
+against W in fp64). If the fp32 factorization, the refinement or the certificate fails, the exact fp64
+Gram path (`krylov64`) takes over. The triplets come from an SVD of `W X`, so `W V = U S` holds to
+rounding and U is orthonormal.
 
 **`auto` crossover** (square, minor side): `auto` takes the full SVD below {svd.AUTO_MIN_SIDE} or when
 r > {svd.AUTO_MAX_RANK_SHARE} x the shorter side.

@@ -12,14 +12,20 @@ Solvers (`AdapterConfig.svd_solver`):
   1. An fp32 operator `~G^-1`: the LU of W when W is square (accuracy ~eps32 cond(W)), else the
      Cholesky factor of the fp32 Gram matrix (syrk: half a matmul; accuracy ~eps32 cond(W)^2, so it
      is only used where that is below ~1).
-  2. Thick-restarted block Krylov on that operator; the basis and the Rayleigh-Ritz problem in fp64
-     (the projected eigenvalues span cond(W)^2). Stops when the captured minor energy has converged
+  2. Thick-restarted block Krylov on that operator (blocks of `rank + rank/4` columns, `GRAM_DEPTH`
+     blocks per cycle, the best `GRAM_KEEP` blocks of Ritz vectors kept at a restart); the basis and
+     the Rayleigh-Ritz problem in fp64 (the projected eigenvalues span cond(W)^2), the projection from
+     `|F x|^2` with `G = F^T F` (F = W or the Cholesky factor), `F` times a new block taken from the
+     solve that made it where that is accurate. Stops when the captured minor energy has converged
      (extrapolated remaining change below `GRAM_TOL`).
   3. The fp32 solves leave noise along large-sigma directions, cheap in energy on the Gram side but
-     amplified by sigma_j / sigma_i on the other side (recovered as `A v / sigma`). So: inverse-
-     iteration steps on the wanted vectors with fp64-accurate solves (iterative refinement of the
-     fp32 factorization, residuals with W in fp64), until a residual certificate in fp64 holds: the
-     other side's excess energy `sum |r_i|^2 / theta_i` is below `CERT_TOL` of the captured energy.
+     amplified by sigma_j / sigma_i on the other side (recovered as `A v / sigma`). So: an inverse-
+     iteration step on the block, Rayleigh-Ritz with fp64 products with W, and a residual certificate
+     in fp64: the other side's excess energy `sum |r_i|^2 / theta_i` must be below `CERT_TOL` of the
+     captured energy. The step's solve is fp32 first (its noise is usually far below the bar); if the
+     certificate fails, steps with fp64-accurate solves (iterative refinement of the fp32
+     factorization, residuals with W in fp64) follow. fp64 products with W go by row blocks converted
+     on the fly (`_Exact`): no fp64 copy of W.
   4. If the fp32 factorization, the refinement or the certificate fails (cond(W) beyond fp32), the
      exact path: fp64 Gram matrix, its Cholesky factor, the same Krylov iteration with the residual
      test in it (or a dense eigh for small matrices).
@@ -51,7 +57,7 @@ log = logging.getLogger(__name__)
 
 Side = Literal["minor", "principal"]
 SOLVERS = ("auto", "full", "full64", "gram", "lowrank")
-SOLVER_VERSION = 4  # bump when a solver's output for the same input changes: old cache entries then miss
+SOLVER_VERSION = 5  # bump when a solver's output for the same input changes: old cache entries then miss
 
 # `auto` uses the full SVD below this shorter side, or when the rank is a large share of it
 # (measured crossover on 2 CPU cores: see docs/benchmarks.md, "SVD initialisation").
@@ -62,6 +68,7 @@ CERT_TOL = 3e-4  # certified bound on the other side's relative excess energy (t
 GRAM_DEPTH = 5  # Krylov blocks per restart cycle
 GRAM_KEEP = 2  # Ritz vectors kept at a restart, in blocks
 GRAM_CHECK = 1  # Rayleigh-Ritz (convergence test) every this many blocks, and at the end of each cycle
+F_RECUR_CANCEL = 10.0  # largest cancellation |F Y| / |F Y - F Q C| at which `F X` comes from the solve
 GRAM_EXTRA, GRAM_EXTRA_MIN = 0.25, 8  # Krylov block: rank + max(GRAM_EXTRA_MIN, GRAM_EXTRA * rank) columns
 GRAM_MAX_BLOCKS = 60  # fp64 operator applications before giving up on `GRAM_TOL` (then warn)
 FAST_MAX_BLOCKS = 30  # fp32 operator applications before handing over to the certificate
@@ -286,6 +293,7 @@ class _Operator:
     F: Callable[[Tensor], Tensor] | None = None
     Ft: Callable[[Tensor], Tensor] | None = None
     inv: Callable[[Tensor], Tensor] | None = None
+    inv_f: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None  # (`G^-1 X`, `F G^-1 X`): a by-product
     name: str = ""
     lu: tuple[Tensor, Tensor] | None = None  # the fp32 LU factors of a square A^T (for `solve64`)
     _lam: float | None = None
@@ -347,8 +355,12 @@ def _chol_operator(G: Tensor | None, L: Tensor | None, name: str) -> _Operator:
         op.F, op.Ft = (lambda X: Lt @ X), (lambda Y: L @ Y)
         if G is None:
             op.G = lambda X: L @ (Lt @ X)
-        op.inv = lambda Y: torch.linalg.solve_triangular(Lt, torch.linalg.solve_triangular(L, Y, upper=False),
-                                                         upper=True)
+        def inv_f(Y: Tensor) -> tuple[Tensor, Tensor]:
+            Z = torch.linalg.solve_triangular(L, Y, upper=False)  # = L^T (G^-1 Y) = F G^-1 Y
+            return torch.linalg.solve_triangular(Lt, Z, upper=True), Z
+
+        op.inv_f = inv_f
+        op.inv = lambda Y: inv_f(Y)[0]
     return op
 
 
@@ -399,10 +411,13 @@ def _fast_operator(A32: Tensor, side: Side) -> _Operator | None:
         LU, piv, info = _lu_of_transpose(A32)  # A^T = P L U: `lu_solve` gives A^-T, with adjoint A^-1
         d = LU.diagonal().abs()  # (W is finite: `solve` checked; a zero pivot is what info reports)
         if info == 0 and float(d.min()) > N * 1e-7 * float(d.max()):
+            def inv_f(Y: Tensor) -> tuple[Tensor, Tensor]:
+                Z = torch.linalg.lu_solve(LU, piv, Y)  # A^-T Y = A (G^-1 Y) = F G^-1 Y
+                return torch.linalg.lu_solve(LU, piv, Z, adjoint=True), Z
+
             return _Operator(
                 N, A32.dtype, A32.device, G=lambda X: A32.T @ (A32 @ X), F=lambda X: A32 @ X,
-                Ft=lambda Y: A32.T @ Y, name="lu32", lu=(LU, piv),
-                inv=lambda Y: torch.linalg.lu_solve(LU, piv, torch.linalg.lu_solve(LU, piv, Y), adjoint=True),
+                Ft=lambda Y: A32.T @ Y, name="lu32", lu=(LU, piv), inv=lambda Y: inv_f(Y)[0], inv_f=inv_f,
             )
     if side == "principal":
         return _chol_operator(_syrk(A32), None, "gram32")
@@ -410,17 +425,21 @@ def _fast_operator(A32: Tensor, side: Side) -> _Operator | None:
     return None if L is None else _chol_operator(None, L, "chol32")
 
 
-def _extend(Q: Tensor, Y: Tensor) -> Tensor | None:
-    """An orthonormal basis of `Y` orthogonal to the orthonormal `Q` (block CGS2, then Cholesky QR twice);
-    None if `Y` is in span(Q).
+def _extend(Q: Tensor, Y: Tensor) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """An orthonormal basis `X` of `Y` orthogonal to the orthonormal `Q` (block CGS2, then Cholesky QR
+    twice), as (`X`, `C`, `R`) with `X = (Y - Q C) R^-1` (`R` upper triangular; None on the Householder
+    path, where `X` is not tracked that way); None if `Y` is in span(Q).
 
     Cholesky QR (two Gram matrices and two triangular solves: a few large BLAS-3 calls, where Householder
     QR is many small ones) is orthonormal to rounding after its second pass when cond(Y) is below ~1e6;
     otherwise (or when most of `Y` was in span(Q)) Householder QR and a third pass against `Q`.
     """
     norm = float(torch.linalg.matrix_norm(Y)) or 1.0
-    for _ in range(2):
-        Y = Y - Q @ (Q.T @ Y)
+    C = Q.T @ Y
+    Y = Y - Q @ C
+    C2 = Q.T @ Y
+    Y = Y - Q @ C2
+    C += C2
     left = float(torch.linalg.matrix_norm(Y))
     if left <= 100 * torch.finfo(Y.dtype).eps * norm:
         return None  # span(Q) is invariant: the Krylov space is exhausted
@@ -429,15 +448,15 @@ def _extend(Q: Tensor, Y: Tensor) -> Tensor | None:
         d = L.diagonal()
         if int(info) == 0 and float(d.min()) >= 1e-6 * float(d.max()):
             X = torch.linalg.solve_triangular(L.T, Y, upper=True, left=False)
-            L, info = torch.linalg.cholesky_ex(X.T @ X)
+            L2, info = torch.linalg.cholesky_ex(X.T @ X)
             if int(info) == 0:
-                return torch.linalg.solve_triangular(L.T, X, upper=True, left=False)
+                return torch.linalg.solve_triangular(L2.T, X, upper=True, left=False), C, L2.T @ L.T
     X, R = torch.linalg.qr(Y)
     d = R.diagonal().abs()
     if left < 1e-4 * norm or float(d.min()) < 1e-6 * float(d.max()):
         # Columns of Y that were ~0 come back from QR as arbitrary directions: orthogonalise once more.
         X = torch.linalg.qr(X - Q @ (Q.T @ X)).Q
-    return X
+    return X, C, None
 
 
 def _converged(history: list[float], tol: float, noise: float) -> bool:
@@ -573,21 +592,22 @@ def _krylov(
     GQ = torch.empty(N, width, dtype=f64, device=op.device) if need_g else None
     H = torch.empty(width, width, dtype=f64, device=op.device)
 
-    def add(Xj: Tensor, k: int) -> None:
-        """Append the block `Xj` at column `k`: its products and its rows/columns of `H`."""
+    def add(Xj: Tensor, k: int, FX64: Tensor | None = None) -> None:
+        """Append the block `Xj` at column `k`: its products (`F Xj` given or computed) and its part of `H`."""
         n = Xj.shape[1]
         Q[:, k:k + n] = Xj
-        X32 = Xj.to(op.dtype)
         if factored:
             assert FQ is not None and op.F is not None and op.Ft is not None
-            FX = op.F(X32)
-            FQ[:, k:k + n] = FX.to(f64)
-            if GQ is not None:
-                GQ[:, k:k + n] = op.Ft(FX).to(f64)
+            if FX64 is None:
+                FX = op.F(Xj.to(op.dtype))
+                FX64 = FX.to(f64)
+                if GQ is not None:
+                    GQ[:, k:k + n] = op.Ft(FX).to(f64)
+            FQ[:, k:k + n] = FX64
             C = FQ[:, :k + n].T @ FQ[:, k:k + n]
         else:
             assert GQ is not None
-            GQ[:, k:k + n] = op.G(X32).to(f64)
+            GQ[:, k:k + n] = op.G(Xj.to(op.dtype)).to(f64)
             C = Q[:, :k + n].T @ GQ[:, k:k + n]
         H[:k + n, k:k + n] = C
         H[k:k + n, :k] = C[:k].T
@@ -616,18 +636,40 @@ def _krylov(
 
         return _ritz_converged(history, theta, top, tol, noise(theta[top]), residual if exact else None, res_floor)
 
+    # Minor side with a factored fp32 operator: `F` times the next block comes from the solve itself.
+    recur, recurred = side == "minor" and GQ is None and op.inv_f is not None and FQ is not None, 0
     add(X, 0)
     k, src, applied = block, (0, block), 0  # src: the columns the next block comes from
     while True:
         stop = done = False
         for j in range(GRAM_DEPTH):
             a, b = src
-            Xj = _extend(Q[:, :k], inv(Q[:, a:b]) if side == "minor" else GQ[:, a:b])  # type: ignore[index]
+            FY = None
+            if side == "principal":
+                Y = GQ[:, a:b]  # type: ignore[index]
+            elif recur:
+                assert op.inv_f is not None
+                Y32, FY32 = op.inv_f(Q[:, a:b].to(op.dtype))
+                Y, FY = Y32.to(f64), FY32.to(f64)
+            else:
+                Y = inv(Q[:, a:b])
+            ext = _extend(Q[:, :k], Y)
             applied += 1
-            if Xj is None:  # invariant subspace: its Ritz pairs are exact
+            if ext is None:  # invariant subspace: its Ritz pairs are exact
                 stop = done = True
                 break
-            add(Xj, k)
+            Xj, C, R = ext
+            FX = None
+            if FY is not None and R is not None:
+                # F Xj = (F Y - F Q C) R^-1 with F Y a by-product of the solve: no product with F. Its
+                # rounding error is that of F Y, ~|F Y| / |F Y - F Q C| times the direct product's: used
+                # where that cancellation stays below `F_RECUR_CANCEL`.
+                P = FY - FQ[:, :k] @ C  # type: ignore[index]
+                kept = torch.linalg.vector_norm(P, dim=0) / torch.linalg.vector_norm(FY, dim=0).clamp_min(1e-300)
+                if float(kept.min()) * F_RECUR_CANCEL >= 1:
+                    FX = torch.linalg.solve_triangular(R, P, upper=True, left=False)
+                    recurred += 1
+            add(Xj, k, FX)
             src, k = (k, k + Xj.shape[1]), k + Xj.shape[1]
             stop = applied >= max_blocks
             if stop or j == GRAM_DEPTH - 1:
@@ -644,6 +686,7 @@ def _krylov(
         if stop:
             log.debug("krylov (%s): %d block applications (block %d, rank %d), converged=%s",
                       op.name, applied, block, rank, done)
+            log.debug("krylov (%s): F products from the solves for %d of %d blocks", op.name, recurred, applied)
             return Q[:, :k] @ (Z[:, :block] if side == "minor" else Z[:, -block:]), applied, done
         # Thick restart: the best `keep` Ritz vectors (best first), their products, a diagonal `H`.
         kk = min(keep, k)
