@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -55,9 +56,15 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
+# scipy's OpenBLAS (syrk, potrf, eigh here) keeps its idle threads spinning for 2^28 cycles (~0.1 s)
+# after each call, taking a core from the torch (MKL) work that follows: measured ~0.3 s lost per large
+# `gram` solve on 2 cores. Read when scipy.linalg first loads its OpenBLAS, so only effective if this
+# module is imported before that; a value set by the user wins.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 Side = Literal["minor", "principal"]
 SOLVERS = ("auto", "full", "full64", "gram", "lowrank")
-SOLVER_VERSION = 5  # bump when a solver's output for the same input changes: old cache entries then miss
+SOLVER_VERSION = 6  # bump when a solver's output for the same input changes: old cache entries then miss
 
 # `auto` uses the full SVD below this shorter side, or when the rank is a large share of it
 # (measured crossover on 2 CPU cores: see docs/benchmarks.md, "SVD initialisation").
@@ -173,7 +180,8 @@ def _syrk(A: Tensor, full: bool = True) -> Tensor:
         syrk = blas.ssyrk if A.dtype == torch.float32 else blas.dsyrk
         a = A.numpy()
         # syrk wants a column-major operand: `a.T` of a row-major `a` is one, without a copy.
-        c = syrk(1.0, a.T, trans=0, lower=1) if a.flags.c_contiguous else syrk(1.0, a, trans=1, lower=1)
+        with _small_blas(A.shape[1]):
+            c = syrk(1.0, a.T, trans=0, lower=1) if a.flags.c_contiguous else syrk(1.0, a, trans=1, lower=1)
         G = torch.from_numpy(c)  # column-major, lower triangle filled
         return torch.tril(G) + torch.tril(G, -1).T if full else G
     return A.T @ A
@@ -189,10 +197,11 @@ def _potrf(G: Tensor) -> Tensor | None:
         if lapack is not None:  # OpenBLAS potrf is ~2x faster than torch's here
             potrf = lapack.spotrf if G.dtype == torch.float32 else lapack.dpotrf
             g = G.numpy()
-            if g.flags.f_contiguous:
-                c, info = potrf(g, lower=1, clean=1)
-                return torch.from_numpy(c) if info == 0 else None
-            c, info = potrf(g.T, lower=0, clean=1)  # row-major: its transpose is column-major, upper = our lower
+            with _small_blas(G.shape[0]):
+                if g.flags.f_contiguous:
+                    c, info = potrf(g, lower=1, clean=1)
+                    return torch.from_numpy(c) if info == 0 else None
+                c, info = potrf(g.T, lower=0, clean=1)  # row-major: its transpose is column-major, upper = our lower
             return torch.from_numpy(c).T if info == 0 else None
     L, info = torch.linalg.cholesky_ex(G)
     return L if int(info) == 0 else None
@@ -503,6 +512,14 @@ def _one_blas_thread():  # noqa: ANN202 - a context manager
     return ctl.limit(limits=1) if ctl is not None else contextlib.nullcontext()
 
 
+def _small_blas(n: int):  # noqa: ANN202 - a context manager
+    """`_one_blas_thread` for problems of order <= 1024 (where waking OpenBLAS's threads, which the short
+    `OPENBLAS_THREAD_TIMEOUT` puts to sleep, costs more than the second thread gains)."""
+    import contextlib
+
+    return _one_blas_thread() if n <= 1024 else contextlib.nullcontext()
+
+
 def _eigh(H: Tensor, vectors: bool = True) -> tuple[Tensor, Tensor | None]:
     """Eigenvalues (ascending) and, with `vectors`, eigenvectors of the symmetric `H` (its mean with `H^T`).
 
@@ -747,7 +764,8 @@ def _exact_gram(A: Tensor, rank: int, side: Side, block: int, tol: float, info: 
     # Small matrices (or a Krylov space that would span much of the space): dense eigh of G is cheaper.
     if N <= 256 or 2 * _krylov_width(block) > N or (side == "minor" and L is None):
         info["path"] = "dense64"
-        evecs = torch.linalg.eigh(G).eigenvectors  # ascending
+        _, evecs = _eigh(G)  # ascending
+        assert evecs is not None
         return evecs[:, :block] if side == "minor" else evecs[:, -block:]
     X, applied, ok = _krylov(_chol_operator(G, L, "chol64"), block, rank, side, tol, GRAM_MAX_BLOCKS, X0)
     info.update(path="krylov64", blocks=info.get("blocks", 0) + applied)
