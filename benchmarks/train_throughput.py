@@ -39,7 +39,14 @@ def build_model(size: str):
 
 
 def _reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS mark (Linux: write 5 to /proc/self/clear_refs)."""
+    """Return freed heap to the OS (so the adapter init's temporaries don't count), then reset the
+    kernel's peak-RSS mark (Linux: write 5 to /proc/self/clear_refs)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
 
@@ -141,7 +148,7 @@ def main() -> None:
     """Measure side by side and write the table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--gen-worker", help=argparse.SUPPRESS)
@@ -157,19 +164,27 @@ def main() -> None:
         return
 
     repeats = 1 if a.quick else a.repeats
+    load_before = os.getloadavg()[0]
     runs: dict[str, list[dict]] = {"lora": [], "milora": []}
-    for _ in range(repeats):
-        for method in ("lora", "milora"):
+    # ABBA order (LoRA, MiLoRA, MiLoRA, LoRA, ...): a drift of the machine's speed during the run
+    # then hits both methods alike instead of always the second one.
+    for i in range(repeats):
+        for method in ("lora", "milora") if i % 2 == 0 else ("milora", "lora"):
             r = _run(["--worker", method] + (["--quick"] if a.quick else []))
             runs[method].append(r)
             print(f"  {method:7s} {r['tokens_per_second']:9.1f} tok/s  peak {r['peak_memory_mb']:8.1f} MiB", flush=True)
     gens: dict[str, list[float]] = {"base": [], "merged": []}
-    for _ in range(repeats):
-        for which in ("base", "merged"):
+    for i in range(repeats):
+        for which in ("base", "merged") if i % 2 == 0 else ("merged", "base"):
             gens[which].append(_run(["--gen-worker", which] + (["--quick"] if a.quick else []))["tokens_per_second"])
 
     def med(method: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[method])
+
+    load_after = os.getloadavg()[0]
+
+    def each(method: str) -> str:
+        return " / ".join(f"{r['tokens_per_second']:,.0f}" for r in runs[method])
 
     tps_ratio = med("milora", "tokens_per_second") / med("lora", "tokens_per_second")
     mem_ratio = med("milora", "peak_memory_mb") / med("lora", "peak_memory_mb")
@@ -183,7 +198,7 @@ def main() -> None:
 Measured by `{cmd}` on {device}, torch {torch.__version__}: a Llama-architecture model built from a
 config ({size}: {sum(p.numel() for p in build_model(size).parameters()) / 1e6:.1f} M parameters), rank {rank} on
 q/k/v/up/down, batch {batch} x {seq} tokens, AdamW, {steps} timed steps after 2 warm-up steps; each
-measurement in its own process, methods alternating, median of {repeats}. Peak memory is the
+measurement in its own process, methods alternating in ABBA order, median of {repeats}. Peak memory is the
 process's peak RSS during training (the kernel's high-water mark reset after the adapter init; it
 includes the Python/torch runtime) on the CPU, CUDA peak allocated on a GPU.
 
@@ -196,6 +211,13 @@ includes the Python/torch runtime) on the CPU, CUDA peak allocated on a GPU.
 Generation after merging (greedy, batch 4, {new_tokens} new tokens, best of {gen_reps} per process, median over processes):
 base {statistics.median(gens['base']):,.0f} tok/s, merged MiLoRA {statistics.median(gens['merged']):,.0f} tok/s,
 ratio {gen_ratio:.3f} (target: equal within noise; the merged model has the base's exact architecture).
+
+Per process (ABBA order: LoRA first in odd-numbered repeats): LoRA {each('lora')} tok/s, MiLoRA {each('milora')} tok/s; generation base
+{' / '.join(f'{x:,.0f}' for x in gens['base'])}, merged {' / '.join(f'{x:,.0f}' for x in gens['merged'])} tok/s.
+Load average {load_before:.1f} at the start, {load_after:.1f} at the end (this benchmark's own process
+included). MiLoRA and LoRA run the same PEFT LoRA layers with the same shapes (only the initial
+values of A, B and the frozen weight differ), so their step cost is equal by construction: a ratio away
+from 1 is the machine's noise, as the spread between repeats of one method shows.
 """
     print(text)
     if not a.quick or a.out != str(ROOT / "docs" / "benchmarks.md"):
