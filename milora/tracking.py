@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from milora.cli import UserError
 from milora.config import Config, RegisterConfig, flatten
+from milora.io import file_digest
 from milora.paths import Paths
 
 if TYPE_CHECKING:
@@ -446,13 +447,16 @@ def lineage_tags(cfg: Config, paths: Paths, lineage: Mapping[str, Any] | None = 
         tags["milora.git_commit"] = str(commit)
         tags["mlflow.source.git.commit"] = str(commit)
     dvc = dvc_data_hashes(paths.root)
-    data_hash = lin.get("data_hash") or dvc.get("data_hash")
+    content = lin.get("data_hash")  # sha256 over data/prepared's files, recorded by the train stage
+    data_hash = dvc.get("data_hash") or content  # the DVC version of data/prepared when there is one
     if data_hash:
         tags["milora.data_hash"] = str(data_hash)
-    if lin.get("data_hash") and dvc.get("data_hash") and lin["data_hash"] != dvc["data_hash"]:
-        log.warning("adapter lineage data hash %s differs from dvc.lock's %s (stale outputs?)",
-                    lin["data_hash"], dvc["data_hash"])
-        tags["milora.dvc_lock_data_hash"] = dvc["data_hash"]
+    if content:
+        tags["milora.data_sha256"] = str(content)
+        if paths.prepared_dir.is_dir() and file_digest(paths.prepared_dir) != content:
+            log.warning("the adapter was trained on other data than data/prepared holds now (stale outputs? "
+                        "`dvc repro` retrains): tagging the run milora.data_stale=true")
+            tags["milora.data_stale"] = "true"
     if dvc.get("raw_data_hash"):
         tags["milora.raw_data_hash"] = dvc["raw_data_hash"]
     for k, v in sorted((lin.get("base") or {}).items()):

@@ -10,7 +10,6 @@ Runs unchanged under `torchrun` / `accelerate launch` (DDP; gloo on CPU).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -26,6 +25,8 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
+
+from milora.io import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -91,19 +92,6 @@ class KillAfterCheckpoint(TrainerCallback):
 
             log.warning("%s=%d: killing the training process now", KILL_ENV, self.step)
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-def file_digest(*paths: Path) -> str:
-    """sha256 over the bytes of the given files (and of every file under given directories), in order."""
-    h = hashlib.sha256()
-    for p in paths:
-        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-        for f in files:
-            h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()
 
 
 def git_commit(root: Path) -> str | None:

@@ -28,6 +28,7 @@ from flows.params import BACKUP, render_params, restore_leftover, run_params, va
 from flows.report import RunReport, StageRun, render_markdown, render_summary
 from milora.config import ConfigError
 from milora.lock import WorkspaceBusy, WorkspaceLock, held_lock, read_record
+from milora.tracking import dvc_data_hashes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -520,7 +521,8 @@ def test_full_flow_run(workspace, prefect_env, prefect_api):
     (v1,) = _versions(root)
     assert v1.tags["milora.prefect_flow_run_id"] == report.flow_run_id
     lineage = json.loads((root / "models" / "adapter" / "lineage.json").read_text())
-    assert v1.tags["milora.data_hash"] == lineage["data_hash"]
+    assert v1.tags["milora.data_sha256"] == lineage["data_hash"] and "milora.data_stale" not in v1.tags
+    assert v1.tags["milora.data_hash"] == dvc_data_hashes(root)["data_hash"]  # DVC's md5 of data/prepared
 
     # Artifacts: the markdown report and the progress bar, finished.
     arts = _artifacts(report.flow_run_id)
@@ -738,7 +740,7 @@ def test_deployment_scheduled_retraining_with_override(workspace, prefect_env, p
         versions = _versions(root)
         assert len(versions) == versions_before + 1
         assert versions[-1].tags["milora.rank"] == "2"
-        assert versions[-1].tags["milora.data_hash"] == lineage["data_hash"]
+        assert versions[-1].tags["milora.data_sha256"] == lineage["data_hash"]
         assert versions[-1].tags["milora.data_hash"] != versions[0].tags["milora.data_hash"]
         assert run(["git", "status", "--porcelain", "params.yaml"], root).stdout == ""
 

@@ -137,6 +137,27 @@ def test_data_hash_falls_back_to_dvc_lock(project):
     assert "milora.git_commit" not in tags  # the copy is not a git repository
 
 
+def test_data_hash_is_dvcs_version_and_stale_training_data_is_flagged(project, caplog):
+    """`milora.data_hash` is DVC's md5 of data/prepared; the train stage's content hash is kept as
+    `milora.data_sha256` and checked against what data/prepared holds now."""
+    from milora.io import file_digest
+
+    prepared = project.prepared_dir
+    prepared.mkdir(parents=True, exist_ok=True)
+    (prepared / "train.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    lineage_file = project.adapter_dir / "lineage.json"
+    lineage = json.loads(lineage_file.read_text())
+    lineage["data_hash"] = file_digest(prepared)
+    lineage_file.write_text(json.dumps(lineage))
+    tags = tracking.lineage_tags(Config(), project)
+    assert tags["milora.data_hash"] == tracking.dvc_data_hashes(project.root)["data_hash"]
+    assert tags["milora.data_sha256"] == lineage["data_hash"] and "milora.data_stale" not in tags
+    (prepared / "train.jsonl").write_text('{"prompt": "a", "response": "c"}\n')  # re-prepared, not retrained
+    with caplog.at_level("WARNING"):
+        tags = tracking.lineage_tags(Config(), project)
+    assert tags["milora.data_stale"] == "true" and "trained on other data" in caplog.text
+
+
 def test_params_are_flat_and_scrubbed(built, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     cfg = validate({"data": {"source": f"https://reader:{SECRET}@data.example/rows.jsonl"}, "adapter": {"rank": 4}})
