@@ -64,7 +64,7 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 Side = Literal["minor", "principal"]
 SOLVERS = ("auto", "full", "full64", "gram", "lowrank")
-SOLVER_VERSION = 6  # bump when a solver's output for the same input changes: old cache entries then miss
+SOLVER_VERSION = 7  # bump when a solver's output for the same input changes: old cache entries then miss
 
 # `auto` uses the full SVD below this shorter side, or when the rank is a large share of it
 # (measured crossover on 2 CPU cores: see docs/benchmarks.md, "SVD initialisation").
@@ -821,8 +821,8 @@ def _gram(W: Tensor, rank: int, side: Side, tol: float = GRAM_TOL, info: dict | 
                     last = excess
                 if passed:
                     X, AX = X[:, :rank], AX[:, :rank]
-                else:
-                    X = None
+                else:  # (AX too: the exact path's subspace is a different one)
+                    X = AX = None
                     info["fallback"] = op.name
         else:
             info["fallback"] = "no fp32 factorization"

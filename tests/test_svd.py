@@ -154,6 +154,18 @@ def test_ill_conditioned_tall_matrix_falls_back_to_the_exact_path():
     assert info["path"] in {"krylov64", "dense64"} and "fallback" in info
 
 
+def test_a_failed_fp32_certificate_hands_a_consistent_result_to_the_exact_path(monkeypatch, caplog):
+    """The fp32 route factorizes but its certificate fails (forced here: no excess is tolerated), so
+    the exact fp64 path finds the subspace again: U must come from that subspace, not the failed one."""
+    monkeypatch.setattr(svd, "CERT_TOL", 0.0)
+    W = trained_like(600, 300, seed=3)
+    info: dict = {}
+    with caplog.at_level(logging.WARNING):
+        t = solve(W, 6, "minor", "gram", info=info)
+    assert info["path"] == "krylov64" and info["fallback"] == "chol32"
+    check(W, t, 6, "minor")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_low_and_high_precision_weights(dtype):
     W = trained_like(400, 300).to(dtype)
