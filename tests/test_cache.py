@@ -5,7 +5,6 @@ method), rank reuse, corruption recovery, concurrent writers, init_adapter throu
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from milora.adapter import current_factors
 from milora.cache import LocalCache, key_family, make_key, open_cache, weight_digest
 from milora.cli import main as cli_main
 from milora.svd import compute_factors, solve
+from tests.cache_race import race_two_writers
 from tests.models import tiny_llama
 
 BIN = Path(sys.executable).parent
@@ -187,30 +187,10 @@ def test_corrupt_entry_is_detected_recomputed_and_replaced(tmp_path, caplog, dam
     assert cache.get_or_compute(W, 3, "minor", "full", _compute(W, 3, "minor", calls=calls))[2] is True
 
 
-def _writer(root: str, seed: int, barrier, out) -> None:
-    torch.manual_seed(0)
-    W = torch.randn(64, 48)
-    cache = LocalCache(root)
-    barrier.wait()
-    for _ in range(5):
-        t, key, _ = cache.get_or_compute(W, 4, "minor", "full", lambda: solve(W, 4, "minor", "full"))
-        out.put((key, t.S.tolist()))
-
-
 def test_two_processes_writing_the_same_key(tmp_path):
-    ctx = mp.get_context("spawn")
-    barrier, out = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_writer, args=(str(tmp_path), i, barrier, out)) for i in range(2)]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=120) for _ in range(10)]
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
-    assert len({k for k, _ in results}) == 1
-    assert all(s == results[0][1] for _, s in results)
+    key = race_two_writers(str(tmp_path))
     cache = LocalCache(tmp_path)
-    assert len(list(cache.entries())) == 1 and cache.verify() == []
+    assert [e.key for e in cache.entries()] == [key] and cache.verify() == []
     assert not list(tmp_path.glob("*/.*"))  # no temporary directories left behind
 
 

@@ -6,7 +6,6 @@ error, no local data lost), two processes writing one key, and the CLI in-proces
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from milora.adapter import current_factors
 from milora.cache import CacheConfigError, CacheUnavailableError, LocalCache, S3Cache, TieredCache, open_cache
 from milora.cli import main as cli_main
 from milora.svd import solve
+from tests.cache_race import race_two_writers
 from tests.models import tiny_llama
 from tests.servers import S3_TEST_ENV, free_port
 
@@ -180,32 +180,12 @@ def test_init_adapter_unreachable_endpoint_is_bounded_and_keeps_local_entries(tm
     assert cli_main(["cache", "ls", "--cache", "s3://bucket/svd"]) == 1  # a connection error: exit 1, retryable
 
 
-def _writer(uri: str, env: dict, barrier, out) -> None:
-    os.environ.update(env)
-    torch.manual_seed(0)
-    W = torch.randn(64, 48)
-    cache = S3Cache(uri)
-    barrier.wait()
-    for _ in range(4):
-        t, key, _ = cache.get_or_compute(W, 4, "minor", "full", lambda: solve(W, 4, "minor", "full"))
-        out.put((key, t.S.tolist()))
-
-
 def test_two_processes_writing_the_same_s3_key(s3_bucket):
     env = {k: os.environ[k] for k in (*S3_TEST_ENV, "AWS_ENDPOINT_URL_S3")}
-    ctx = mp.get_context("spawn")
-    barrier, out = ctx.Barrier(2), ctx.Queue()
     uri = f"s3://{s3_bucket}/race"
-    procs = [ctx.Process(target=_writer, args=(uri, env, barrier, out)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=180) for _ in range(8)]
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
-    assert len({k for k, _ in results}) == 1 and all(s == results[0][1] for _, s in results)
+    key = race_two_writers(uri, env, repeats=4, timeout=180)
     cache = S3Cache(uri)
-    assert [e.key for e in cache.entries()] == [results[0][0]] and cache.verify() == []
+    assert [e.key for e in cache.entries()] == [key] and cache.verify() == []
 
 
 def test_fast_solver_through_s3_equals_no_cache(s3_bucket, tmp_path, monkeypatch):
