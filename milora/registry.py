@@ -536,10 +536,10 @@ def _register(cfg: Config, paths: Paths, key: str) -> Registration:
     method = lineage.get("method") or cfg.adapter.method
     rank = lineage.get("rank") or cfg.adapter.rank
     run_id = tracking.ensure_run(c, experiment_id, key, run_name=f"{method}-r{rank}-{key[:8]}")
-    tracking.log_pipeline_run(c, run_id, cfg, paths, key)
+    lineage_tags = tracking.lineage_tags(cfg, paths, lineage)  # once: it hashes data/prepared
+    tracking.log_pipeline_run(c, run_id, cfg, paths, key, lineage_tags)
     source = log_model(c, run_id, cfg, paths)
-    version_tags = {k: v for k, v in tracking.lineage_tags(cfg, paths, lineage).items()
-                    if not k.startswith("mlflow.") and k != "milora.svd_cache_keys"}
+    version_tags = {k: v for k, v in lineage_tags.items() if not k.startswith("mlflow.") and k != "milora.svd_cache_keys"}
     version_tags[tracking.TAG_RUN_KEY] = key
     mv, created = ensure_version(c, rc.model_name, run_id, source, version_tags)
     version = str(mv.version)

@@ -505,8 +505,9 @@ ARTIFACTS: tuple[tuple[str, str], ...] = (
 
 
 def log_pipeline_run(mlflow_client: MlflowClient, run_id: str, cfg: Config, paths: Paths,
-                     key: str | None = None) -> bool:
-    """Log params, metrics, lineage tags and artifacts of the outputs under `paths` into `run_id`.
+                     key: str | None = None, tags: Mapping[str, str] | None = None) -> bool:
+    """Log params, metrics, lineage tags (`tags` when the caller has them) and artifacts of the outputs
+    under `paths` into `run_id`.
 
     Idempotent: returns False without logging when the run is already marked logged for the same
     outputs (`key`); raises ValueError if it was logged for different outputs.
@@ -525,7 +526,7 @@ def log_pipeline_run(mlflow_client: MlflowClient, run_id: str, cfg: Config, path
             f"unset {ENV_RUN_ID} (or start a new pipeline run) so that these outputs get their own run"
         )
     lineage = read_lineage(paths)
-    tags = {**lineage_tags(cfg, paths, lineage), TAG_RUN_KEY: key}
+    tags = {**(tags if tags is not None else lineage_tags(cfg, paths, lineage)), TAG_RUN_KEY: key}
     params = run_params(cfg, lineage)
     existing = run.data.params
     params = {k: v for k, v in params.items() if k not in existing}
