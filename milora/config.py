@@ -186,6 +186,17 @@ def check_cron(expr: str) -> str:
     return expr
 
 
+def check_timezone(name: str) -> str:
+    """`name` if it is an IANA timezone (what Prefect's `Cron` schedule takes), else ValueError."""
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError("not an IANA timezone (e.g. UTC, Europe/Paris, America/New_York)") from None
+    return name
+
+
 class ScheduleConfig(_Section):
     cron: str = "0 3 * * *"
     timezone: str = "UTC"
@@ -198,13 +209,7 @@ class ScheduleConfig(_Section):
     @field_validator("timezone")
     @classmethod
     def _timezone(cls, v: str) -> str:
-        import zoneinfo
-
-        try:
-            zoneinfo.ZoneInfo(v)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ValueError("not an IANA timezone (e.g. UTC, Europe/Paris, America/New_York)") from None
-        return v
+        return check_timezone(v)
 
 
 # `register` is a params section name; it shadows ABCMeta.register on the class, which nothing here uses.

@@ -44,13 +44,13 @@ def _api_url() -> str | None:
 
 def schedule(cron: str, timezone: str) -> Any:
     """The Prefect cron schedule, or a `UserError` naming what is wrong with the cron or the timezone."""
-    import zoneinfo
-
     from prefect.schedules import Cron
 
+    from milora.config import check_timezone
+
     try:
-        zoneinfo.ZoneInfo(timezone)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        check_timezone(timezone)
+    except ValueError:
         raise UserError(f"schedule.timezone = {timezone!r} is not an IANA timezone (e.g. UTC, Europe/Paris); "
                         "fix it in params.yaml or pass --timezone") from None
     try:

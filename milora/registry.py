@@ -403,10 +403,9 @@ def ensure_version(mlflow_client: MlflowClient, name: str, run_id: str, source: 
         log.info("run %s is already registered as %s version %s", run_id, name, existing[0].version)
         return existing[0], False
     key = tags.get(tracking.TAG_RUN_KEY)
-    same = versions_of_key(mlflow_client, name, key) if key else []
-    if same:
+    if key and (same := versions_of_key(mlflow_client, name, key)):
         log.info("these outputs (run key %s) are already registered as %s version %s (run %s): not registering "
-                 "them again", key[:12] if key else "", name, same[0].version, same[0].run_id)
+                 "them again", key[:12], name, same[0].version, same[0].run_id)
         return same[0], False
     try:
         mlflow_client.create_registered_model(name, description="MiLoRA fine-tunes (milora-pipeline)")

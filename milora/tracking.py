@@ -407,12 +407,11 @@ def dvc_data_hashes(root: Path) -> dict[str, str]:
     if lock.is_file():
         try:
             stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
-            for o in (stages.get("prepare") or {}).get("outs", []) or []:
-                if str(o.get("path", "")).rstrip("/") == "data/prepared" and o.get("md5"):
-                    out["data_hash"] = str(o["md5"])
-            for o in (stages.get("ingest") or {}).get("outs", []) or []:
-                if str(o.get("path", "")).rstrip("/") == "data/raw" and o.get("md5"):
-                    out["raw_data_hash"] = str(o["md5"])  # the raw data version (ingest stage's out)
+            # the prepared data (prepare's out) and the raw data version (ingest's out)
+            for stage, path, key in (("prepare", "data/prepared", "data_hash"), ("ingest", "data/raw", "raw_data_hash")):
+                for o in (stages.get(stage) or {}).get("outs", []) or []:
+                    if str(o.get("path", "")).rstrip("/") == path and o.get("md5"):
+                        out[key] = str(o["md5"])
         except (yaml.YAMLError, AttributeError) as exc:
             log.warning("cannot read %s (%s): no DVC data hash from it", lock, exc)
     else:
