@@ -13,8 +13,9 @@ Solvers (`AdapterConfig.svd_solver`):
      Cholesky factor of the fp32 Gram matrix (syrk: half a matmul; accuracy ~eps32 cond(W)^2, so it
      is only used where that is below ~1).
   2. Thick-restarted block Krylov on that operator (blocks of `rank + rank/4` columns, `GRAM_DEPTH`
-     blocks per cycle, the best `GRAM_KEEP` blocks of Ritz vectors kept at a restart); the basis and
-     the Rayleigh-Ritz problem in fp64 (the projected eigenvalues span cond(W)^2), the projection from
+     blocks per cycle, the best `GRAM_KEEP` blocks of Ritz vectors kept at a restart); the Rayleigh-
+     Ritz problem in fp64 (the projected eigenvalues span cond(W)^2; the basis itself is fp32 with a
+     factored fp32 operator, its ~eps32 loss of orthogonality moving them as little), the projection from
      `|F x|^2` with `G = F^T F` (F = W or the Cholesky factor), `F` times a new block taken from the
      solve that made it where that is accurate. Stops when the captured minor energy has converged
      (extrapolated remaining change below `GRAM_TOL`).
@@ -254,11 +255,16 @@ class _Exact:
             self._full = self.A32.to(torch.float64)
         return self._full
 
-    def _rows(self):  # noqa: ANN202 - a generator of (slice, fp64 block)
+    def _rows(self):  # noqa: ANN202 - a generator of (slice, fp64 block), the block valid until the next
         M = self.shape[0]
+        buf = None if self._full is not None else torch.empty(
+            min(self.CHUNK, M), self.shape[1], dtype=torch.float64, device=self.A32.device)
         for i in range(0, M, self.CHUNK):
             sl = slice(i, min(i + self.CHUNK, M))
-            yield sl, (self._full[sl] if self._full is not None else self.A32[sl].to(torch.float64))
+            if buf is None:
+                yield sl, self._full[sl]  # type: ignore[index]
+            else:  # one buffer: no fresh (page-faulting) allocation per block
+                yield sl, buf[: sl.stop - i].copy_(self.A32[sl])
 
     def mm(self, Y: Tensor) -> Tensor:
         """`A Y`."""
@@ -447,6 +453,8 @@ def _extend(Q: Tensor, Y: Tensor) -> tuple[Tensor, Tensor, Tensor | None] | None
     QR is many small ones) is orthonormal to rounding after its second pass when cond(Y) is below ~1e6;
     otherwise (or when most of `Y` was in span(Q)) Householder QR and a third pass against `Q`.
     """
+    wide64 = Y.dtype == torch.float64
+    lost, flat = (1e-4, 1e-6) if wide64 else (1e-2, 1e-3)  # ~sqrt(eps)-scaled limits of Cholesky QR
     norm = float(torch.linalg.matrix_norm(Y)) or 1.0
     C = Q.T @ Y
     Y = Y - Q @ C
@@ -456,17 +464,17 @@ def _extend(Q: Tensor, Y: Tensor) -> tuple[Tensor, Tensor, Tensor | None] | None
     left = float(torch.linalg.matrix_norm(Y))
     if left <= 100 * torch.finfo(Y.dtype).eps * norm:
         return None  # span(Q) is invariant: the Krylov space is exhausted
-    if left >= 1e-4 * norm:
+    if left >= lost * norm:
         L, info = torch.linalg.cholesky_ex(Y.T @ Y)
         d = L.diagonal()
-        if int(info) == 0 and float(d.min()) >= 1e-6 * float(d.max()):
+        if int(info) == 0 and float(d.min()) >= flat * float(d.max()):
             X = torch.linalg.solve_triangular(L.T, Y, upper=True, left=False)
             L2, info = torch.linalg.cholesky_ex(X.T @ X)
             if int(info) == 0:
                 return torch.linalg.solve_triangular(L2.T, X, upper=True, left=False), C, L2.T @ L.T
     X, R = torch.linalg.qr(Y)
     d = R.diagonal().abs()
-    if left < 1e-4 * norm or float(d.min()) < 1e-6 * float(d.max()):
+    if left < lost * norm or float(d.min()) < flat * float(d.max()):
         # Columns of Y that were ~0 come back from QR as arbitrary directions: orthogonalise once more.
         X = torch.linalg.qr(X - Q @ (Q.T @ X)).Q
     return X, C, None
@@ -592,10 +600,12 @@ def _krylov(
     `GRAM_DEPTH` blocks, the first one from the best `block` Ritz vectors, the others from the block
     before; a restart keeps the best `GRAM_KEEP * block` Ritz vectors (with their products and a
     diagonal projected matrix: no operator work), so the captured energy moves monotonically and
-    little of the Krylov space is lost. The basis and the Rayleigh-Ritz problem are fp64 whatever the
+    little of the Krylov space is lost. The Rayleigh-Ritz problem (and `F Q`) is fp64 whatever the
     operator's precision: the eigenvalues of the projected `Q^T G Q` span cond(A)^2, which fp32 cannot
-    resolve at the minor end even when the fp32 operator has already found the right subspace. With a
-    factor `F` (`G = F^T F`) the projection is `(F Q)^T (F Q)`; products with `G` itself are only
+    resolve at the minor end even when the fp32 operator has already found the right subspace. The
+    basis `Q` is fp32 on the minor side with a factored fp32 operator (its orthogonalization is half
+    of a block's work; a loss of orthogonality of ~eps32 moves the Ritz values by ~eps32 relative, far
+    below `GRAM_TOL`), fp64 otherwise. With a factor `F` (`G = F^T F`) the projection is `(F Q)^T (F Q)`; products with `G` itself are only
     formed when needed (the principal side's next block, the residual test of fp64 operators).
     Rayleigh-Ritz every `GRAM_CHECK` blocks and at the end of each cycle (where the restart needs it
     anyway); stops when `_ritz_converged`. Returns (fp64 basis, operator applications, converged).
@@ -609,7 +619,11 @@ def _krylov(
     N, width = op.N, _krylov_width(block)
     keep = GRAM_KEEP * block
     X = _start_block(N, block, f64, op.device) if X0 is None else torch.linalg.qr(X0.to(f64)).Q
-    Q = torch.empty(N, width, dtype=f64, device=op.device)
+    # Minor side, factored fp32 operator: the basis itself in fp32 (its orthogonality, ~eps32, moves the
+    # Ritz values by as little), `F Q` and the Rayleigh-Ritz in fp64 (they carry the spread of cond(A)^2).
+    recur = side == "minor" and not need_g and op.inv_f is not None
+    bdt = op.dtype if recur else f64
+    Q = torch.empty(N, width, dtype=bdt, device=op.device)
     FQ = torch.empty(N, width, dtype=f64, device=op.device) if factored else None
     GQ = torch.empty(N, width, dtype=f64, device=op.device) if need_g else None
     H = torch.empty(width, width, dtype=f64, device=op.device)
@@ -658,8 +672,7 @@ def _krylov(
 
         return _ritz_converged(history, theta, top, tol, noise(theta[top]), residual if exact else None, res_floor)
 
-    # Minor side with a factored fp32 operator: `F` times the next block comes from the solve itself.
-    recur, recurred = side == "minor" and GQ is None and op.inv_f is not None and FQ is not None, 0
+    recurred = 0  # blocks whose `F` product came from the solve itself
     add(X, 0)
     k, src, applied = block, (0, block), 0  # src: the columns the next block comes from
     while True:
@@ -671,8 +684,8 @@ def _krylov(
                 Y = GQ[:, a:b]  # type: ignore[index]
             elif recur:
                 assert op.inv_f is not None
-                Y32, FY32 = op.inv_f(Q[:, a:b].to(op.dtype))
-                Y, FY = Y32.to(f64), FY32.to(f64)
+                Y, FY32 = op.inv_f(Q[:, a:b])
+                FY = FY32.to(f64)
             else:
                 Y = inv(Q[:, a:b])
             ext = _extend(Q[:, :k], Y)
@@ -686,10 +699,10 @@ def _krylov(
                 # F Xj = (F Y - F Q C) R^-1 with F Y a by-product of the solve: no product with F. Its
                 # rounding error is that of F Y, ~|F Y| / |F Y - F Q C| times the direct product's: used
                 # where that cancellation stays below `F_RECUR_CANCEL`.
-                P = FY - FQ[:, :k] @ C  # type: ignore[index]
+                P = FY - FQ[:, :k] @ C.to(f64)  # type: ignore[index]
                 kept = torch.linalg.vector_norm(P, dim=0) / torch.linalg.vector_norm(FY, dim=0).clamp_min(1e-300)
                 if float(kept.min()) * F_RECUR_CANCEL >= 1:
-                    FX = torch.linalg.solve_triangular(R, P, upper=True, left=False)
+                    FX = torch.linalg.solve_triangular(R.to(f64), P, upper=True, left=False)
                     recurred += 1
             add(Xj, k, FX)
             src, k = (k, k + Xj.shape[1]), k + Xj.shape[1]
@@ -709,11 +722,11 @@ def _krylov(
             log.debug("krylov (%s): %d block applications (block %d, rank %d), converged=%s",
                       op.name, applied, block, rank, done)
             log.debug("krylov (%s): F products from the solves for %d of %d blocks", op.name, recurred, applied)
-            return Q[:, :k] @ (Z[:, :block] if side == "minor" else Z[:, -block:]), applied, done
+            return Q[:, :k].to(f64) @ (Z[:, :block] if side == "minor" else Z[:, -block:]), applied, done
         # Thick restart: the best `keep` Ritz vectors (best first), their products, a diagonal `H`.
         kk = min(keep, k)
         Zk = Z[:, :kk] if side == "minor" else Z[:, -kk:].flip(1)
-        Q[:, :kk] = Q[:, :k] @ Zk
+        Q[:, :kk] = Q[:, :k] @ Zk.to(bdt)
         if FQ is not None:
             FQ[:, :kk] = FQ[:, :k] @ Zk
         if GQ is not None:
