@@ -236,17 +236,23 @@ def _cholesky(G: Tensor, max_shift: float) -> Tensor | None:
 class _Exact:
     """fp64 products with the fp32 matrix `A` (exact in fp64), without an fp64 copy of `A`.
 
-    Row blocks of `A` are converted as they are used (they stay in cache for the product), which costs
-    no more than products with a stored fp64 copy, and saves making one (an fp64 copy of an 11008 x 4096
-    matrix: ~0.1 s and 360 MB). `full` makes the copy, for the exact path only.
+    Blocks of `A`'s storage are converted as they are used (they stay in cache for the product), which
+    costs no more than products with a stored fp64 copy, and saves making one (an fp64 copy of an
+    11008 x 4096 matrix: ~0.1 s and 360 MB). The blocks are rows of the row-major matrix behind `A`:
+    rows of `A` itself, or of `W` when `A = W^T` is the transpose of a wide row-major `W` (its rows are
+    `A`'s columns: no strided gather, which costs more than the products). `full` makes the copy, for
+    the exact path only.
     """
 
-    CHUNK = 512  # rows per block: 16 MB of fp64 for N = 4096 (measured: 256-512 best, 1024+ slower)
+    BLOCK = 512 * 4096  # elements per block: 16 MB of fp64 (measured: 256-512 rows of 4096 best, 1024+ slower)
 
     def __init__(self, A32: Tensor) -> None:
         self.A32 = A32
         self.shape = A32.shape
         self._full: Tensor | None = None
+        # Row blocks of `S`, with `A = S` (tall storage) or `A = S^T` (the transpose of a wide `W`).
+        self.transposed = not A32.is_contiguous() and A32.T.is_contiguous()
+        self.S = A32.T if self.transposed else A32
 
     @property
     def full(self) -> Tensor:
@@ -255,43 +261,48 @@ class _Exact:
             self._full = self.A32.to(torch.float64)
         return self._full
 
-    def _rows(self):  # noqa: ANN202 - a generator of (slice, fp64 block), the block valid until the next
-        M = self.shape[0]
-        buf = None if self._full is not None else torch.empty(
-            min(self.CHUNK, M), self.shape[1], dtype=torch.float64, device=self.A32.device)
-        for i in range(0, M, self.CHUNK):
-            sl = slice(i, min(i + self.CHUNK, M))
-            if buf is None:
-                yield sl, self._full[sl]  # type: ignore[index]
-            else:  # one buffer: no fresh (page-faulting) allocation per block
-                yield sl, buf[: sl.stop - i].copy_(self.A32[sl])
+    def _blocks(self):  # noqa: ANN202 - a generator of (slice, fp64 rows of `S`), a block valid until the next
+        rows, cols = self.S.shape
+        step = max(1, min(rows, self.BLOCK // cols))
+        buf = torch.empty(step, cols, dtype=torch.float64, device=self.S.device)  # one buffer: no page faults
+        for i in range(0, rows, step):
+            sl = slice(i, min(i + step, rows))
+            yield sl, buf[: sl.stop - i].copy_(self.S[sl])
+
+    def _s_mm(self, Y: Tensor) -> Tensor:
+        """`S Y`, one block of rows at a time."""
+        out = torch.empty(self.S.shape[0], Y.shape[1], dtype=torch.float64, device=Y.device)
+        for sl, Si in self._blocks():
+            torch.mm(Si, Y, out=out[sl])
+        return out
+
+    def _s_tmm(self, Z: Tensor) -> Tensor:
+        """`S^T Z`, accumulated over the blocks."""
+        out = torch.zeros(self.S.shape[1], Z.shape[1], dtype=torch.float64, device=Z.device)
+        for sl, Si in self._blocks():
+            out.addmm_(Si.T, Z[sl])
+        return out
 
     def mm(self, Y: Tensor) -> Tensor:
         """`A Y`."""
         if self._full is not None:
             return self._full @ Y
-        out = torch.empty(self.shape[0], Y.shape[1], dtype=torch.float64, device=Y.device)
-        for sl, Ai in self._rows():
-            torch.mm(Ai, Y, out=out[sl])
-        return out
+        return self._s_tmm(Y) if self.transposed else self._s_mm(Y)
 
     def tmm(self, Z: Tensor) -> Tensor:
         """`A^T Z`."""
         if self._full is not None:
             return self._full.T @ Z
-        out = torch.zeros(self.shape[1], Z.shape[1], dtype=torch.float64, device=Z.device)
-        for sl, Ai in self._rows():
-            out.addmm_(Ai.T, Z[sl])
-        return out
+        return self._s_mm(Z) if self.transposed else self._s_tmm(Z)
 
     def gram(self, Y: Tensor) -> tuple[Tensor, Tensor]:
-        """(`A Y`, `A^T A Y`) in one pass over `A`."""
-        if self._full is not None:
-            AY = self._full @ Y
-            return AY, self._full.T @ AY
+        """(`A Y`, `A^T A Y`): one pass over `A`'s rows (two over a wide `W`'s)."""
+        if self._full is not None or self.transposed:
+            AY = self.mm(Y)
+            return AY, self.tmm(AY)
         AY = torch.empty(self.shape[0], Y.shape[1], dtype=torch.float64, device=Y.device)
         GY = torch.zeros(self.shape[1], Y.shape[1], dtype=torch.float64, device=Y.device)
-        for sl, Ai in self._rows():
+        for sl, Ai in self._blocks():
             torch.mm(Ai, Y, out=AY[sl])
             GY.addmm_(Ai.T, AY[sl])
         return AY, GY

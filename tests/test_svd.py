@@ -111,6 +111,22 @@ def test_fast_route_paths_are_taken():
         assert info["path"] == path and info["certified_excess"] <= svd.GRAM_TOL, info
 
 
+@pytest.mark.parametrize("orientation", ["tall", "transposed wide"])
+def test_exact_products_match_fp64_in_blocks(monkeypatch, orientation):
+    """`_Exact`'s blocked fp64 products (rows of `A`, or of a wide row-major `W` when `A = W^T`) equal
+    products with an fp64 copy, blocks of uneven size included."""
+    monkeypatch.setattr(svd._Exact, "BLOCK", 7 * 300)  # blocks of 7 rows of 300 (tall) or 3 of 700 (wide)
+    g = torch.Generator().manual_seed(3)
+    A32 = torch.randn(700, 300, generator=g) if orientation == "tall" else torch.randn(300, 700, generator=g).T
+    A = svd._Exact(A32)
+    assert A.transposed == (orientation != "tall")
+    A64 = A32.to(F64)
+    Y, Z = torch.randn(300, 5, generator=g, dtype=F64), torch.randn(700, 4, generator=g, dtype=F64)
+    AY, GY = A.gram(Y)
+    for got, want in ((A.mm(Y), A64 @ Y), (A.tmm(Z), A64.T @ Z), (AY, A64 @ Y), (GY, A64.T @ (A64 @ Y))):
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-10)
+
+
 def test_repeated_singular_values():
     """A minor cluster of equal singular values: any basis of it is right; energies must match."""
     s = torch.cat([torch.linspace(10, 2, 300), torch.full((40,), 0.5), torch.full((20,), 0.1)]).to(F64)
