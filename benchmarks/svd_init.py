@@ -1,6 +1,6 @@
 """SVD initialisation benchmark: the fast solvers vs a full fp32 SVD, and a whole model's init, cold vs warm.
 
-    .venv/bin/python benchmarks/svd_init.py            # Llama-2-7B shapes (~5-10 min on 2 cores)
+    .venv/bin/python benchmarks/svd_init.py            # Llama-2-7B shapes (~10 min on 2 cores)
     .venv/bin/python benchmarks/svd_init.py --quick    # small shapes, a smoke run (~1 min)
 
 1. Llama-2-7B-shaped matrices (4096x4096 and 11008x4096 in both orientations) with a trained-like
@@ -15,8 +15,9 @@
    (cold) vs a filled one (warm), model load excluded.
 
 Results go to the "SVD initialisation" section of docs/benchmarks.md (other sections are kept) and
-to stdout. Timings are wall-clock, best of `--repeats`, with the load average recorded: other
-processes on the machine slow both sides alike, but not exactly alike.
+to stdout. Timings are wall-clock, with the load average recorded. The solver table is measured side
+by side (`--pairs` rounds of a full SVD then the fast solvers; the speedup is the median of the
+rounds' ratios), because this machine's speed drifts by 10-20% over minutes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -69,45 +71,63 @@ def fmt_t(s: float) -> str:
     return f"{s:.2f} s" if s >= 0.1 else f"{s * 1000:.0f} ms"
 
 
-def matrix_table(shapes: list[tuple[int, int]], ranks: list[int], alpha: float, repeats: int,
-                 full_repeats: int) -> tuple[list[str], dict]:
-    """Rows of the solver table, and the numbers (for the summary)."""
+def matrix_table(shapes: list[tuple[int, int]], ranks: list[int], alpha: float, pairs: int) -> tuple[list[str], dict]:
+    """Rows of the solver table, and the numbers (for the summary).
+
+    Side by side: each of `pairs` rounds times one full SVD and then the fast solvers for every rank, so
+    a speedup is the median over rounds of (full / fast) measured seconds apart: the machine's speed
+    drifts (other tenants, memory reclaim) cancel out of each ratio. Times shown are medians.
+    """
     rows = []
     worst = {"speedup": math.inf, "excess": 0.0}
-    cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, float]] = {}
+    refs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    full_median: dict[tuple[int, int], float] = {}
     for m, n in shapes:
         key = (max(m, n), min(m, n))
-        if key not in cache:
+        if key not in refs:
             W0 = trained_like(*key, alpha=alpha)
-            ref = torch.linalg.svdvals(W0.to(F64))
-            cache[key] = (W0, ref, math.nan)
-        W0, ref, _ = cache[key]
+            refs[key] = (W0, torch.linalg.svdvals(W0.to(F64)))
+        W0, ref = refs[key]
         W = W0 if (m, n) == key else W0.T.contiguous()
-        t_full, _ = best_time(lambda W=W: torch.linalg.svd(W, full_matrices=False), full_repeats)
-        if (m, n) == key:
-            cache[key] = (W0, ref, t_full)
-        t_full_best = min(t_full, cache[key][2]) if not math.isnan(cache[key][2]) else t_full
+        t_full: list[float] = []
+        t_fast: dict[int, list[float]] = {r: [] for r in ranks}
+        t_low: dict[int, list[float]] = {r: [] for r in ranks}
+        infos: dict[int, dict] = {}
+        trips: dict[int, tuple[svd.Triplets, svd.Triplets]] = {}
+        for _ in range(pairs):
+            t_full.append(best_time(lambda W=W: torch.linalg.svd(W, full_matrices=False), 1)[0])
+            for r in ranks:
+                info = infos[r] = {}
+                t, trip = best_time(lambda W=W, r=r, info=info: svd.solve(W, r, "minor", "gram", info=info), 1)
+                t_fast[r].append(t)
+                tl, ptrip = best_time(lambda W=W, r=r: svd.solve(W, r, "principal", "lowrank"), 1)
+                t_low[r].append(tl)
+                trips[r] = (trip, ptrip)
+        full_median[(m, n)] = statistics.median(t_full)
+        t_other = full_median.get((n, m), math.inf)  # the other orientation, when timed already
         kappa = float(ref[0] / ref[-1])
         for r in ranks:
-            info: dict = {}
-            t_fast, trip = best_time(lambda W=W, r=r, info=info: svd.solve(W, r, "minor", "gram", info=info), repeats)
+            trip, ptrip = trips[r]
+            info = infos[r]
             exact = float(ref[-r:].pow(2).sum())
             excess_v = (svd.captured_energy(W, trip.Vh) - exact) / exact
             excess_u = (float((W.to(F64).T @ trip.U.to(F64)).pow(2).sum()) - exact) / exact
-            t_low, ptrip = best_time(lambda W=W, r=r: svd.solve(W, r, "principal", "lowrank"), repeats)
             top = float(ref[:r].pow(2).sum())
             deficit = (top - svd.captured_energy(W, ptrip.Vh)) / top
             path = info.get("path", "?")
             if "fallback" in info:
                 path += f" (fallback from {info['fallback']})"
-            speed = t_full / t_fast
+            ratios = [f / g for f, g in zip(t_full, t_fast[r], strict=True)]
+            speed, fast, low = statistics.median(ratios), statistics.median(t_fast[r]), min(t_low[r])
             worst["speedup"] = min(worst["speedup"], speed)
             worst["excess"] = max(worst["excess"], excess_v, excess_u)
-            vs_best = f" ({t_full_best / t_fast:.0f}x)" if t_full_best < t_full * 0.8 else ""
+            vs_other = f" ({t_other / fast:.0f}x)" if t_other < full_median[(m, n)] * 0.8 else ""
+            spread = f"{min(ratios):.1f}-{max(ratios):.1f}"
             rows.append(
-                f"| {m}x{n} | {r} | {kappa:.0f} | {fmt_t(t_full)} | {fmt_t(t_fast)} | **{speed:.1f}x**{vs_best} "
-                f"| {excess_v:.1e} / {excess_u:.1e} | {path}, {info.get('blocks', 0)} blocks "
-                f"| {fmt_t(t_low)} ({t_full / t_low:.0f}x) | {deficit:.1e} |"
+                f"| {m}x{n} | {r} | {kappa:.0f} | {fmt_t(full_median[(m, n)])} | {fmt_t(fast)} "
+                f"| **{speed:.1f}x**{vs_other} | {spread} | {excess_v:.1e} / {excess_u:.1e} "
+                f"| {path}, {info.get('blocks', 0)} blocks | {fmt_t(low)} ({full_median[(m, n)] / low:.0f}x) "
+                f"| {deficit:.1e} |"
             )
             print(rows[-1], flush=True)
     return rows, worst
@@ -184,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes: a smoke run of the whole script")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    p.add_argument("--repeats", type=int, default=2, help="best-of repeats for the fast solvers (default 2)")
+    p.add_argument("--pairs", type=int, default=3,
+                   help="side-by-side rounds (full SVD, then the fast solvers) per shape; default 3")
     args = p.parse_args(argv)
 
     if args.quick:
@@ -196,10 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     load0 = os.getloadavg()[0]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-    header = ("| shape | r | cond | full fp32 SVD | `gram` minor | speedup | excess V / U | path "
-              "| `lowrank` principal | principal deficit |\n|---|---|---|---|---|---|---|---|---|---|")
-    rows, worst = matrix_table(shapes, ranks, alpha=0.7, repeats=args.repeats, full_repeats=1)
-    hard_rows, _ = matrix_table(hard, ranks[-1:], alpha=1.0, repeats=1, full_repeats=1)
+    header = ("| shape | r | cond | full fp32 SVD | `gram` minor | speedup | range | excess V / U | path "
+              "| `lowrank` principal | principal deficit |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    rows, worst = matrix_table(shapes, ranks, alpha=0.7, pairs=args.pairs)
+    hard_rows, _ = matrix_table(hard, ranks[-1:], alpha=1.0, pairs=1)
     cross = crossover_table(sizes, cross_ranks, repeats=3)
     tiny_rows, share = tiny_model_table(*tiny, repeats=3)
     load1 = os.getloadavg()[0]
@@ -216,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
 
 Reproduce: `{cmd}` ({minutes:.1f} min here; `--quick` for a smoke run). Machine: {cpu}, {os.cpu_count()} cores,
 torch {torch.__version__} ({torch.get_num_threads()} threads), load average {load0:.1f} -> {load1:.1f} during the
-run (other jobs shared the machine: timings are wall-clock, fast solvers best of {args.repeats}).
+run. Timings are wall-clock and side by side: {args.pairs} rounds per shape, each a full SVD and then the
+fast solvers; a speedup is the median over rounds of full / fast (`range`: the rounds' lowest and highest),
+so the machine's speed drifts cancel out of each ratio; times are medians (`lowrank`: best).
 
 **Minor solver vs full SVD** (trained-like spectrum: power law sigma_i = i^-0.7 plus a Gaussian noise floor;
 `cond` = sigma_max / sigma_min). Excess: relative excess of the captured minor energy over the fp64
