@@ -192,8 +192,13 @@ def _syrk(A: Tensor, full: bool = True) -> Tensor:
     return A.T @ A
 
 
-def _potrf(G: Tensor) -> Tensor | None:
-    """Lower Cholesky factor of the SPD `G` (only its lower triangle is read), or None if not (numerically) SPD."""
+def _potrf(G: Tensor, overwrite: bool = False) -> Tensor | None:
+    """Lower Cholesky factor of the SPD `G` (only its lower triangle is read), or None if not (numerically) SPD.
+
+    `overwrite`: factor in `G`'s own storage (LAPACK's in-place potrf), which `G` then no longer holds,
+    whether or not it succeeded: no second matrix of its size (for N = 4096, 64 MB of fresh memory,
+    which on this VM costs more to fault in than the copy itself).
+    """
     if G.device.type == "cpu":
         try:
             from scipy.linalg import lapack
@@ -204,23 +209,26 @@ def _potrf(G: Tensor) -> Tensor | None:
             g = G.numpy()
             with _small_blas(G.shape[0]):
                 if g.flags.f_contiguous:
-                    c, info = potrf(g, lower=1, clean=1)
+                    c, info = potrf(g, lower=1, clean=1, overwrite_a=int(overwrite))
                     return torch.from_numpy(c) if info == 0 else None
-                c, info = potrf(g.T, lower=0, clean=1)  # row-major: its transpose is column-major, upper = our lower
+                c, info = potrf(g.T, lower=0, clean=1, overwrite_a=int(overwrite))  # row-major: its transpose is column-major, upper = our lower
             return torch.from_numpy(c).T if info == 0 else None
     L, info = torch.linalg.cholesky_ex(G)
     return L if int(info) == 0 else None
 
 
-def _cholesky(G: Tensor, max_shift: float) -> Tensor | None:
+def _cholesky(G: Tensor, max_shift: float, remake: Callable[[], Tensor] | None = None) -> Tensor | None:
     """Cholesky factor of `G + shift I` for the smallest shift in `[0, max_shift * ||G||]` that works.
 
     A shift keeps the eigenvectors, so inverse iteration still finds the minor subspace (the spectrum
-    below the shift is only flattened); None when even the largest shift fails.
+    below the shift is only flattened); None when even the largest shift fails. With `remake` (which
+    builds `G` again), the first try factors `G` in place, and only a shifted retry rebuilds it.
     """
-    L = _potrf(G)
+    L = _potrf(G, overwrite=remake is not None)
     if L is not None:
         return L
+    if remake is not None:
+        G = remake()
     scale = float(G.diagonal().abs().max()) or 1.0
     shift = G.shape[0] * torch.finfo(G.dtype).eps * scale
     eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
@@ -451,7 +459,10 @@ def _fast_operator(A32: Tensor, side: Side) -> _Operator | None:
             )
     if side == "principal":
         return _chol_operator(_syrk(A32), None, "gram32")
-    L = _cholesky(_syrk(A32, full=False), max_shift=1e-5)
+    def gram32() -> Tensor:
+        return _syrk(A32, full=False)
+
+    L = _cholesky(gram32(), max_shift=1e-5, remake=gram32)
     return None if L is None else _chol_operator(None, L, "chol32")
 
 

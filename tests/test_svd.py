@@ -127,6 +127,27 @@ def test_exact_products_match_fp64_in_blocks(monkeypatch, orientation):
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-10)
 
 
+def test_in_place_cholesky_rebuilds_a_singular_gram_matrix_for_the_shifted_retry():
+    """The first factorization overwrites the Gram matrix; when it fails (singular), `remake` rebuilds it
+    and the shifted factor is of the true `G + shift I`, not of the overwritten remains."""
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(200, 120, generator=g)
+    A[:, 7] = A[:, 3]  # exactly rank-deficient: G is singular
+    calls = []
+
+    def gram() -> torch.Tensor:
+        calls.append(1)
+        return svd._syrk(A, full=False)
+
+    L = svd._cholesky(gram(), max_shift=1e-3, remake=gram)
+    assert L is not None and len(calls) == 2
+    G = A.T.double() @ A.double()
+    resid = L.double() @ L.double().T - G
+    shift = float(resid.diagonal().mean())
+    assert 0 < shift <= 1e-3 * float(G.diagonal().max())
+    assert float((resid - shift * torch.eye(120, dtype=F64)).abs().max()) < 1e-4 * float(G.abs().max())
+
+
 def test_repeated_singular_values():
     """A minor cluster of equal singular values: any basis of it is right; energies must match."""
     s = torch.cat([torch.linspace(10, 2, 300), torch.full((40,), 0.5), torch.full((20,), 0.1)]).to(F64)
