@@ -475,8 +475,8 @@ def _extend(Q: Tensor, Y: Tensor) -> tuple[Tensor, Tensor, Tensor | None] | None
     QR is many small ones) is orthonormal to rounding after its second pass when cond(Y) is below ~1e6;
     otherwise (or when most of `Y` was in span(Q)) Householder QR and a third pass against `Q`.
     """
-    wide64 = Y.dtype == torch.float64
-    lost, flat = (1e-4, 1e-6) if wide64 else (1e-2, 1e-3)  # ~sqrt(eps)-scaled limits of Cholesky QR
+    # Cholesky QR's limits, ~sqrt(eps)-scaled: fp64, or an fp32 basis (see `_krylov`)
+    lost, flat = (1e-4, 1e-6) if Y.dtype == torch.float64 else (1e-2, 1e-3)
     norm = float(torch.linalg.matrix_norm(Y)) or 1.0
     C = Q.T @ Y
     Y = Y - Q @ C
@@ -627,8 +627,8 @@ def _krylov(
     resolve at the minor end even when the fp32 operator has already found the right subspace. The
     basis `Q` is fp32 on the minor side with a factored fp32 operator (its orthogonalization is half
     of a block's work; a loss of orthogonality of ~eps32 moves the Ritz values by ~eps32 relative, far
-    below `GRAM_TOL`), fp64 otherwise. With a factor `F` (`G = F^T F`) the projection is `(F Q)^T (F Q)`; products with `G` itself are only
-    formed when needed (the principal side's next block, the residual test of fp64 operators).
+    below `GRAM_TOL`), fp64 otherwise. With a factor `F` (`G = F^T F`) the projection is
+    `(F Q)^T (F Q)`; products with `G` itself are only formed when needed (the principal side's next block, the residual test of fp64 operators).
     Rayleigh-Ritz every `GRAM_CHECK` blocks and at the end of each cycle (where the restart needs it
     anyway); stops when `_ritz_converged`. Returns (fp64 basis, operator applications, converged).
     """
@@ -641,8 +641,9 @@ def _krylov(
     N, width = op.N, _krylov_width(block)
     keep = GRAM_KEEP * block
     X = _start_block(N, block, f64, op.device) if X0 is None else torch.linalg.qr(X0.to(f64)).Q
-    # Minor side, factored fp32 operator: the basis itself in fp32 (its orthogonality, ~eps32, moves the
-    # Ritz values by as little), `F Q` and the Rayleigh-Ritz in fp64 (they carry the spread of cond(A)^2).
+    # Minor side, factored fp32 operator (`recur`: `F` times a new block comes from the solve that made it):
+    # the basis in fp32 (its ~eps32 loss of orthogonality moves the Ritz values by as little), `F Q` and
+    # the Rayleigh-Ritz in fp64 (they carry the spread of cond(A)^2).
     recur = side == "minor" and not need_g and op.inv_f is not None
     bdt = op.dtype if recur else f64
     Q = torch.empty(N, width, dtype=bdt, device=op.device)
