@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -57,11 +56,8 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-# scipy's OpenBLAS (syrk, potrf, eigh here) keeps its idle threads spinning for 2^28 cycles (~0.1 s)
-# after each call, taking a core from the torch (MKL) work that follows: measured ~0.3 s lost per large
-# `gram` solve on 2 cores. Read when scipy.linalg first loads its OpenBLAS, so only effective if this
-# module is imported before that; a value set by the user wins.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+# `OPENBLAS_THREAD_TIMEOUT` (short spins of scipy's idle OpenBLAS threads) is set by `milora/__init__.py`,
+# so that it is in the environment before anything loads scipy's OpenBLAS; see there.
 
 Side = Literal["minor", "principal"]
 SOLVERS = ("auto", "full", "full64", "gram", "lowrank")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -323,3 +326,14 @@ def test_init_adapter_with_the_gram_solver_is_exact_at_step0_and_spans_the_minor
         assert float((W.T @ U).pow(2).sum()) - exact <= EXCESS * exact, name
         got = torch.linalg.svdvals(cfg.scale * B.double() @ A.double())[:4]
         assert torch.allclose(got.sort().values, S[-4:].sort().values, rtol=1e-3), name
+
+
+@pytest.mark.parametrize("given, expected", [(None, "4"), ("12", "12")])
+def test_importing_milora_sets_a_short_openblas_thread_timeout_unless_the_user_did(given, expected):
+    """Set on the package's import (before anything loads scipy's OpenBLAS, which reads it once)."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if given is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = given
+    code = "import milora, os; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
