@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from milora import svd  # noqa: E402
+from milora.core import svd  # noqa: E402
 
 F64 = torch.float64
 SECTION = "## SVD initialisation"
@@ -198,7 +198,7 @@ def write_section(path: Path, text: str) -> None:
     old = path.read_text() if path.exists() else "# Benchmarks\n"
     pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
     new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    from milora.io import atomic_write_text
+    from milora.core.io import atomic_write_text
 
     atomic_write_text(path, new)
 

@@ -1,5 +1,6 @@
-"""DVC as the flow sees it: the stage order from `dvc.yaml`, `dvc repro` as a streamed subprocess,
-what ran and what was skipped, and whether a failure is worth retrying.
+"""DVC as the flow sees it: the stage order from `dvc.yaml`, `dvc repro` as a streamed subprocess, and
+what happened, read from structured sources only: each stage's result file (`milora.pipeline.results`),
+`dvc.lock` and exit codes. Nothing here parses log text.
 
 Nothing here computes pipeline results: every stage is `milora stage <name>` run by DVC.
 """
@@ -9,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import selectors
 import signal
 import subprocess
@@ -22,42 +22,22 @@ from typing import Any, Literal
 
 import yaml
 
+from milora.core.errors import ErrorKind, InvalidInput, MissingInput, kind_of_exit
+from milora.pipeline.results import StepResult
+
 Outcome = Literal["ran", "skipped", "restored"]
-FailureKind = Literal["transient", "user", "error"]
-
-# DVC's own words for what it did with a stage.
-_RAN = re.compile(r"^Running stage '([^']+)'", re.M)
-_SKIPPED = re.compile(r"^Stage '([^']+)' didn't change, skipping", re.M)
-_RESTORED = re.compile(r"^Stage '([^']+)' is cached - skipping run, checking out outputs", re.M)
-_EXITED = re.compile(r"failed to run: .*, exited with (-?\d+)")
-_STAGE_DONE = re.compile(r"stage (\S+): done in ([0-9.]+)s")
-
-# Output that marks a failure as transient: the network, a store that is briefly unavailable, a lock
-# another DVC process holds for a moment. Matched case-insensitively against the stage's output.
-TRANSIENT_PATTERNS: tuple[str, ...] = (
-    r"EndpointConnectionError", r"Could not connect to the endpoint URL", r"ConnectionRefusedError",
-    r"Connection refused", r"Connection reset by peer", r"ConnectTimeout", r"ConnectTimeoutError",
-    r"ReadTimeout", r"ReadTimeoutError", r"RemoteDisconnected", r"Max retries exceeded",
-    r"Temporary failure in name resolution", r"\b503 Service Unavailable\b", r"\bServiceUnavailable\b",
-    r"\bSlowDown\b", r"\bRequestTimeout\b", r"\bThrottling(Exception)?\b", r"API request to .* failed",
-    r"Unable to acquire lock", r"Broken pipe", r"\bunreachable\b", r"\bcannot reach\b",
-)
-_TRANSIENT = re.compile("|".join(TRANSIENT_PATTERNS), re.I)
-
-# Exit code of the `milora` CLI for errors the user can fix (bad params, bad data, missing files).
-USER_ERROR_EXIT = 2
 
 
 class StageFailed(RuntimeError):
-    """A stage (or the register step) failed; `kind` says whether retrying can help."""
+    """A stage (or the register step) failed; `kind` (see `milora.core.errors`) says whether retrying helps."""
 
-    def __init__(self, stage: str, returncode: int, kind: FailureKind, detail: str, attempt: int = 1,
+    def __init__(self, stage: str, returncode: int, kind: ErrorKind, detail: str, attempt: int = 1,
                  seconds: float = 0.0):
         self.stage, self.returncode, self.kind, self.detail = stage, returncode, kind, detail
         self.attempt, self.seconds = attempt, seconds
         what = {"transient": "transient failure, retried with backoff",
                 "user": "configuration or data error, not retried",
-                "error": "error, not retried"}[kind]
+                "internal": "internal error (a bug), not retried"}[kind]
         super().__init__(f"stage '{stage}' failed ({what}; exit {returncode}): {detail}")
 
     def __reduce__(self):  # keep pickling (Prefect may serialise the exception) faithful
@@ -104,7 +84,7 @@ def stage_order(root: str | os.PathLike[str]) -> list[str]:
     try:
         stages = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages") or {}
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no dvc.yaml (run from the project root, or pass --root)") from None
+        raise MissingInput(f"{path}: no dvc.yaml (run from the project root, or pass --root)") from None
     outs = {name: _paths(s.get("outs", [])) + _paths(s.get("metrics", [])) + _paths(s.get("plots", []))
             for name, s in stages.items()}
     needs: dict[str, set[str]] = {}
@@ -117,7 +97,7 @@ def stage_order(root: str | os.PathLike[str]) -> list[str]:
     while pending:
         ready = [n for n in pending if needs[n] <= set(order)]
         if not ready:
-            raise ValueError(f"{path}: the stages {pending} depend on each other in a cycle")
+            raise InvalidInput(f"{path}: the stages {pending} depend on each other in a cycle")
         order.append(ready[0])
         pending.remove(ready[0])
     return order
@@ -243,59 +223,51 @@ def dvc_status(root: str | os.PathLike[str], env: Mapping[str, str] | None = Non
     out = subprocess.run(dvc_command("status", "--json"), cwd=str(root), env=dict(env or venv_env()),
                          capture_output=True, text=True)
     if out.returncode != 0:
-        tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise StageFailed("status", out.returncode, classify_failure(out.returncode, out.stderr + out.stdout),
-                          tail[0])
+        raise StageFailed("status", out.returncode, kind_of_exit(out.returncode), last_line(out.stderr + out.stdout))
     text = out.stdout.strip()
     return json.loads(text) if text else {}
 
 
+def lock_entry(root: str | os.PathLike[str], stage: str) -> dict[str, Any] | None:
+    """The `dvc.lock` record of one stage (its deps, params and outs hashes), or None."""
+    path = Path(root) / "dvc.lock"
+    if not path.exists():
+        return None
+    return ((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages") or {}).get(stage)
+
+
 # ---------------------------------------------------------------------------------------------------
-# reading what happened
+# what happened
 
 
-def repro_outcome(stage: str, output: str) -> Outcome:
-    """What `dvc repro --single-item STAGE` did with STAGE, from DVC's output."""
-    if any(m == stage for m in _RAN.findall(output)):
-        return "ran"
-    if any(m == stage for m in _RESTORED.findall(output)):
-        return "restored"
-    if any(m == stage for m in _SKIPPED.findall(output)):
-        return "skipped"
-    # DVC says nothing about a stage only when it had nothing to do with it.
-    return "skipped"
-
-
-def stage_seconds(output: str) -> float | None:
-    """The stage's own compute time, as `milora stage` logs it (`stage X: done in 12.3s`)."""
-    found = _STAGE_DONE.findall(output)
-    return float(found[-1][1]) if found else None
-
-
-def stage_exit_code(returncode: int, output: str) -> int:
-    """The exit code of the stage command itself (DVC reports it), else DVC's own."""
-    found = _EXITED.findall(output)
-    return int(found[-1]) if found else returncode
-
-
-def classify_failure(returncode: int, output: str) -> FailureKind:
-    """`transient` (worth a retry: killed by a signal, a connection error in the output), `user` (the
-    `milora` CLI's exit 2: bad config or data; never retried) or `error` (anything else; not retried)."""
-    code = stage_exit_code(returncode, output)
-    if code < 0 or returncode < 0 or code in (128 + signal.SIGKILL, 128 + signal.SIGTERM):
-        return "transient"
-    if _TRANSIENT.search(output):
-        return "transient"
-    if code == USER_ERROR_EXIT:
-        return "user"
-    return "error"
-
-
-def failure_detail(output: str) -> str:
-    """The line of the output that says what went wrong (the CLI's one-line error, an exception, DVC's)."""
+def last_line(output: str) -> str:
+    """The last non-empty line of a command's output: shown when a command failed without a structured
+    result (DVC itself failed before or around the stage); never used to decide anything."""
     lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
-    for pattern in (r"^milora [\w-]+: error: ", r"^[\w.]*(Error|Exception)\b.*:", r"^ERROR: "):
-        hits = [ln for ln in lines if re.search(pattern, ln)]
-        if hits:
-            return hits[-1]
     return lines[-1] if lines else "no output"
+
+
+def step_failure(step: str, returncode: int, result: StepResult | None, output: str, attempt: int = 1,
+                 seconds: float = 0.0) -> StageFailed:
+    """The failure of one step, from its structured result when it wrote one.
+
+    * a result `failed`: the step's own error kind, exit code and message;
+    * a result still `running`: the step's process died without finishing (a signal, an OOM kill): transient;
+    * no result: DVC (or the launcher) failed around the step: the kind of its exit code."""
+    if result is not None and result.status == "failed":
+        return StageFailed(step, result.exit_code or returncode, result.error_kind or "internal",
+                           result.message or "failed", attempt, seconds)
+    if result is not None and result.status == "running":
+        return StageFailed(step, returncode, "transient",
+                           f"the {step} process (pid {result.pid}) died before finishing (killed?)", attempt, seconds)
+    return StageFailed(step, returncode, kind_of_exit(returncode), last_line(output), attempt, seconds)
+
+
+def repro_outcome(result: StepResult | None, lock_before: dict[str, Any] | None,
+                  lock_after: dict[str, Any] | None) -> Outcome:
+    """What a successful `dvc repro --single-item STAGE` did with STAGE: `ran` when the stage wrote a result
+    under this run's token, else `restored` (DVC checked its outputs out of the run cache: its `dvc.lock`
+    record changed) or `skipped` (nothing changed)."""
+    if result is not None:
+        return "ran"
+    return "skipped" if lock_before == lock_after else "restored"

@@ -22,8 +22,8 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
-from milora.config import Config, ConfigError, load_config
-from milora.io import atomic_write_bytes
+from milora.core.io import atomic_write_bytes
+from milora.pipeline.config import Config, ConfigError, load_config
 
 log = logging.getLogger(__name__)
 

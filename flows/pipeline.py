@@ -9,7 +9,7 @@ project root (DVC skips a stage whose deps, params and outs did not change, and 
   runs), `model_name` (the registered model), `root` (the project) and `params` (another params file);
   overrides are written into `params.yaml` for the run and the original is put back afterwards
   (`flows.params`), because DVC and the stages read `params.yaml`;
-* one run per workspace: the flow holds `milora.lock.WorkspaceLock` for its whole duration;
+* one run per workspace: the flow holds `milora.pipeline.lock.WorkspaceLock` for its whole duration;
 * retries with backoff only for transient failures (a stage killed by a signal, a connection error
   in its output); a config or data error (the `milora` CLI's exit 2) fails at once with its message;
 * scheduled semantics: the `ingest` stage is forced first, so the data source's current contents are
@@ -41,26 +41,26 @@ from prefect.states import Completed, Failed, State
 from flows.dvc import (
     DvcResult,
     StageFailed,
-    classify_failure,
     default_remote,
     dvc_command,
     dvc_status,
-    failure_detail,
     lock_digest,
+    lock_entry,
     out_hash,
     repro_outcome,
     run_streamed,
-    stage_exit_code,
     stage_order,
-    stage_seconds,
+    step_failure,
     venv_env,
 )
 from flows.params import run_params, validate_run_config
 from flows.report import REGISTERED_FILE, RunReport, read_metrics, registration_line, render_markdown
-from milora.config import ConfigError
-from milora.io import read_json, write_json
-from milora.lock import WorkspaceBusy, WorkspaceLock, held_lock
-from milora.paths import Paths
+from milora.core.errors import UserError
+from milora.core.io import read_json, write_json
+from milora.pipeline.lock import WorkspaceBusy, WorkspaceLock, held_lock
+from milora.pipeline.paths import Paths
+from milora.pipeline.results import TOKEN_ENV, StepResult, read_result
+from milora.tracking.runs import ENV_PREFECT_FLOW_RUN
 
 FLOW_NAME = "milora-pipeline"
 INGEST = "ingest"  # forced on every run: it reads the data source's current contents
@@ -127,7 +127,7 @@ def _inherited_fds(root: Path) -> tuple[int, ...]:
     return (lock.fileno(),) if lock is not None else ()
 
 
-# DVC's hints after each stage (about git, autostage, push): noise in a task log. Kept for parsing.
+# DVC's hints after each stage (about git, autostage, push): noise in a task log (display only).
 _DVC_HINTS = ("To track the changes with git, run:", "git add ", "To enable auto staging, run:",
               "dvc config core.autostage true", "Use `dvc push` to send your updates to remote storage.")
 
@@ -138,20 +138,23 @@ def _log_line(logger: Any, line: str) -> None:
         logger.info(line.rstrip())
 
 
-def _run_step(name: str, cmd: list[str], root: Path, env: dict[str, str],
-              on_tick: Any = None) -> tuple[DvcResult, int]:
-    """Run one step's subprocess with its output in the task log; raise `StageFailed` if it fails."""
+def _run_step(name: str, cmd: list[str], root: Path, on_tick: Any = None, result_step: str | None = None,
+              env: dict[str, str] | None = None) -> tuple[DvcResult, int, StepResult | None]:
+    """Run one step's subprocess with its output in the task log, under a fresh run token.
+
+    Returns the command's result, the attempt number and the structured result the step wrote under this
+    token (None when DVC skipped it); raises `StageFailed` from that result if the command failed."""
     logger = get_run_logger()
     attempt = runtime_task_run.run_count or 1
-    result = run_streamed(cmd, cwd=root, env=env, on_line=lambda ln: _log_line(logger, ln), on_tick=on_tick,
-                          pass_fds=_inherited_fds(root))
+    token = uuid.uuid4().hex
+    result = run_streamed(cmd, cwd=root, env=venv_env({**(env or {}), TOKEN_ENV: token}), on_line=lambda ln: _log_line(logger, ln),
+                          on_tick=on_tick, pass_fds=_inherited_fds(root))
+    step = read_result(root, result_step, token) if result_step else None
     if result.returncode != 0:
-        exc = StageFailed(name, stage_exit_code(result.returncode, result.output),
-                          classify_failure(result.returncode, result.output), failure_detail(result.output),
-                          attempt=attempt, seconds=round(result.seconds, 3))
+        exc = step_failure(name, result.returncode, step, result.output, attempt, round(result.seconds, 3))
         logger.error("%s (attempt %d of at most %d)", exc, attempt, RETRIES + 1)
         raise exc
-    return result, attempt
+    return result, attempt, step
 
 
 @task(name="stage", task_run_name="{stage}", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
@@ -160,7 +163,7 @@ def run_stage(stage: str, root: str, force: bool = False, progress_id: str | Non
               progress_span: tuple[float, float] = (0.0, 100.0)) -> dict[str, Any]:
     """`dvc repro --single-item STAGE` in `root`, its output streamed into this task's log.
 
-    Returns the `StageRun` fields as a dict; raises `StageFailed` (kind transient/user/error)."""
+    Returns the `StageRun` fields as a dict; raises `StageFailed` (kind transient/user/internal)."""
     rootp = Path(root)
     lo, hi = progress_span
     _set_progress(progress_id, lo, f"{stage}: running")
@@ -175,12 +178,13 @@ def run_stage(stage: str, root: str, force: bool = False, progress_id: str | Non
 
     args = ["repro", "--single-item", *(["--force"] if force else []), stage]
     get_run_logger().info("$ dvc %s", " ".join(args))
-    result, attempt = _run_step(stage, dvc_command(*args), rootp, venv_env(), on_tick)
-    outcome = repro_outcome(stage, result.output)
+    before = lock_entry(rootp, stage)
+    result, attempt, step = _run_step(stage, dvc_command(*args), rootp, on_tick, result_step=stage)
+    outcome = repro_outcome(step, before, lock_entry(rootp, stage))
     _set_progress(progress_id, hi, f"{stage}: {outcome}")
     get_run_logger().info("stage %s: %s in %.1fs", stage, outcome, result.seconds)
     return {"name": stage, "outcome": outcome, "seconds": round(result.seconds, 3),
-            "compute_seconds": stage_seconds(result.output), "attempts": attempt}
+            "compute_seconds": step.seconds if step else None, "attempts": attempt}
 
 
 @task(name=PUSH_DATA, retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_transient,
@@ -193,7 +197,7 @@ def push_data(root: str, stage: str = INGEST) -> dict[str, Any]:
         get_run_logger().info("no DVC default remote: the data version stays in the local cache only")
         return {"remote": None, "seconds": 0.0, "attempts": 0}
     get_run_logger().info("$ dvc push %s  (remote %s)", stage, remote)
-    result, attempt = _run_step(f"push {stage}", dvc_command("push", stage), rootp, venv_env())
+    result, attempt, _ = _run_step(f"push {stage}", dvc_command("push", stage), rootp)
     return {"remote": remote, "seconds": round(result.seconds, 3), "attempts": attempt}
 
 
@@ -205,37 +209,28 @@ def register(root: str, flow_run_id: str | None = None, progress_id: str | None 
 
     Returns `{"decision": registration_summary(...), "seconds": ..., "attempts": ...}`."""
     _set_progress(progress_id, progress_span[0], "register: running")
-    env = venv_env({"PREFECT__FLOW_RUN_ID": flow_run_id} if flow_run_id else None)
     get_run_logger().info("$ milora register --root %s", root)
-    result, attempt = _run_step(REGISTER, [sys.executable, "-m", "milora.cli", "register", "--root", root],
-                                Path(root), env)
-    decision = registration_summary(result.lines, Path(root))
+    cmd = [sys.executable, "-m", "milora.cli", "register", "--root", root]
+    env = {ENV_PREFECT_FLOW_RUN: flow_run_id} if flow_run_id else None
+    result, attempt, step = _run_step(REGISTER, cmd, Path(root), result_step=REGISTER, env=env)
+    decision = registration_summary(step.data if step else {}, Path(root))
     get_run_logger().info("register: %s", registration_line(decision))
     _set_progress(progress_id, progress_span[1], "register: done")
     return {"decision": decision, "seconds": round(result.seconds, 3), "attempts": attempt}
 
 
-def registration_summary(lines: list[str], root: Path) -> dict[str, Any]:
-    """The registration as the report shows it, from the JSON line `milora register` prints last and
-    `metrics/register.json` (tracking URI): version, decision, both metric values, MLflow run link."""
-    printed: dict[str, Any] = {}
-    for line in reversed(lines):
-        line = line.strip()
-        if line.startswith("{") and line.endswith("}"):
-            try:
-                printed = json.loads(line)
-                break
-            except ValueError:
-                continue
+def registration_summary(reg: dict[str, Any], root: Path) -> dict[str, Any]:
+    """The registration as the report shows it, from the register step's structured result (`data`: version,
+    decision, both metric values) and `metrics/register.json` (tracking URI, MLflow run link)."""
     written: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
         written = read_json(Paths(root).metrics("register"))
-    d = printed.get("decision") or {}
-    out = {"model_name": printed.get("model_name", written.get("model_name")),
-           "version": printed.get("version", written.get("version")),
-           "run_id": printed.get("run_id", written.get("run_id")),
-           "model_uri": printed.get("model_uri", written.get("model_uri")),
-           "created": printed.get("created"),
+    d = reg.get("decision") or {}
+    out = {"model_name": reg.get("model_name", written.get("model_name")),
+           "version": reg.get("version", written.get("version")),
+           "run_id": reg.get("run_id", written.get("run_id")),
+           "model_uri": reg.get("model_uri", written.get("model_uri")),
+           "created": reg.get("created"),
            "promoted": d.get("promote", written.get("promoted")),
            "reason": d.get("reason", written.get("reason")),
            "metric": d.get("metric", written.get("metric")),
@@ -311,7 +306,7 @@ def milora_pipeline(overrides: dict[str, Any] | None = None, model_name: str | N
     try:
         validate_run_config(rootp, params, overrides)
         stages = stage_order(rootp)
-    except (ConfigError, FileNotFoundError) as exc:
+    except UserError as exc:
         return _failed(exc)
     fid = runtime_flow_run.id
     report = RunReport(root=str(rootp), flow_run_id=fid, flow_run_name=runtime_flow_run.name,
@@ -396,7 +391,7 @@ def milora_pipeline(overrides: dict[str, Any] | None = None, model_name: str | N
             _record_failure(report, current, exc)
             report.status, report.message = "failed", str(exc)
             _publish(report, t0)
-            if isinstance(exc, (StageFailed, ConfigError)):
+            if isinstance(exc, (StageFailed, UserError)):
                 return _failed(exc)  # its message says it all: no traceback in the logs
             raise
     _publish(report, t0)

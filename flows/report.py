@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from milora.io import read_json, write_json
+from milora.core.io import read_json, write_json
 
 REPORT_FILE = Path(".milora") / "last_run.json"
 REGISTERED_FILE = Path(".milora") / "registered.json"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-# scipy's OpenBLAS (syrk, potrf and eigh in `milora.svd`) keeps its idle threads spinning for 2^28 cycles
+# scipy's OpenBLAS (syrk, potrf and eigh in `milora.core.svd`) keeps its idle threads spinning for 2^28 cycles
 # (~0.1 s) after each call, taking a core from the torch (MKL) work that follows: measured ~0.3 s lost per
 # large `gram` solve on 2 cores. OpenBLAS reads this once, when scipy.linalg first loads it, so it is set
 # here, on the package's import, before any stage imports transformers or scipy (a user's script that
@@ -21,12 +21,12 @@ __all__ = ["AdapterConfig", "init_adapter", "load_adapter", "merge", "save_adapt
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from milora.adapter import AdapterConfig, init_adapter, load_adapter, merge, save_adapter, to_lora
+    from milora.core.adapter import AdapterConfig, init_adapter, load_adapter, merge, save_adapter, to_lora
 
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from milora import adapter
+        from milora.core import adapter
 
         return getattr(adapter, name)
     raise AttributeError(f"module 'milora' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """The MLflow pyfunc model of a MiLoRA fine-tune: prompts in, generated continuations out.
 
-Logged as *models from code* by `milora.registry` (no pickle): MLflow copies this file into the
+Logged as *models from code* by `milora.tracking.registry` (no pickle): MLflow copies this file into the
 model and runs it at load time. The model directory carries everything it needs offline:
 
 * `artifacts["adapter"]`: the MiLoRA adapter (`milora.save_adapter` format), loaded with
@@ -88,7 +88,7 @@ class MiloraGenerator(PythonModel):
     # the DataFrame form; the logged signature (one string column, `max_new_tokens` param) is explicit.
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> list[str]:
         """Greedy generation (as in evaluation): one continuation, without the prompt, per input prompt."""
-        from milora.evaluate import generate
+        from milora.model.generate import generate
 
         p = {**DEFAULT_PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}
         return generate(self.model, self.tokenizer, prompts_of(model_input), int(p["max_new_tokens"]),

@@ -7,8 +7,8 @@ import os
 
 import torch
 
-from milora.cache import LocalCache, S3Cache
-from milora.svd import solve
+from milora.core.cache import LocalCache, S3Cache
+from milora.core.svd import solve
 
 
 def _writer(spec: str, env: dict[str, str], repeats: int, barrier, out) -> None:

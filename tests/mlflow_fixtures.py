@@ -72,13 +72,13 @@ def seed_embedded_store(root: Path) -> None:
     """Give `root` an embedded MLflow store (`mlflow/mlflow.db`) copied from a template migrated once per session.
 
     Creating the SQLite schema takes seconds; copying the file of an empty, migrated store takes
-    milliseconds. The template itself is made through `milora.tracking.client`, the production path.
+    milliseconds. The template itself is made through `milora.tracking.runs.client`, the production path.
     """
     import atexit
     import shutil
     import tempfile
 
-    from milora import tracking
+    from milora.tracking import runs as tracking
 
     if not _TEMPLATE:
         tmp = Path(tempfile.mkdtemp(prefix="milora-mlflow-template-"))
@@ -123,7 +123,7 @@ def reference_generations(paths, prompts: list[str], max_new_tokens: int) -> lis
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import milora
-    from milora.evaluate import generate
+    from milora.model.generate import generate
 
     tok = AutoTokenizer.from_pretrained(paths.base_dir)
     model = milora.load_adapter(AutoModelForCausalLM.from_pretrained(paths.base_dir), paths.adapter_dir).eval()

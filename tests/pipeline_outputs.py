@@ -1,7 +1,7 @@
 """Real pipeline outputs for tests of the steps downstream of training (tracking, registry, flows).
 
 `build_pipeline_outputs(root)` writes what a finished pipeline run leaves under the project root
-(see `milora.paths.Paths`), for real and offline: a tiny Llama base with a byte-level BPE tokenizer
+(see `milora.pipeline.paths.Paths`), for real and offline: a tiny Llama base with a byte-level BPE tokenizer
 trained on the spot (HF format, safetensors), a MiLoRA adapter trained for a few optimizer steps and
 saved with `milora.save_adapter` plus its `lineage.json`, the metrics JSON files, the loss CSV, the
 spectrum PNG, eval predictions, `dvc.lock` and `data/raw.dvc`.
@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 import milora
-from milora.config import Config
-from milora.io import atomic_write_text, write_json
-from milora.paths import Paths
+from milora.core.io import atomic_write_text, write_json
+from milora.pipeline.config import Config
+from milora.pipeline.paths import Paths
 
 CORPUS = [
     "question: what is two plus three? answer: five",
@@ -39,7 +39,7 @@ DEFAULT_EVAL = {"average_accuracy": 0.5, "accuracy.math": 0.4, "accuracy.choice"
 
 
 class DictTripletCache:
-    """A content-addressed in-memory SVD cache (the `milora.svd.TripletCache` protocol) for test inputs."""
+    """A content-addressed in-memory SVD cache (the `milora.core.svd.TripletCache` protocol) for test inputs."""
 
     def __init__(self) -> None:
         self.entries: dict[str, Any] = {}
@@ -135,7 +135,7 @@ def build_pipeline_outputs(
         opt.zero_grad()
         losses.append(loss.item())
     model.eval()
-    state = milora.adapter.state_of(model)
+    state = milora.core.adapter.state_of(model)
     milora.save_adapter(model, paths.adapter_dir)
     lineage = {
         "method": method, "rank": rank, "alpha": acfg.alpha, "base": identity, "data_hash": data_md5,

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from milora.config import apply_overrides
+from milora.pipeline.config import apply_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

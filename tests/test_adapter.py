@@ -10,7 +10,7 @@ from peft import PeftModel
 from torch import nn
 
 import milora
-from milora.adapter import AdapterConfig, current_factors, residual, state_of
+from milora.core.adapter import AdapterConfig, current_factors, residual, state_of
 from tests.models import tiny_gpt2, tiny_llama
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]

@@ -13,21 +13,13 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from milora import synthetic
-from milora.base import (
-    base_stage,
-    build_model,
-    content_hash,
-    heldout_nll,
-    load_base,
-    load_tokenizer,
-    pretrain,
-    spectrum_stats,
-    train_tokenizer,
-)
-from milora.config import validate
-from milora.io import read_json, write_json
-from milora.paths import Paths
+from milora.core.io import read_json, write_json
+from milora.data import synthetic
+from milora.model.base import content_hash, load_base, load_tokenizer
+from milora.pipeline.config import validate
+from milora.pipeline.paths import Paths
+from milora.stages.base import build_model, heldout_nll, pretrain, spectrum_stats, train_tokenizer
+from milora.stages.base import run as base_stage
 from tests.models import tiny_llama
 
 # A base small enough to pretrain in seconds, still large enough to learn the corpus.
@@ -205,12 +197,12 @@ def test_pretraining_logs_progress_lines_without_a_terminal(caplog, corpus_token
     """Under DVC / Prefect / CI there is no TTY and tqdm is off: progress still shows, as ~10 log lines."""
     import logging
 
-    from milora.base import pack
+    from milora.stages.base import pack
 
     e = validate({"model": {"embedded": {**TINY["model"]["embedded"], "pretrain_steps": 20}}}).model.embedded
     docs, _ = synthetic.pretraining_corpus(40, 1, seed=0)
     data = pack(corpus_tokenizer, docs, 32)
-    with caplog.at_level(logging.INFO, logger="milora.base"):
+    with caplog.at_level(logging.INFO, logger="milora.stages.base"):
         curve = pretrain(build_model(e, len(corpus_tokenizer), corpus_tokenizer), data, e)
     lines = [r.getMessage() for r in caplog.records if "pretraining step" in r.getMessage()]
     assert len(curve) == 20 and len(lines) == 10, lines

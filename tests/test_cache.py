@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import milora
-from milora.adapter import current_factors
-from milora.cache import LocalCache, key_family, make_key, open_cache, weight_digest
 from milora.cli import main as cli_main
-from milora.svd import compute_factors, solve
+from milora.core.adapter import current_factors
+from milora.core.cache import LocalCache, key_family, make_key, open_cache, weight_digest
+from milora.core.svd import compute_factors, solve
 from tests.cache_race import race_two_writers
 from tests.models import tiny_llama
 
@@ -206,7 +206,7 @@ def test_init_adapter_with_cache_dir_matches_no_cache(tmp_path):
     rep_cold, rep_warm = cold.milora_state.report, warm.milora_state.report
     assert (rep_cold.hits, rep_cold.misses) == (0, 6) and (rep_warm.hits, rep_warm.misses) == (6, 0)
     assert cold.milora_state.cache_keys == warm.milora_state.cache_keys and len(warm.milora_state.cache_keys) == 6
-    fa, fb = milora.adapter.current_factors(plain), milora.adapter.current_factors(warm)
+    fa, fb = milora.core.adapter.current_factors(plain), milora.core.adapter.current_factors(warm)
     for name in fa:
         assert torch.equal(fa[name][0], fb[name][0]) and torch.equal(fa[name][1], fb[name][1])
     with torch.no_grad():

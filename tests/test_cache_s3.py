@@ -17,10 +17,17 @@ import pytest
 import torch
 
 import milora
-from milora.adapter import current_factors
-from milora.cache import CacheConfigError, CacheUnavailableError, LocalCache, S3Cache, TieredCache, open_cache
 from milora.cli import main as cli_main
-from milora.svd import solve
+from milora.core.adapter import current_factors
+from milora.core.cache import (
+    CacheConfigError,
+    CacheUnavailableError,
+    LocalCache,
+    S3Cache,
+    TieredCache,
+    open_cache,
+)
+from milora.core.svd import solve
 from tests.cache_race import race_two_writers
 from tests.models import tiny_llama
 from tests.servers import S3_TEST_ENV, free_port

@@ -10,7 +10,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from milora.config import Config, ConfigError, apply_overrides, load_config, validate
+from milora.pipeline.config import Config, ConfigError, apply_overrides, load_config, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,28 +15,25 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from milora import synthetic
-from milora.base import train_tokenizer
-from milora.config import validate
-from milora.data import (
-    PROMPT_NO_INPUT,
-    PROMPT_WITH_INPUT,
+from milora.core.io import read_json, write_json
+from milora.data import synthetic
+from milora.data.formats import (
     ROW_KEYS,
     detect_format,
-    encode,
-    format_prompt,
     load_records,
     normalize_number,
     parse_options,
-    prepare_stage,
     read_records,
-    split_rows,
-    tokenize_pair,
 )
-from milora.data import dedup as dedup_rows
-from milora.ingest import ingest_stage
-from milora.io import read_json, write_json
-from milora.paths import Paths
+from milora.model.prompts import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, format_prompt
+from milora.model.tokenize import encode, tokenize_pair
+from milora.pipeline.config import validate
+from milora.pipeline.paths import Paths
+from milora.stages.base import train_tokenizer
+from milora.stages.ingest import run as ingest_stage
+from milora.stages.prepare import dedup as dedup_rows
+from milora.stages.prepare import run as prepare_stage
+from milora.stages.prepare import split_rows
 
 DATA = Path(__file__).parent / "data"
 CHAT_TEMPLATE = (

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import milora
-from milora.adapter import current_factors
+from milora.core.adapter import current_factors
 from tests.models import tiny_llama
 from tests.servers import free_port
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from milora.evaluate import extract_choice, extract_number, gold_choice
+from milora.model.scoring import extract_choice, extract_number, gold_choice
 
 
 @pytest.mark.parametrize(

@@ -15,20 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from flows.dvc import (
-    StageFailed,
-    classify_failure,
-    failure_detail,
-    repro_outcome,
-    stage_exit_code,
-    stage_order,
-    stage_seconds,
-)
+from flows.dvc import StageFailed, repro_outcome, stage_order, step_failure
 from flows.params import BACKUP, render_params, restore_leftover, run_params, validate_run_config
 from flows.report import RunReport, StageRun, render_markdown, render_summary
-from milora.config import ConfigError
-from milora.lock import WorkspaceBusy, WorkspaceLock, held_lock, read_record
-from milora.tracking import dvc_data_hashes
+from milora.core.errors import UnavailableError, UserError
+from milora.pipeline.config import ConfigError
+from milora.pipeline.lock import WorkspaceBusy, WorkspaceLock, held_lock, read_record
+from milora.pipeline.results import StepResult
+from milora.tracking.runs import dvc_data_hashes
+from tests.faults import fault_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +73,7 @@ def test_run_params_writes_overrides_for_the_run_and_restores_after_failure(proj
             run_params(project, None, {"adapter.rank": 4}) as cfg:
         assert cfg.adapter.rank == 4
         assert validate_run_config(project).adapter.rank == 8  # the original is what validation reads
-        from milora.config import load_config
+        from milora.pipeline.config import load_config
 
         assert load_config(project / "params.yaml").adapter.rank == 4  # what DVC and the stages read
         assert (project / BACKUP).read_bytes() == original
@@ -123,8 +118,8 @@ def test_milora_run_rejects_bad_overrides_before_starting_anything(project, caps
 
 
 def test_deploy_validates_the_schedule_and_the_server():
-    from milora.cli import UserError
-    from milora.deploy_cli import check_server, schedule
+    from flows.commands.deploy import check_server, schedule
+    from milora.core.errors import UserError
     from tests.servers import free_port
 
     assert schedule("0 3 * * *", "Europe/Paris").cron == "0 3 * * *"
@@ -154,13 +149,13 @@ def test_lock_excludes_a_second_run_and_names_the_holder(tmp_path):
         assert again.stale is None
 
 
-# The real `milora.lock` in a subprocess, without importing the package's torch-heavy `__init__`.
+# The real `milora.pipeline.lock` in a subprocess, without importing the package's torch-heavy `__init__`.
 HOLDER = textwrap.dedent(f"""
     import sys, time, types
     pkg = types.ModuleType("milora")
     pkg.__path__ = [{str(REPO / "milora")!r}]
     sys.modules["milora"] = pkg
-    from milora.lock import WorkspaceLock
+    from milora.pipeline.lock import WorkspaceLock
     lock = WorkspaceLock(sys.argv[1], flow_run_id="doomed").acquire()
     print("locked", flush=True)
     time.sleep(600)
@@ -204,7 +199,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
 def test_a_killed_runs_orphaned_temporary_server_is_stopped_by_the_next_run(tmp_path):
-    from milora.run_cli import stop_orphaned_servers
+    from flows.commands.run import stop_orphaned_servers
 
     home = tmp_path / ".prefect"
     orphan, live, other = _fake_server(home, True), _fake_server(home, False), _fake_server(tmp_path / "x", True)
@@ -247,44 +242,36 @@ def test_stage_order_rejects_a_cycle(tmp_path):
         stage_order(tmp_path)
 
 
-def test_repro_outcome_and_timings_from_dvc_output():
-    assert repro_outcome("train", "Running stage 'train':\n> milora stage train\n") == "ran"
-    assert repro_outcome("train", "Stage 'train' didn't change, skipping\n") == "skipped"
-    assert repro_outcome("svd", "Stage 'svd' is cached - skipping run, checking out outputs\n") == "restored"
-    assert stage_seconds("12:00:01 INFO milora.stages: stage train: done in 12.5s\n") == 12.5
-    assert stage_seconds("nothing\n") is None
+def test_repro_outcome_from_the_stages_result_and_dvc_lock():
+    ran = StepResult(step="train", status="ok", seconds=12.5, token="t")
+    assert repro_outcome(ran, {"outs": [1]}, {"outs": [2]}) == "ran"
+    assert repro_outcome(None, {"outs": [1]}, {"outs": [1]}) == "skipped"
+    assert repro_outcome(None, {"outs": [1]}, {"outs": [2]}) == "restored"  # DVC's run cache checked it out
 
 
-@pytest.mark.parametrize(("returncode", "output", "kind"), [
-    (255, "milora stage: error: params.yaml: adapter.rank = 0\nERROR: failed to reproduce 'svd': failed to "
-          "run: milora stage svd, exited with 2", "user"),
-    (255, "ERROR: failed to reproduce 'train': failed to run: milora stage train, exited with -9", "transient"),
-    (-9, "Running stage 'train':", "transient"),
-    (255, "botocore.exceptions.EndpointConnectionError: Could not connect to the endpoint URL: "
-          "\"http://127.0.0.1:1/b\"\nERROR: failed to run: milora stage svd, exited with 1", "transient"),
-    (2, "milora register: error: MLflow tracking server http://127.0.0.1:5000 is unreachable (timed out)",
-     "transient"),
-    (255, "ERROR: Unable to acquire lock. Most likely another DVC process is running", "transient"),
-    (255, "milora stage: error: SVD cache s3://b/p: cannot reach the S3 endpoint http://127.0.0.1:9 "
-          "(ConnectTimeoutError). Check AWS_ENDPOINT_URL_S3\nERROR: failed to reproduce 'svd': failed to run: "
-          "milora stage svd, exited with 1", "transient"),
-    (255, "RuntimeError: fault injected into stage 'evaluate'\nERROR: failed to reproduce 'evaluate': failed "
-          "to run: milora stage evaluate, exited with 1", "error"),
+@pytest.mark.parametrize(("exc", "kind", "code"), [
+    (ConfigError("params.yaml: adapter.rank = 0"), "user", 2),
+    (UserError("data.source: no such file"), "user", 2),
+    (UnavailableError("cannot reach the S3 endpoint"), "transient", 1),
+    (ConnectionRefusedError("refused"), "transient", 1),
+    (ValueError("a library's ValueError is not the user's fault"), "internal", 3),
+    (RuntimeError("a bug"), "internal", 3),
 ])
-def test_failure_classification(returncode, output, kind):
-    assert classify_failure(returncode, output) == kind
+def test_step_failures_keep_their_kind_and_message(exc, kind, code):
+    result = StepResult.start("svd").fail(exc, 1.0)
+    assert (result.error_kind, result.exit_code) == (kind, code)
+    failed = step_failure("svd", 255, result, "DVC output is never parsed", attempt=2, seconds=3.0)
+    assert (failed.kind, failed.returncode, failed.attempt) == (kind, code, 2)
+    assert str(exc) in failed.detail
 
 
-def test_failure_detail_prefers_the_clis_one_line_error():
-    out = ("Running stage 'svd':\n> milora stage svd\nmilora stage: error: params.yaml: adapter.rank = 512 is "
-           "not below min(m, n) = 32 of model.layers.0.q_proj\nERROR: failed to reproduce 'svd': failed to run: "
-           "milora stage svd, exited with 2")
-    assert failure_detail(out).startswith("milora stage: error: params.yaml: adapter.rank = 512")
-    tb = "Traceback (most recent call last):\n  File \"x\"\nRuntimeError: fault injected\nERROR: failed ..."
-    assert failure_detail(tb) == "RuntimeError: fault injected"
-    assert stage_exit_code(255, out) == 2
-    exc = StageFailed("svd", 2, "user", failure_detail(out))
-    assert "not retried" in str(exc) and "adapter.rank = 512" in str(exc)
+def test_step_failures_without_a_finished_result():
+    running = StepResult(step="train", status="running", pid=123)
+    assert step_failure("train", 255, running, "").kind == "transient"  # the stage process was killed
+    assert step_failure("train", -9, None, "").kind == "transient"  # the launcher itself was killed
+    failed = step_failure("status", 255, None, "some output\nERROR: dvc could not read dvc.yaml\n")
+    assert failed.kind == "internal" and failed.detail == "ERROR: dvc could not read dvc.yaml"
+    assert "not retried" in str(failed)
     import pickle
 
     again = pickle.loads(pickle.dumps(StageFailed("x", 1, "transient", "d", attempt=3, seconds=1.5)))
@@ -333,16 +320,16 @@ def test_summary_and_report_round_trip(tmp_path):
     assert "MLflow model: models:/milora/3" in text and "see .prefect" in text
 
 
-def test_registration_summary_reads_the_register_steps_json_line(tmp_path):
+def test_registration_summary_reads_the_register_steps_result(tmp_path):
     from flows.pipeline import registration_summary
 
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "register.json").write_text(json.dumps({"tracking_uri": "http://127.0.0.1:5000"}))
-    line = json.dumps({"model_name": "m", "version": "2", "run_id": "abc", "created": True,
+    data = ({"model_name": "m", "version": "2", "run_id": "abc", "created": True,
                        "model_uri": "models:/m/2", "decision": {"promote": False, "reason": "worse by 0.1",
                                                                 "challenger_value": 0.3, "champion_value": 0.4,
                                                                 "champion_version": "1", "metric": "acc"}})
-    out = registration_summary(["INFO something", line], tmp_path)
+    out = registration_summary(data, tmp_path)
     assert out["decision"] == "champion kept" and out["champion_version"] == "1"
     assert out["run_url"] == "http://127.0.0.1:5000/#/runs/abc" and out["version"] == "2"
 
@@ -352,23 +339,27 @@ def test_registration_summary_reads_the_register_steps_json_line(tmp_path):
 
 FLAKY = textwrap.dedent("""
     import os, signal, sys
+    from milora.cli import report_error
+    from milora.core.errors import UnavailableError, UserError
+    from milora.pipeline.results import recorded
     mode, fails, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     os.makedirs("attempts", exist_ok=True)
     counter = os.path.join("attempts", out)
     n = int(open(counter).read()) + 1 if os.path.exists(counter) else 1
     open(counter, "w").write(str(n))
-    if n <= fails:
-        if mode == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        if mode == "connection":
-            sys.exit('botocore.exceptions.EndpointConnectionError: Could not connect to the endpoint URL: '
-                     '"http://127.0.0.1:9/bucket/key"')
-        if mode == "user":
-            print("milora stage: error: params.yaml: adapter.rank = 0: Input should be greater than 0",
-                  file=sys.stderr)
-            sys.exit(2)
-        raise RuntimeError("a bug in the stage")
-    open(out, "w").write("ok\\n")
+    try:
+        with recorded(mode, "."):
+            if n <= fails:
+                if mode == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if mode == "connection":
+                    raise UnavailableError("cannot reach the S3 endpoint http://127.0.0.1:9 (ConnectTimeoutError)")
+                if mode == "user":
+                    raise UserError("params.yaml: adapter.rank = 0: Input should be greater than 0")
+                raise RuntimeError("a bug in the stage")
+            open(out, "w").write("ok\\n")
+    except Exception as exc:
+        sys.exit(report_error(f"stage {mode}", exc))
 """)
 
 
@@ -417,8 +408,8 @@ def test_stage_task_retries_transient_failures_only(prefect_api, tmp_path):
         assert task_run.run_count == 2 and task_run.state.is_completed()
         assert (root / f"{stage}.txt").read_text() == "ok\n"
 
-    for stage, kind, detail in (("user", "user", "milora stage: error: params.yaml: adapter.rank = 0"),
-                                ("bug", "error", "RuntimeError: a bug in the stage")):
+    for stage, kind, detail in (("user", "user", "params.yaml: adapter.rank = 0"),
+                                ("bug", "internal", "RuntimeError: a bug in the stage")):
         state = one_stage(stage, return_state=True)  # not transient: one attempt, with its clear message
         assert state.is_failed()
         exc = state.result(raise_on_failure=False)
@@ -442,7 +433,7 @@ PIPELINE = ["ingest", "base", "prepare", "svd", "train", "evaluate"]
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """The project copy, with `data.source` a directory holding the synthetic task files."""
-    from milora.synthetic import write_task_files
+    from milora.data.synthetic import write_task_files
     from tests.project import make_project
 
     base = tmp_path_factory.mktemp("flow")
@@ -591,7 +582,7 @@ def test_killed_in_train_resumes_then_fault_at_evaluate_and_retry_skips_train(wo
     """Resumability: a run killed during `train` is re-run and training resumes from its checkpoint; that
     re-run fails at `evaluate` (fault injected by env), and `prefect flow-run retry` completes it without
     running `train` again."""
-    from milora.lock import read_record
+    from milora.pipeline.lock import read_record
     from tests.project import env, run
 
     root, _ = workspace
@@ -635,9 +626,9 @@ def test_killed_in_train_resumes_then_fault_at_evaluate_and_retry_skips_train(wo
 
     # Run again, with a fault injected into `evaluate`: training resumes, then evaluate fails, not retried.
     versions_before = len(_versions(root))
-    failing = _milora(root, prefect_env, *args, check=False, extra_env={"MILORA_FAULT_INJECT": "evaluate"})
-    assert failing.returncode == 1
-    assert "milora.train: resuming from checkpoints/checkpoint-" in failing.stdout + failing.stderr
+    failing = _milora(root, prefect_env, *args, check=False, extra_env=fault_env(fault="evaluate"))
+    assert failing.returncode == 3  # an internal error (a bug), not the user's
+    assert "milora.stages.train: resuming from checkpoints/checkpoint-" in failing.stdout + failing.stderr
     assert "stage 'evaluate' failed" in failing.stderr and "fault injected" in failing.stderr
     failed = _report(root)
     outcomes = _outcomes(failed)
@@ -668,7 +659,7 @@ def test_killed_in_train_resumes_then_fault_at_evaluate_and_retry_skips_train(wo
 
 def _add_rows(source: Path) -> None:
     """New rows in the data source, as a growing production source gets them."""
-    from milora.synthetic import math_rows
+    from milora.data.synthetic import math_rows
 
     with (source / "math.jsonl").open("a", encoding="utf-8") as f:
         for row in math_rows(20, seed=123):
@@ -718,7 +709,7 @@ def test_deployment_scheduled_retraining_with_override(workspace, prefect_env, p
         fid = _flow_run_id(started.stdout)
         # While it runs, a second run on the same workspace is refused with the holder's name.
         deadline = time.monotonic() + 300
-        from milora.lock import read_record
+        from milora.pipeline.lock import read_record
 
         while (rec := read_record(root)) is None or rec.flow_run_id != fid:
             assert time.monotonic() < deadline, "the deployment run never took the workspace lock"

@@ -8,9 +8,10 @@ import logging
 
 import pytest
 
-from milora import registry, tracking
-from milora.config import validate
-from milora.paths import Paths
+from milora.pipeline.config import validate
+from milora.pipeline.paths import Paths
+from milora.tracking import registry
+from milora.tracking import runs as tracking
 from tests.mlflow_fixtures import predict_in_fresh_process, reference_generations
 from tests.pipeline_outputs import build_pipeline_outputs, clone_outputs, set_eval_metrics, tree_digest
 from tests.servers import S3_TEST_ENV

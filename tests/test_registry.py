@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from milora import registry, tracking
-from milora.config import RegisterConfig, validate
-from milora.paths import Paths
-from milora.registry import Decision, gate
+from milora.pipeline.config import RegisterConfig, validate
+from milora.pipeline.paths import Paths
+from milora.tracking import registry
+from milora.tracking import runs as tracking
+from milora.tracking.registry import Decision, gate
 from tests.mlflow_fixtures import predict_in_fresh_process, reference_generations, seed_embedded_store
 from tests.pipeline_outputs import build_pipeline_outputs, clone_outputs, set_eval_metrics
 

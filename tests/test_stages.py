@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from milora.compare import compare, link_shared
-from milora.paths import Paths
+from milora.cli.compare import compare, link_shared
+from milora.pipeline.paths import Paths
 from milora.stages import run_stage
+from tests.faults import fault_env
 from tests.project import env, write_params
 from tests.servers import free_port
 
@@ -96,7 +97,7 @@ def test_kill_and_resume_equals_uninterrupted(shared, tmp_path):
     for r in (a, b):
         _milora(r, "stage", "svd")
     _milora(a, "stage", "train")
-    killed = _milora(b, "stage", "train", extra_env={"MILORA_FAULT_KILL_AT_STEP": "8"}, check=False)
+    killed = _milora(b, "stage", "train", extra_env=fault_env(kill_at_step=8), check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL: no clean shutdown
     assert (Paths(b).checkpoints_dir / "checkpoint-8").exists()
     assert not Paths(b).adapter_dir.exists()

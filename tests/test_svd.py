@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import milora
-from milora import svd
-from milora.adapter import AdapterConfig, current_factors
-from milora.svd import captured_energy, compute_factors, factors, resolve_solver, solve
+from milora.core import svd
+from milora.core.adapter import AdapterConfig, current_factors
+from milora.core.svd import captured_energy, compute_factors, factors, resolve_solver, solve
 
 F64 = torch.float64
 EXCESS = 1e-3  # the bar of the issue: relative excess of the captured minor energy vs the fp64 reference
@@ -284,7 +284,7 @@ def test_take_selects_the_right_end():
 
 def test_compute_factors_report_and_bad_pairing_fail_before_work(caplog):
     weights = {"a": trained_like(300, 300), "b": trained_like(400, 300, seed=1)}
-    with caplog.at_level(logging.INFO, logger="milora.svd"):
+    with caplog.at_level(logging.INFO, logger="milora.core.svd"):
         out, trips, report = compute_factors(weights, 4, "minor", 1.0, "auto", None, progress=False)
     assert set(out) == set(trips) == {"a", "b"}
     assert report.misses == 2 and report.hits == 0 and report.world_size == 1

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from milora import tracking
-from milora.config import Config, validate
-from milora.paths import Paths
+from milora.pipeline.config import Config, validate
+from milora.pipeline.paths import Paths
+from milora.pipeline.results import read_result
+from milora.tracking import runs as tracking
 from tests.mlflow_fixtures import seed_embedded_store
 from tests.pipeline_outputs import RAW_MD5, build_pipeline_outputs, clone_outputs, tree_digest
 from tests.servers import S3_TEST_ENV, free_port
@@ -140,7 +141,7 @@ def test_data_hash_falls_back_to_dvc_lock(project):
 def test_data_hash_is_dvcs_version_and_stale_training_data_is_flagged(project, caplog):
     """`milora.data_hash` is DVC's md5 of data/prepared; the train stage's content hash is kept as
     `milora.data_sha256` and checked against what data/prepared holds now."""
-    from milora.io import file_digest
+    from milora.core.io import file_digest
 
     prepared = project.prepared_dir
     prepared.mkdir(parents=True, exist_ok=True)
@@ -216,7 +217,7 @@ def test_missing_optional_outputs_are_skipped_with_a_log_line(tmp_path, caplog):
     seed_embedded_store(paths.root)
     c, exp = _store(paths)
     run_id = tracking.ensure_run(c, exp, tracking.run_key(paths))
-    with caplog.at_level(logging.INFO, logger="milora.tracking"):
+    with caplog.at_level(logging.INFO, logger="milora.tracking.runs"):
         assert tracking.log_pipeline_run(c, run_id, Config(), paths)
     assert "dvc.lock" in caplog.text and "train_loss.csv" in caplog.text and "predictions.jsonl" in caplog.text
     listed = {a.path for a in c.list_artifacts(run_id)}
@@ -278,5 +279,8 @@ def test_register_with_the_server_down_fails_clearly_and_leaves_outputs_alone(pr
     assert uri in err[0] and "2 attempt(s)" in err[0]
     after = tree_digest(project.root)
     after.pop("params.yaml")
+    after.pop(".milora/results/register.json")  # run state, not an output: the failure, structured
+    result = read_result(project.root, "register")
+    assert (result.status, result.error_kind, result.exit_code) == ("failed", "transient", 1)
     assert after == before
     assert not project.metrics("register").exists()

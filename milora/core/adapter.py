@@ -1,0 +1,347 @@
+"""MiLoRA / PiSSA / LoRA adapters on PEFT.
+
+For every targeted weight `W = U diag(S) V^T`, MiLoRA initialises the LoRA factors from the `r`
+smallest singular triplets (`B = U_r sqrt(S_r/s)`, `A = sqrt(S_r/s) V_r^T`, `s = alpha/rank`) and
+replaces the frozen weight by the residual `W - s B A`, so the wrapped model equals the original at
+step 0. PiSSA does the same with the `r` largest triplets; LoRA is PEFT's default init. The initial
+factors (A0, B0) are kept on the model: they let an adapter be saved without the residual model,
+reloaded onto the original base, and exported as a plain LoRA adapter (`dW = s(B A - B0 A0)`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from milora.core import svd
+from milora.core.errors import InvalidInput, MissingInput, Unsupported
+from milora.core.io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+METHODS = ("milora", "pissa", "lora")
+SOLVERS = ("auto", "full", "full64", "gram", "lowrank")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+ADAPTER_NAME = "default"
+STATE_FILE = "milora.json"
+INIT_FILE = "milora_init.safetensors"
+FORMAT_VERSION = 1
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class AdapterConfig:
+    """What adapter to build: method, rank, scaling, dropout, targets and SVD solver."""
+
+    method: str = "milora"
+    rank: int = 8
+    alpha: float | None = None  # None: `rank` for milora/pissa, `2 * rank` for lora (MiLoRA paper setup)
+    dropout: float = 0.05
+    target_modules: Sequence[str] | str = DEFAULT_TARGETS
+    svd_solver: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidInput(f"unknown adapter method {self.method!r}; use one of {', '.join(METHODS)}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise InvalidInput(f"adapter rank must be a positive integer, got {self.rank!r}")
+        if self.alpha is None:
+            self.alpha = float(2 * self.rank if self.method == "lora" else self.rank)
+        if not self.alpha > 0:
+            raise InvalidInput(f"adapter alpha must be > 0, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise InvalidInput(f"adapter dropout must be in [0, 1), got {self.dropout!r}")
+        if self.svd_solver not in SOLVERS:
+            raise InvalidInput(f"unknown svd_solver {self.svd_solver!r}; use one of {', '.join(SOLVERS)}")
+        if not isinstance(self.target_modules, str):
+            self.target_modules = list(self.target_modules)
+        if not self.target_modules:
+            raise InvalidInput("target_modules is empty: name the linear layers to adapt (e.g. q_proj, v_proj)")
+
+    @property
+    def scale(self) -> float:
+        """PEFT's LoRA scaling `alpha / rank`."""
+        return float(self.alpha) / self.rank
+
+    @property
+    def side(self) -> svd.Side | None:
+        """Which singular triplets initialise the adapter (None for plain LoRA)."""
+        return {"milora": "minor", "pissa": "principal"}.get(self.method)  # type: ignore[return-value]
+
+
+@dataclass
+class MiloraState:
+    """What `init_adapter` records on the model: the config and the initial factors per module."""
+
+    config: AdapterConfig
+    fan_in_fan_out: bool
+    init_factors: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # name -> (A0, B0), fp32 CPU
+    cache_keys: dict[str, str] = field(default_factory=dict)
+    report: svd.InitReport | None = None
+    spectra: dict[str, Tensor] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- target resolution
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def _matches(name: str, targets: Sequence[str] | str) -> bool:
+    """PEFT's target matching: a regex is full-matched, a name list matches exact names or suffixes."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _check_not_quantized(model: nn.Module) -> None:
+    quant = getattr(getattr(model, "config", None), "quantization_config", None)
+    names = {type(m).__name__ for m in model.modules()}
+    if quant is not None or getattr(model, "is_quantized", False) or names & {"Linear4bit", "Linear8bitLt"}:
+        raise Unsupported(
+            "quantized bases (bitsandbytes 4/8-bit) are not supported yet: the SVD init needs the full-precision "
+            "weights. Load the base in float32, bfloat16 or float16, and quantize the residual model afterwards."
+        )
+
+
+def resolve_targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Module]:
+    """The modules `config.target_modules` selects, checked to be linear and large enough for the rank."""
+    _check_not_quantized(model)
+    linear = {n: m for n, m in model.named_modules() if _is_linear(m)}
+    chosen = {n: m for n, m in model.named_modules() if n and _matches(n, config.target_modules)}
+    if not chosen:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise InvalidInput(
+            f"target_modules {config.target_modules!r} matches no module of {type(model).__name__}. "
+            f"Its linear modules are: {', '.join(leaves) or '(none)'}. Set adapter.target_modules to some of them."
+        )
+    for name, mod in chosen.items():
+        if not _is_linear(mod):
+            raise InvalidInput(
+                f"target module {name!r} is a {type(mod).__name__}, not a linear layer; only nn.Linear "
+                "(and GPT-2 Conv1D) layers can carry a LoRA adapter. Narrow adapter.target_modules."
+            )
+        m, n = weight_2d(mod).shape
+        if config.rank >= min(m, n):
+            raise InvalidInput(
+                f"adapter rank {config.rank} is too large for module {name!r} ({m}x{n}): "
+                f"use a rank below {min(m, n)} or exclude that module from target_modules."
+            )
+        if not mod.weight.dtype.is_floating_point:
+            raise Unsupported(f"module {name!r} has non-float weights ({mod.weight.dtype}): not supported")
+    kinds = {_is_conv1d(m) for m in chosen.values()}
+    if len(kinds) > 1:
+        raise InvalidInput("target_modules mixes nn.Linear and Conv1D layers; adapt one kind per adapter.")
+    return chosen
+
+
+def weight_2d(module: nn.Module) -> Tensor:
+    """The weight as `out x in` (Conv1D stores it transposed)."""
+    return module.weight.T if _is_conv1d(module) else module.weight
+
+
+def residual(weight: Tensor, A0: Tensor, B0: Tensor, scale: float, fan_in_fan_out: bool) -> Tensor:
+    """`W - scale * B0 @ A0` in fp32 (fp64 for fp64 weights), returned in the weight's dtype and layout."""
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    W = (weight.T if fan_in_fan_out else weight).to(work)
+    delta = (B0.to(W.device, work) @ A0.to(W.device, work)) * scale
+    R = (W - delta).to(weight.dtype)
+    return (R.T if fan_in_fan_out else R).contiguous()
+
+
+def _lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
+    out = {}
+    for name, mod in peft_model.named_modules():
+        if isinstance(mod, LoraLayer) and ADAPTER_NAME in mod.lora_A:
+            out[name.removeprefix(_PEFT_PREFIX)] = mod
+    return out
+
+
+def _lora_config(config: AdapterConfig, fan_in_fan_out: bool, base_name: str | None) -> LoraConfig:
+    targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=targets,
+        fan_in_fan_out=fan_in_fan_out,
+        init_lora_weights=True,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_name,
+    )
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def init_adapter(model: nn.Module, config: AdapterConfig, cache: Any = None, progress: bool = True) -> PeftModel:
+    """Wrap a causal LM with a PEFT LoRA adapter initialised by MiLoRA, PiSSA or LoRA (outputs unchanged)."""
+    targets = resolve_targets(model, config)
+    fifo = _is_conv1d(next(iter(targets.values())))
+    state = MiloraState(config=config, fan_in_fan_out=fifo)
+    factors: dict[str, tuple[Tensor, Tensor]] = {}
+    if config.side is not None:
+        from milora.core.cache import open_cache
+
+        weights = {n: weight_2d(m).detach() for n, m in targets.items()}
+        factors, trips, state.report = svd.compute_factors(
+            weights, config.rank, config.side, config.scale, config.svd_solver, open_cache(cache), progress
+        )
+        state.cache_keys = {m.name: m.key for m in state.report.matrices if m.key}
+        state.spectra = {n: t.spectrum for n, t in trips.items() if t.spectrum is not None}
+
+    base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    peft_model = get_peft_model(model, _lora_config(config, fifo, base_name), autocast_adapter_dtype=True)
+    layers = _lora_layers(peft_model)
+    for name, layer in layers.items():
+        A_param = layer.lora_A[ADAPTER_NAME].weight
+        B_param = layer.lora_B[ADAPTER_NAME].weight
+        if name in factors:
+            A0, B0 = factors[name]
+            with torch.no_grad():
+                A_param.copy_(A0)
+                B_param.copy_(B0)
+                base = layer.get_base_layer()
+                base.weight.data = residual(base.weight.data, A_param.float(), B_param.float(), config.scale, fifo)
+        state.init_factors[name] = (A_param.detach().float().cpu().clone(), B_param.detach().float().cpu().clone())
+    peft_model.milora_state = state
+    log.info("%s adapter: rank %d, alpha %g on %d modules", config.method, config.rank, config.alpha, len(layers))
+    return peft_model
+
+
+def state_of(peft_model: PeftModel) -> MiloraState:
+    """The MiLoRA state `init_adapter` / `load_adapter` recorded on the model."""
+    state = getattr(peft_model, "milora_state", None)
+    if state is None:
+        raise InvalidInput(
+            "this model carries no MiLoRA state: build it with milora.init_adapter or milora.load_adapter"
+        )
+    return state
+
+
+def current_factors(peft_model: PeftModel) -> dict[str, tuple[Tensor, Tensor]]:
+    """The trained factors (A, B) per module, fp32 on CPU."""
+    return {
+        n: (layer.lora_A[ADAPTER_NAME].weight.detach().float().cpu(), layer.lora_B[ADAPTER_NAME].weight.detach().float().cpu())
+        for n, layer in _lora_layers(peft_model).items()
+    }
+
+
+def merge(peft_model: PeftModel, inplace: bool = False) -> nn.Module:
+    """A plain transformers model with the adapter folded into the weights (copy unless `inplace`)."""
+    import copy
+
+    model = peft_model if inplace else copy.deepcopy(peft_model)
+    return model.merge_and_unload()
+
+
+def to_lora(peft_model: PeftModel, out_dir: str | os.PathLike[str]) -> Path:
+    """Write a plain PEFT LoRA adapter (rank 2r) against the original base: `dW = s(B A - B0 A0)`."""
+    state = state_of(peft_model)
+    cfg = state.config
+    trained = current_factors(peft_model)
+    tensors: dict[str, Tensor] = {}
+    for name, (A, B) in trained.items():
+        if cfg.method == "lora":
+            A2, B2 = A, B  # B0 = 0: the adapter is already a delta on the original base
+        else:
+            A0, B0 = state.init_factors[name]
+            A2, B2 = torch.cat([A, A0], dim=0), torch.cat([B, -B0], dim=1)
+        tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = A2.contiguous()
+        tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = B2.contiguous()
+    rank = cfg.rank if cfg.method == "lora" else 2 * cfg.rank
+    export = AdapterConfig(
+        method="lora", rank=rank, alpha=cfg.scale * rank, dropout=cfg.dropout,
+        target_modules=cfg.target_modules, svd_solver=cfg.svd_solver,
+    )
+    base_name = peft_model.peft_config[ADAPTER_NAME].base_model_name_or_path
+    with atomic_dir(out_dir) as tmp:
+        _lora_config(export, state.fan_in_fan_out, base_name).save_pretrained(tmp)
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+    log.info("exported plain LoRA adapter (rank %d) to %s", rank, out_dir)
+    return Path(out_dir)
+
+
+def save_adapter(
+    peft_model: PeftModel, out_dir: str | os.PathLike[str], extra: dict[str, Any] | None = None
+) -> Path:
+    """Save a PEFT adapter directory plus the initial factors (never the residual model)."""
+    state = state_of(peft_model)
+    with atomic_dir(out_dir) as tmp:
+        peft_model.save_pretrained(tmp)
+        if state.config.method != "lora":
+            init = {}
+            for name, (A0, B0) in state.init_factors.items():
+                init[f"{name}.A0"] = A0.contiguous()
+                init[f"{name}.B0"] = B0.contiguous()
+            save_file(init, tmp / INIT_FILE, metadata={"format": "pt"})
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "config": asdict(state.config),
+            "scale": state.config.scale,
+            "fan_in_fan_out": state.fan_in_fan_out,
+            "modules": sorted(state.init_factors),
+            "cache_keys": state.cache_keys,
+            **(extra or {}),
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return Path(out_dir)
+
+
+def read_adapter_meta(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The `milora.json` metadata of a saved adapter directory."""
+    path = Path(adapter_dir) / STATE_FILE
+    if not path.exists():
+        raise MissingInput(
+            f"{adapter_dir} is not a MiLoRA adapter directory (no {STATE_FILE}); "
+            "a plain LoRA adapter loads with peft.PeftModel.from_pretrained"
+        )
+    meta = json.loads(path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise InvalidInput(f"{path}: unsupported format_version {meta.get('format_version')!r}")
+    return meta
+
+
+def load_adapter(
+    original_base: nn.Module, adapter_dir: str | os.PathLike[str], is_trainable: bool = False
+) -> PeftModel:
+    """Load a saved adapter onto the original base, rebuilding the residual weights from the initial factors."""
+    meta = read_adapter_meta(adapter_dir)
+    config = AdapterConfig(**meta["config"])
+    fifo = bool(meta["fan_in_fan_out"])
+    state = MiloraState(config=config, fan_in_fan_out=fifo, cache_keys=meta.get("cache_keys", {}))
+    targets = resolve_targets(original_base, config)
+    missing = sorted(set(meta["modules"]) - set(targets))
+    if missing:
+        raise InvalidInput(f"{adapter_dir}: the base has no module(s) {missing[:5]}: is it the adapter's base model?")
+    if config.method != "lora":
+        init = load_file(str(Path(adapter_dir) / INIT_FILE))
+        for name in meta["modules"]:
+            A0, B0 = init[f"{name}.A0"], init[f"{name}.B0"]
+            mod = targets[name]
+            with torch.no_grad():
+                mod.weight.data = residual(mod.weight.data, A0, B0, config.scale, fifo)
+            state.init_factors[name] = (A0, B0)
+    peft_model = PeftModel.from_pretrained(original_base, str(adapter_dir), is_trainable=is_trainable)
+    if config.method == "lora":
+        state.init_factors = {n: (A.clone(), torch.zeros_like(B)) for n, (A, B) in current_factors(peft_model).items()}
+    peft_model.milora_state = state
+    return peft_model

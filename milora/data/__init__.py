@@ -1,0 +1,1 @@
+"""Data records: the supported source formats and the embedded synthetic data."""

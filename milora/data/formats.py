@@ -1,0 +1,541 @@
+"""Data records: loading, format detection and normalisation of every supported source format.
+
+Every source (local JSON / JSONL / Parquet / CSV files, a directory of them, a Hub dataset id, or the
+embedded synthetic sets) is normalised to the same rows: `prompt` (the full text the model sees,
+template applied), `response` (the target), `answer` (the gold final answer where the format has one),
+`task` (`math` | `choice` | `generic`) and, for multiple choice, `options` / `n_options`.
+
+Supported formats (auto-detected from the columns, or forced with `data.format`):
+
+* `alpaca`: `instruction`, `input` (optional), `output`;
+* `llm_adapters`: `instruction`, `input` (optional), `output`, `answer`: LLM-Adapters' commonsense_170k
+  and math_10k, the sets MiLoRA was trained on. The task is read from the row: an `optionK` /
+  `answerK` / `solutionK` / `endingK` label with matching option lines, `true`/`false`, or a letter
+  with `(A)`-style choices is multiple choice; a number is math; anything else is generic;
+* `metamath`: `query`, `response`, `type` (optional); the answer is the text after `The answer is:`;
+* `gsm8k`: `question`, `answer` (the worked solution, ending in `#### <number>`);
+* `chat`: `messages` (a list of `{role, content}` ending with the assistant's reply), rendered with the
+  tokenizer's chat template when it has one, else with plain `### Role:` tags.
+
+Any format may carry an optional `group` column: rows sharing a group always land in the same split
+(the embedded multiple-choice set uses it so that eval questions ask about facts no training question
+mentions).
+
+Local files are parsed here rather than by `datasets`' builders, so that every bad row can be named by
+file, row and field and skipped on request (`datasets` fails a whole file on one mistyped row); the
+result is a `datasets.Dataset`, and Hub ids load through `datasets.load_dataset`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from milora.core.errors import InvalidInput, MissingInput
+from milora.model.prompts import format_prompt, render_chat
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("alpaca", "llm_adapters", "metamath", "gsm8k", "chat")
+EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
+TASKS = ("math", "choice", "generic")
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+ROW_KEYS = ("id", "task", "prompt", "response", "answer", "n_options", "options")  # prepared JSONL, in order
+_SKIP_HINT = "Fix the row, or set data.on_bad_rows: skip to drop bad rows and count them."
+
+
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+class BadRow(Exception):
+    """One row that cannot be used: which field, what kind of problem, and details."""
+
+    def __init__(self, field: str, kind: str, detail: str = "") -> None:
+        super().__init__(f"field '{field}': {kind}{': ' + detail if detail else ''}")
+        self.field, self.kind, self.detail = field, kind, detail
+
+
+@dataclass
+class RawRow:
+    """A row as read from its source, with where it came from (`where` is e.g. `line 3` or `row 3`)."""
+
+    origin: str
+    where: str
+    index: int
+    data: dict[str, Any] | BadRow
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise InvalidInput(
+            f"{path}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}, line {line}). "
+            "Re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+        ) from None
+    if not text.strip():
+        raise InvalidInput(f"{path}: the file is empty; put rows in it or remove it from data.source")
+    return text
+
+
+def _json_rows(path: Path, text: str) -> list[RawRow]:
+    origin = str(path)
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+        if not isinstance(data, list):
+            raise InvalidInput(f"{path}: expected a JSON array of row objects")
+        return [RawRow(origin, f"row {i}", i,
+                       obj if isinstance(obj, dict) else BadRow("<row>", "wrong type", f"not a JSON object: {obj!r:.40}"))
+                for i, obj in enumerate(data, 1)]
+    rows = []
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            obj = BadRow("<row>", "invalid JSON", f"{exc.msg} at column {exc.colno}")
+        if not isinstance(obj, dict | BadRow):
+            obj = BadRow("<row>", "wrong type", f"not a JSON object: {obj!r:.40}")
+        rows.append(RawRow(origin, f"line {lineno}", len(rows) + 1, obj))
+    return rows
+
+
+def _csv_rows(path: Path, text: str) -> list[RawRow]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames:
+        raise InvalidInput(f"{path}: the CSV file has no header row")
+    out = []
+    for i, row in enumerate(reader, 1):
+        extra = row.pop(None, None)  # type: ignore[call-overload]
+        data: dict[str, Any] | BadRow = row
+        if extra:
+            data = BadRow("<row>", "wrong type", f"{len(extra)} more values than header columns")
+        out.append(RawRow(str(path), f"row {i}", i, data))
+    return out
+
+
+def _parquet_rows(path: Path) -> list[RawRow]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.stat().st_size == 0:
+        raise InvalidInput(f"{path}: the file is empty; put rows in it or remove it from data.source")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InvalidInput(f"{path}: not a readable Parquet file ({exc})") from None
+    return [RawRow(str(path), f"row {i}", i, r) for i, r in enumerate(table.to_pylist(), 1)]
+
+
+def read_file(path: str | os.PathLike[str]) -> list[RawRow]:
+    """The rows of one local JSON / JSONL / Parquet / CSV file, in file order (empty files are errors)."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix == ".parquet":
+        rows = _parquet_rows(p)
+    elif suffix in (".json", ".jsonl"):
+        rows = _json_rows(p, _read_text(p))
+    elif suffix == ".csv":
+        rows = _csv_rows(p, _read_text(p))
+    else:
+        raise InvalidInput(f"{p}: unsupported file type '{suffix}'; use one of {', '.join(EXTENSIONS)}")
+    if not rows:
+        raise InvalidInput(f"{p}: the file has no rows")
+    return rows
+
+
+def source_files(source: str | os.PathLike[str]) -> list[Path]:
+    """The data files of a local source: the file itself, or the supported files under a directory, sorted."""
+    p = Path(source)
+    if p.is_file():
+        return [p]
+    files = sorted(
+        f for f in p.rglob("*")
+        if f.is_file() and f.suffix.lower() in EXTENSIONS and not any(part.startswith(".") for part in f.relative_to(p).parts)
+    )
+    if not files:
+        raise InvalidInput(f"{p}: the directory holds no data files ({', '.join(EXTENSIONS)})")
+    return files
+
+
+def _looks_local(source: str) -> bool:
+    """A path-like string (a Hub id is `name` or `owner/name`, without a data file extension)."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or source.lower().endswith(EXTENSIONS)
+
+
+def load_hub_dataset(source: str) -> Any:
+    """The `train` split of a Hub dataset id (`name`, `owner/name` or `owner/name:config`), as published.
+
+    Offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) with no cached copy, a ValueError says how to point at
+    local files instead.
+    """
+    import datasets
+
+    name, _, config = source.removeprefix("hf://").partition(":")
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    try:
+        return datasets.load_dataset(name, config or None, split="train")
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types; all mean "cannot load this id"
+        if offline:
+            raise InvalidInput(
+                f"data.source {source!r} is not a local file or directory, and the Hugging Face Hub is offline "
+                "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set) with no cached copy of that dataset. Download it "
+                "while online, or point data.source at local JSON / JSONL / Parquet / CSV files."
+            ) from None
+        raise InvalidInput(f"data.source {source!r}: cannot load it from the Hugging Face Hub: {exc}") from None
+
+
+def _hub_rows(source: str) -> list[RawRow]:
+    return [RawRow(f"hub:{source}", f"row {i}", i, dict(r)) for i, r in enumerate(load_hub_dataset(source), 1)]
+
+
+# ----------------------------------------------------------------------------- format detection
+
+
+def detect_format(columns: Iterable[str], origin: str = "data") -> str:
+    """The format a set of column names describes (see the module docstring), or a ValueError."""
+    cols = set(columns)
+    if "messages" in cols:
+        return "chat"
+    if {"query", "response"} <= cols:
+        return "metamath"
+    if {"instruction", "output", "answer"} <= cols:
+        return "llm_adapters"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if {"question", "answer"} <= cols:
+        return "gsm8k"
+    raise InvalidInput(
+        f"{origin}: cannot tell the data format from its columns {sorted(cols)}. Expected one of: alpaca "
+        "(instruction, input, output), llm_adapters (instruction, input, output, answer), metamath (query, "
+        "response, type), gsm8k (question, answer), chat (messages). Rename the columns or set data.format."
+    )
+
+
+def _columns(rows: Sequence[RawRow]) -> list[str]:
+    cols: dict[str, None] = {}
+    for r in rows:
+        if isinstance(r.data, dict):
+            cols.update(dict.fromkeys(r.data))
+    return list(cols)
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+_MISSING = object()
+_NUMBER_RE = re.compile(r"[-+]?\$?\d[\d,]*(?:\.\d+)?|[-+]?\.\d+")
+
+
+def _is_missing(v: Any) -> bool:
+    return v is _MISSING or v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _text(row: dict[str, Any], name: str, required: bool = True, numbers: bool = False) -> str:
+    v = row.get(name, _MISSING)
+    if _is_missing(v):
+        if required:
+            raise BadRow(name, "missing")
+        return ""
+    if numbers and isinstance(v, int | float) and not isinstance(v, bool):
+        v = str(v)
+    if not isinstance(v, str):
+        raise BadRow(name, "wrong type", f"expected text, got {type(v).__name__}")
+    v = v.strip()
+    if required and not v:
+        raise BadRow(name, "empty")
+    return v
+
+
+def normalize_number(text: str) -> str | None:
+    """`'1,234'` -> `'1234'`, `'$5.50'` -> `'5.5'`, `'3.0'` -> `'3'`; None if `text` is not a number."""
+    t = text.strip().replace(",", "").replace("$", "").rstrip(".")
+    if not _NUMBER_RE.fullmatch(t):
+        return None
+    try:
+        d = Decimal(t)
+    except InvalidOperation:
+        return None
+    if d == d.to_integral_value():
+        return str(int(d))
+    return format(d.normalize(), "f")
+
+
+_LABEL_RE = re.compile(r"(option|answer|solution|ending)\s*(\d+)", re.I)
+_LETTER_OPTION_RE = re.compile(r"\(([A-E])\)\s*(.*?)(?=\s*\([A-E]\)|\n|$)")
+
+
+def parse_options(text: str, word: str) -> list[str]:
+    """Option texts of `wordK: ...` lines (or inline `wordK: ...` runs) in an instruction, in K order."""
+    marks = [m for m in re.finditer(rf"\b{word}\s*(\d+)\s*:", text, re.I)]
+    options: dict[int, str] = {}
+    for m, nxt in zip(marks, [*marks[1:], None], strict=True):
+        end = nxt.start() if nxt is not None else len(text)
+        body = re.split(r"\n\s*\n|\nAnswer format", text[m.end():end], maxsplit=1)[0].strip()
+        options.setdefault(int(m.group(1)), body)
+    keys = sorted(options)
+    return [options[k] for k in keys] if keys == list(range(1, len(keys) + 1)) else []
+
+
+def _classify(instruction: str, answer: str) -> dict[str, Any]:
+    """Task, normalised answer and options of an LLM-Adapters row."""
+    label = _LABEL_RE.fullmatch(answer)
+    if label:
+        word, k = label.group(1).lower(), int(label.group(2))
+        options = parse_options(instruction, word)
+        if 1 <= k <= len(options):
+            return {"task": "choice", "answer": f"{word}{k}", "options": options}
+    if answer.lower() in ("true", "false") and re.search(r"true\s*/\s*false|true or false", instruction, re.I):
+        return {"task": "choice", "answer": answer.lower(), "options": ["true", "false"]}
+    if re.fullmatch(r"[A-E]", answer):
+        options = [t.strip() for _, t in _LETTER_OPTION_RE.findall(instruction)]
+        if ord(answer) - ord("A") < len(options):
+            return {"task": "choice", "answer": answer, "options": options}
+    number = normalize_number(answer)
+    if number is not None:
+        return {"task": "math", "answer": number, "options": []}
+    return {"task": "generic", "answer": answer, "options": []}
+
+
+def _gsm8k_answer(solution: str) -> str:
+    if "####" not in solution:
+        raise BadRow("answer", "no final answer", "expected the solution to end with '#### <number>'")
+    final = solution.rsplit("####", 1)[1].strip()
+    number = normalize_number(final)
+    if number is None:
+        raise BadRow("answer", "no final answer", f"'#### {final[:30]}' is not a number")
+    return number
+
+
+_METAMATH_ANSWER_RE = re.compile(r"The answer is:?\s*(.+?)\s*$", re.I | re.S)
+
+
+def _metamath_answer(response: str) -> str:
+    m = _METAMATH_ANSWER_RE.search(response.rsplit("\n", 1)[-1]) or _METAMATH_ANSWER_RE.search(response)
+    if not m:
+        return ""
+    final = m.group(1).strip()
+    return normalize_number(final) or final.rstrip(".")
+
+
+def _messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    msgs = row.get("messages", _MISSING)
+    if _is_missing(msgs):
+        raise BadRow("messages", "missing")
+    if isinstance(msgs, str):  # CSV cells hold JSON text
+        try:
+            msgs = json.loads(msgs)
+        except json.JSONDecodeError:
+            raise BadRow("messages", "wrong type", "expected a list of {role, content}") from None
+    if not isinstance(msgs, list):
+        raise BadRow("messages", "wrong type", f"expected a list of {{role, content}}, got {type(msgs).__name__}")
+    if not msgs:
+        raise BadRow("messages", "empty")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise BadRow(f"messages[{i}]", "wrong type", f"expected {{role, content}}, got {type(m).__name__}")
+        try:
+            role = _text(m, "role")
+        except BadRow as exc:
+            raise BadRow(f"messages[{i}].role", exc.kind, exc.detail) from None
+        if role not in CHAT_ROLES:
+            raise BadRow(f"messages[{i}].role", "wrong value", f"{role!r} is not one of {', '.join(CHAT_ROLES)}")
+        try:
+            content = _text(m, "content", required=role in ("user", "assistant"))
+        except BadRow as exc:
+            raise BadRow(f"messages[{i}].content", exc.kind, exc.detail) from None
+        out.append({"role": role, "content": content})
+    if out[-1]["role"] != "assistant":
+        raise BadRow("messages", "no reply", "the last message must be the assistant's reply (role 'assistant')")
+    if not any(m["role"] == "user" for m in out[:-1]):
+        raise BadRow("messages", "no prompt", "there is no user message before the assistant's reply")
+    return out
+
+
+
+
+def normalize_row(row: dict[str, Any], fmt: str, tokenizer: Any = None) -> dict[str, Any]:
+    """One source row in format `fmt` -> {prompt, response, answer, task, options, group}; BadRow if unusable."""
+    answer, task, options = "", "generic", []
+    if fmt in ("alpaca", "llm_adapters"):
+        instruction = _text(row, "instruction")
+        prompt = format_prompt(instruction, _text(row, "input", required=False))
+        response = _text(row, "output")
+        if fmt == "llm_adapters":
+            c = _classify(instruction, _text(row, "answer", numbers=True))
+            task, answer, options = c["task"], c["answer"], c["options"]
+    elif fmt == "metamath":
+        prompt = format_prompt(_text(row, "query"))
+        response = _text(row, "response")
+        _text(row, "type", required=False)
+        task, answer = "math", _metamath_answer(response)
+    elif fmt == "gsm8k":
+        prompt = format_prompt(_text(row, "question"))
+        response = _text(row, "answer", numbers=True)
+        task, answer = "math", _gsm8k_answer(response)
+    elif fmt == "chat":
+        msgs = _messages(row)
+        try:
+            prompt = render_chat(msgs[:-1], tokenizer)
+        except Exception as exc:  # noqa: BLE001 - jinja templates raise their own errors for unsupported roles
+            raise BadRow("messages", "rejected by the chat template", str(exc)) from None
+        response = msgs[-1]["content"]
+    else:
+        raise InvalidInput(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)} (or auto)")
+    group = row.get("group")
+    return {"prompt": prompt, "response": response, "answer": answer, "task": task, "options": options,
+            "group": str(group) if not _is_missing(group) else ""}
+
+
+def row_id(task: str, prompt: str, response: str) -> str:
+    """A stable id from a row's content: `<task>-<16 hex of sha256(prompt, response)>`."""
+    digest = hashlib.sha256(f"{prompt}\x00{response}".encode()).hexdigest()[:16]
+    return f"{task}-{digest}"
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Loaded:
+    """What `read_records` found: normalised rows, each source's format, and why rows were dropped."""
+
+    rows: list[dict[str, Any]]
+    formats: dict[str, str] = field(default_factory=dict)
+    dropped: Counter[str] = field(default_factory=Counter)
+    source_rows: int = 0
+
+    def dataset(self) -> Any:
+        """The rows as a `datasets.Dataset` (columns of `ROW_KEYS` plus group, source, source_row)."""
+        from datasets import Dataset, Features, List, Value
+
+        features = Features({
+            "id": Value("string"), "task": Value("string"), "prompt": Value("string"), "response": Value("string"),
+            "answer": Value("string"), "n_options": Value("int32"), "options": List(Value("string")),
+            "group": Value("string"), "source": Value("string"), "source_row": Value("int64"),
+        })
+        return Dataset.from_dict({k: [r[k] for r in self.rows] for k in features}, features=features)
+
+
+def normalize_rows(raw: Sequence[RawRow], fmt: str, on_bad_rows: str = "fail", tokenizer: Any = None,
+                   loaded: Loaded | None = None) -> Loaded:
+    """Normalise the rows of one source in format `fmt` (or `auto`), failing on or skipping bad rows."""
+    if on_bad_rows not in ("fail", "skip"):
+        raise InvalidInput(f"on_bad_rows must be 'fail' or 'skip', got {on_bad_rows!r}")
+    loaded = loaded if loaded is not None else Loaded(rows=[])
+    if not raw:
+        return loaded
+    origin = raw[0].origin
+    if fmt == "auto":
+        fmt = detect_format(_columns(raw), origin)
+    loaded.formats[origin] = fmt
+    loaded.source_rows += len(raw)
+    for r in raw:
+        try:
+            if isinstance(r.data, BadRow):
+                raise r.data
+            row = normalize_row(r.data, fmt, tokenizer)
+        except BadRow as exc:
+            if on_bad_rows == "fail":
+                raise InvalidInput(f"{r.origin}, {r.where}, {exc}. {_SKIP_HINT}") from None
+            loaded.dropped[f"bad row: {exc.field} {exc.kind}"] += 1
+            log.debug("skipping %s, %s: %s", r.origin, r.where, exc)
+            continue
+        row.update(id=row_id(row["task"], row["prompt"], row["response"]), n_options=len(row["options"]),
+                   source=r.origin, source_row=r.index)
+        loaded.rows.append(row)
+    return loaded
+
+
+def read_records(source: str | os.PathLike[str], format: str = "auto", on_bad_rows: str = "fail",
+                 tokenizer: Any = None) -> Loaded:
+    """Load and normalise a file, a directory of files, or a Hub dataset id (`name` or `name:config`)."""
+    if format != "auto" and format not in FORMATS:
+        raise InvalidInput(f"unknown data format {format!r}; use one of auto, {', '.join(FORMATS)}")
+    src = str(source)
+    if src.startswith("s3://"):
+        raise InvalidInput(f"data.source {src!r}: S3 sources are fetched into a local directory first; "
+                         "point the loader at that directory")
+    path = Path(os.path.expanduser(src))
+    loaded = Loaded(rows=[])
+    if path.exists():
+        for f in source_files(path):
+            normalize_rows(read_file(f), format, on_bad_rows, tokenizer, loaded)
+    elif _looks_local(src):
+        raise MissingInput(f"data.source {src!r}: no such file or directory")
+    else:
+        normalize_rows(_hub_rows(src), format, on_bad_rows, tokenizer, loaded)
+    if not loaded.rows:
+        reasons = ", ".join(f"{n} {k}" for k, n in sorted(loaded.dropped.items())) or "no rows"
+        raise InvalidInput(f"data.source {src!r}: no usable rows ({reasons})")
+    if loaded.dropped:
+        log.warning("skipped %d bad rows of %s: %s", sum(loaded.dropped.values()), src, dict(loaded.dropped))
+    return loaded
+
+
+def load_records(source: str | os.PathLike[str], format: str = "auto", on_bad_rows: str = "fail",
+                 tokenizer: Any = None) -> Any:
+    """Load a file, directory or Hub id as a `datasets.Dataset` of normalised rows, in the source's row order.
+
+    Columns: id, task, prompt, response, answer, n_options, options, group, source, source_row. Bad rows
+    raise a ValueError naming file, row and field (`on_bad_rows="fail"`) or are skipped (`"skip"`).
+    `tokenizer` (optional) renders chat rows with its chat template.
+    """
+    return read_records(source, format, on_bad_rows, tokenizer).dataset()
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+
+
+
+
+
+
+
+
+
+# ----------------------------------------------------------------------------- dedup and split
+
+
+
+
+
+
+
+
+
+
+# ----------------------------------------------------------------------------- the prepare stage
+
+
+
+
+
+
+
+
+

@@ -1,0 +1,369 @@
+"""Typed, validated configuration: `params.yaml` parsed once into a `Config`.
+
+Every user-facing mistake (unknown key, out-of-range value, unknown choice) raises `ConfigError`,
+whose message names the key, the value and what is allowed, before any heavy work starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from milora.core.errors import UserError
+
+METHODS = ("milora", "pissa", "lora")
+SOLVERS = ("auto", "full", "full64", "gram", "lowrank")
+FORMATS = ("auto", "alpaca", "llm_adapters", "metamath", "gsm8k", "chat")
+EMBEDDED = "embedded"
+
+
+class ConfigError(UserError, ValueError):
+    """A user error in the configuration: the message says which key, what value and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+
+
+class EmbeddedModelConfig(_Section):
+    """Shape and pretraining budget of the embedded tiny Llama base."""
+
+    vocab_size: int = Field(1024, ge=64, le=65536)
+    hidden_size: int = Field(128, ge=16, le=4096)
+    intermediate_size: int = Field(352, ge=16, le=16384)
+    num_layers: int = Field(4, ge=1, le=64)
+    num_heads: int = Field(4, ge=1, le=64)
+    max_position_embeddings: int = Field(512, ge=32, le=8192)
+    pretrain_steps: int = Field(600, ge=1)
+    pretrain_batch_size: int = Field(16, ge=1)
+    pretrain_seq_len: int = Field(128, ge=16)
+    pretrain_learning_rate: float = Field(3e-3, gt=0, le=1)
+    threads: int = Field(2, ge=1, le=256)  # torch CPU threads while pretraining
+    seed: int = 0  # init, batch order and which corpus documents are sampled
+
+
+class ModelConfig(_Section):
+    name_or_path: str = EMBEDDED
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    embedded: EmbeddedModelConfig = EmbeddedModelConfig()
+
+
+class EmbeddedDataConfig(_Section):
+    """Sizes of the seeded synthetic tasks and corpus used when `data.source: embedded`."""
+
+    math_rows: int = Field(1500, ge=10)
+    choice_rows: int = Field(1500, ge=10)
+    corpus_documents: int = Field(4000, ge=10)  # pretraining documents of the embedded base (read by `base`)
+    heldout_documents: int = Field(400, ge=1)  # held-out documents for the forgetting metric (read by `base`)
+    seed: int = 0  # task rows; the corpus sample follows model.embedded.seed
+
+
+class DataConfig(_Section):
+    source: str = EMBEDDED
+    format: Literal[FORMATS] = "auto"  # type: ignore[valid-type]
+    on_bad_rows: Literal["fail", "skip"] = "fail"
+    max_length: int = Field(256, ge=8, le=131072)
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    max_eval_rows: int = Field(200, ge=1)
+    dedup: bool = True
+    seed: int = 0
+    heldout_text: str | None = None
+    embedded: EmbeddedDataConfig = EmbeddedDataConfig()
+
+
+class AdapterSection(_Section):
+    method: Literal[METHODS] = "milora"  # type: ignore[valid-type]
+    rank: int = Field(8, gt=0)
+    alpha: float | None = Field(None, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    svd_solver: Literal[SOLVERS] = "auto"  # type: ignore[valid-type]
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v: list[str] | str) -> list[str] | str:
+        if not v:
+            raise ValueError("must name at least one module (a list of names or a regex string)")
+        return v
+
+
+class SvdConfig(_Section):
+    cache: str | None = ".svd_cache"
+
+
+class TrainConfig(_Section):
+    learning_rate: float = Field(3e-4, gt=0, le=1)
+    max_steps: int = Field(200, gt=0)
+    batch_size: int = Field(8, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 42
+    save_steps: int = Field(50, gt=0)
+    logging_steps: int = Field(10, gt=0)
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    processes: int = Field(1, ge=1, le=1024)  # DDP processes on this node (the stage launches torchrun itself)
+
+
+class EvalConfig(_Section):
+    max_new_tokens: int = Field(48, gt=0)
+    batch_size: int = Field(16, gt=0)
+    max_examples: int = Field(200, gt=0)
+    choice_mode: Literal["generate", "loglik", "both"] = "both"
+
+
+class GuardConfig(_Section):
+    metric: str
+    max_increase: float | None = None
+    max_value: float | None = None
+
+
+class RegisterConfig(_Section):
+    model_name: str = Field("milora", min_length=1)
+    metric: str = "average_accuracy"
+    direction: Literal["maximize", "minimize"] = "maximize"
+    min_delta: float = Field(0.0, ge=0)
+    guards: list[GuardConfig] = []
+    log_merged: bool = False
+    log_lora_export: bool = True
+    experiment: str = Field("milora", min_length=1)  # MLflow experiment holding the pipeline runs
+    connect_retries: int = Field(3, ge=0, le=20)  # tries again this often when the tracking server is down
+    retry_backoff_s: float = Field(2.0, ge=0, le=300)  # first wait between tries (doubles each time)
+
+
+_CRON_FIELDS = (  # name, low, high, names
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day of month", 1, 31, ()),
+    ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
+    ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
+)
+_CRON_MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+
+
+def _cron_value(text: str, low: int, high: int, names: tuple[str, ...]) -> int:
+    if text.lower() in names:
+        return names.index(text.lower()) + (1 if low == 1 else 0)
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise ValueError(f"{text!r} is not in {low}-{high}" + (f" or {'/'.join(names[:3])}/..." if names else ""))
+    return int(text)
+
+
+def check_cron(expr: str) -> str:
+    """A syntactic check of a five-field cron expression (what Prefect's `Cron` schedule accepts), so
+    a bad `schedule.cron` fails when params are loaded rather than when `milora deploy` starts."""
+    if expr.strip().lower() in _CRON_MACROS:
+        return expr
+    fields = expr.split()
+    if len(fields) != 5:
+        raise ValueError(f"needs 5 fields (minute hour day-of-month month day-of-week), got {len(fields)}; "
+                         "e.g. '0 3 * * *' for 03:00 every day")
+    for text, (name, low, high, names) in zip(fields, _CRON_FIELDS, strict=True):
+        for item in text.split(","):
+            try:
+                rng, _, step = item.partition("/")
+                if step and (not step.isdigit() or int(step) == 0):
+                    raise ValueError(f"step {step!r} is not a positive number")
+                if name == "day of week" and ("#" in rng or rng.endswith("L")):  # nth / last weekday
+                    rng = rng.split("#")[0].removesuffix("L")
+                if rng in ("*", "?") or (name == "day of month" and rng == "L"):
+                    continue
+                a, _, b = rng.partition("-")
+                if _cron_value(a, low, high, names) > (_cron_value(b, low, high, names) if b else high):
+                    raise ValueError(f"range {rng!r} is empty")
+            except ValueError as exc:
+                raise ValueError(f"{name} field {text!r}: {exc}") from None
+    return expr
+
+
+def check_timezone(name: str) -> str:
+    """`name` if it is an IANA timezone (what Prefect's `Cron` schedule takes), else ValueError."""
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError("not an IANA timezone (e.g. UTC, Europe/Paris, America/New_York)") from None
+    return name
+
+
+class ScheduleConfig(_Section):
+    cron: str = "0 3 * * *"
+    timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        return check_cron(v)
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, v: str) -> str:
+        return check_timezone(v)
+
+
+# `register` is a params section name; it shadows ABCMeta.register on the class, which nothing here uses.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
+class Config(_Section):
+    """The whole of `params.yaml`."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    adapter: AdapterSection = AdapterSection()
+    svd: SvdConfig = SvdConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    register: RegisterConfig = RegisterConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        if self.model.embedded.hidden_size % self.model.embedded.num_heads:
+            raise ValueError(
+                "model.embedded.hidden_size must be divisible by model.embedded.num_heads "
+                f"({self.model.embedded.hidden_size} % {self.model.embedded.num_heads} != 0)"
+            )
+        return self
+
+    def adapter_config(self) -> Any:
+        """The `milora.AdapterConfig` this run's `adapter:` section describes."""
+        from milora.core.adapter import AdapterConfig
+
+        a = self.adapter
+        return AdapterConfig(
+            method=a.method, rank=a.rank, alpha=a.alpha, dropout=a.dropout,
+            target_modules=a.target_modules, svd_solver=a.svd_solver,
+        )
+
+    def flat(self) -> dict[str, Any]:
+        """The config as flat dotted keys (for MLflow params and logs)."""
+        return flatten(self.model_dump(mode="json"))
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings to `a.b.c` keys."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _section_fields(model_cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    cls: Any = model_cls
+    for part in loc[:-1]:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        cls = field.annotation
+    return list(cls.model_fields)
+
+
+def _describe(err: dict[str, Any], source: str) -> str:
+    loc = tuple(err.get("loc", ()))
+    key = ".".join(str(p) for p in loc) or "<root>"
+    value = err.get("input")
+    etype = err.get("type", "")
+    if etype == "extra_forbidden":
+        names = _section_fields(Config, loc)
+        close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+        msg = f"{source}: unknown key '{key}'"
+        if close:
+            msg += f"; did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?"
+        if names:
+            msg += f"{'' if close else '.'} Known keys here: {', '.join(names)}."
+        return msg
+    if etype == "literal_error":
+        allowed = err.get("ctx", {}).get("expected", "")
+        return f"{source}: {key} = {value!r} is not allowed; expected one of {allowed}"
+    msg = err.get("msg", "invalid value")
+    if key == "<root>":
+        return f"{source}: {msg.removeprefix('Value error, ')}"
+    return f"{source}: {key} = {value!r}: {msg.removeprefix('Value error, ')}"
+
+
+def validate(data: Mapping[str, Any] | None, source: str = "params.yaml") -> Config:
+    """Validate a params mapping into a `Config`, raising `ConfigError` on the first problems found."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Config.model_validate(dict(data))
+    except ValidationError as exc:
+        lines = [_describe(e, source) for e in exc.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def parse_override_value(text: str) -> Any:
+    """Parse a CLI override value (`adapter.rank=16`) as YAML, so numbers and lists keep their type."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """`["a.b=1", ...]` (the CLI's `-S KEY=VALUE`) -> `{"a.b": 1}`, values parsed by `parse_override_value`."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like KEY=VALUE (e.g. adapter.rank=16)")
+        k, v = item.split("=", 1)
+        out[k.strip()] = parse_override_value(v)
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Return a copy of `data` with dotted-key overrides applied (`{"adapter.rank": 16}`)."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for dotted, value in (overrides or {}).items():
+        parts = str(dotted).split(".")
+        node = out
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {dotted}: '{p}' is a value, not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def read_params(path: str | os.PathLike[str] = "params.yaml") -> dict[str, Any]:
+    """Read a params YAML file into a plain dict (no validation)."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: no such params file (run from the project root, or pass --params)")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    return data or {}
+
+
+def load_config(
+    path: str | os.PathLike[str] = "params.yaml", overrides: Mapping[str, Any] | None = None
+) -> Config:
+    """Load and validate `params.yaml`, with optional dotted-key overrides applied first."""
+    return validate(apply_overrides(read_params(path), overrides), source=str(path))

@@ -1,0 +1,106 @@
+"""Structured results: what a stage (or `register`) did, as a small JSON file the flow, the run summary and
+MLflow read. Nobody learns an outcome by parsing log text.
+
+`milora stage NAME` writes `.milora/results/NAME.json` when it starts (`status: running`) and again when it
+ends (`ok` or `failed`, with the error's kind, exit code and one-line message). A result still `running`
+after its process is gone means the process was killed. The caller's `MILORA_RUN_TOKEN` is copied into the
+result, so an orchestrator can tell the result of its own invocation from one an earlier run left (DVC may
+skip the stage and never run it). Results are run state, not pipeline outputs: they are not DVC outs and
+carry timings freely.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from milora.core.errors import EXIT_CODES, EXIT_OK, ErrorKind, error_kind
+from milora.core.io import read_json, write_json
+
+RESULTS_DIR = Path(".milora") / "results"
+TOKEN_ENV = "MILORA_RUN_TOKEN"
+
+Status = Literal["running", "ok", "failed"]
+
+
+@dataclass
+class StepResult:
+    """One stage (or `register`) invocation."""
+
+    step: str
+    status: Status = "running"
+    seconds: float = 0.0
+    exit_code: int | None = None
+    error_kind: ErrorKind | None = None
+    message: str | None = None
+    token: str | None = None
+    pid: int | None = None
+    outputs: list[str] = field(default_factory=list)  # files it wrote, relative to the project root
+    metrics: str | None = None  # its DVC metrics file, relative to the project root
+    data: dict[str, Any] = field(default_factory=dict)  # step-specific payload (register: the decision)
+
+    @classmethod
+    def start(cls, step: str) -> StepResult:
+        """A `running` result for this process, carrying the caller's run token."""
+        return cls(step=step, token=os.environ.get(TOKEN_ENV) or None, pid=os.getpid())
+
+    def succeed(self, seconds: float) -> StepResult:
+        """Mark the step done."""
+        self.status, self.seconds, self.exit_code = "ok", round(seconds, 3), EXIT_OK
+        return self
+
+    def fail(self, exc: BaseException, seconds: float) -> StepResult:
+        """Mark the step failed with the exception's kind, exit code and one-line message."""
+        kind = error_kind(exc)
+        self.status, self.seconds, self.error_kind = "failed", round(seconds, 3), kind
+        self.exit_code = EXIT_CODES[kind]
+        self.message = one_line(exc) if kind != "internal" else f"{type(exc).__name__}: {one_line(exc)}"
+        return self
+
+    def save(self, root: str | os.PathLike[str]) -> Path:
+        """Write `.milora/results/<step>.json` under `root` (atomically)."""
+        return write_json(result_path(root, self.step), asdict(self))
+
+
+@contextlib.contextmanager
+def recorded(step: str, root: str | os.PathLike[str]) -> Iterator[StepResult]:
+    """Record a step's structured result around the block: `running` now, then `ok`, or `failed` with the
+    exception's kind (the exception propagates). The block may fill in `outputs`, `metrics` and `data`."""
+    result = StepResult.start(step)
+    result.save(root)
+    t0 = time.perf_counter()
+    try:
+        yield result
+    except BaseException as exc:
+        result.fail(exc, time.perf_counter() - t0).save(root)
+        raise
+    result.succeed(time.perf_counter() - t0).save(root)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as the one line a user reads: its message, else its type."""
+    text = " ".join(str(exc).split()) if str(exc).strip() else ""
+    return text or type(exc).__name__
+
+
+def result_path(root: str | os.PathLike[str], step: str) -> Path:
+    """`<root>/.milora/results/<step>.json`."""
+    return Path(root) / RESULTS_DIR / f"{step}.json"
+
+
+def read_result(root: str | os.PathLike[str], step: str, token: str | None = None) -> StepResult | None:
+    """The last result of `step` under `root`; with `token`, only if that invocation wrote it."""
+    path = result_path(root, step)
+    try:
+        data = read_json(path)
+        result = StepResult(**{k: data[k] for k in StepResult.__dataclass_fields__ if k in data})
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if token is not None and result.token != token:
+        return None
+    return result

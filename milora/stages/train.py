@@ -1,0 +1,346 @@
+"""The `train` stage: resumable MiLoRA/PiSSA/LoRA training with `transformers.Trainer`.
+
+Reads the untrained adapter from the `svd` stage (so the SVD is never redone here), trains only the
+LoRA factors (response tokens only), checkpoints every `train.save_steps` into `checkpoints/` (kept
+across re-runs: a killed run resumes from the last checkpoint, with optimizer, scheduler, RNG and data
+order restored) and writes the trained adapter, its lineage, `metrics/train.json` and the loss curve.
+Runs unchanged under `torchrun` / `accelerate launch` (DDP; gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from milora.core.adapter import load_adapter, read_adapter_meta, save_adapter
+from milora.core.errors import InvalidInput
+from milora.core.io import atomic_write_text, file_digest, read_json, read_jsonl, write_json
+from milora.model.base import load_base
+from milora.model.nll import mean_loss
+from milora.model.tokenize import encode
+from milora.pipeline.config import Config
+from milora.pipeline.paths import Paths
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT = "fingerprint.json"
+PROGRESS = "progress.json"
+# Fault injection for resume tests: SIGKILL this process right after the checkpoint of step N is saved.
+
+
+class EncodedDataset(Dataset):
+    """Pre-encoded examples (input_ids, attention_mask, labels lists)."""
+
+    def __init__(self, examples: list[dict[str, Any]]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.examples[i]
+
+
+class PadCollator:
+    """Right-pads a batch; labels padded with -100 so padding never counts in the loss."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Stack a padded batch."""
+        n = max(len(b["input_ids"]) for b in batch)
+
+        def pad(key: str, value: int) -> torch.Tensor:
+            return torch.tensor([b[key] + [value] * (n - len(b[key])) for b in batch])
+
+        return {"input_ids": pad("input_ids", self.pad_id), "attention_mask": pad("attention_mask", 0),
+                "labels": pad("labels", -100)}
+
+
+class ProgressCallback(TrainerCallback):
+    """Writes `checkpoints/progress.json` (step, max_steps, loss) at each log, for the flow's progress view."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D102
+        if state.is_world_process_zero and logs and "loss" in logs:
+            write_json(self.path, {"step": state.global_step, "max_steps": state.max_steps,
+                                   "loss": logs["loss"], "time": time.time()})
+
+
+def git_commit(root: Path) -> str | None:
+    """The current git commit of the project, if it is a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _precision(cfg_precision: str) -> dict[str, bool]:
+    cuda = torch.cuda.is_available()
+    if cfg_precision == "auto":
+        return {"bf16": cuda and torch.cuda.is_bf16_supported(), "fp16": False}
+    if cfg_precision in ("bf16", "fp16") and not cuda:
+        raise InvalidInput(f"train.precision = {cfg_precision} needs a GPU; use fp32 or auto on the CPU")
+    return {"bf16": cfg_precision == "bf16", "fp16": cfg_precision == "fp16"}
+
+
+def training_arguments(cfg: Any, output_dir: Path) -> TrainingArguments:
+    """TrainingArguments from the `train:` section (checkpoints, schedule, precision, DDP backend)."""
+    t = cfg.train
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by torchrun / accelerate launch
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=cfg.eval.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim="adamw_torch",
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        eval_strategy="no",
+        report_to="none",
+        gradient_checkpointing=t.gradient_checkpointing,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
+        use_cpu=not torch.cuda.is_available(),  # on CPU, lets accelerate set up multi-CPU DDP under torchrun
+        ddp_find_unused_parameters=False,
+        disable_tqdm=False,
+        **_precision(t.precision),
+    )
+
+
+def _fingerprint(cfg: Config, paths: Paths) -> dict[str, Any]:
+    """What the checkpoints depend on: train params, the initial adapter, the data and the base."""
+    return {
+        "train": cfg.train.model_dump(mode="json"),
+        "svd_init": file_digest(paths.svd_init_dir),
+        "data": file_digest(paths.prepared_dir / "train.jsonl"),
+        "base": json.loads(paths.base_json.read_text()).get("content_hash"),
+    }
+
+
+def _last_complete_checkpoint(ckpt: Path, is_main: bool) -> str | None:
+    """The newest checkpoint that was fully written; a half-written one (killed while saving) is removed."""
+    while True:
+        last = get_last_checkpoint(str(ckpt))
+        if last is None:
+            return None
+        p = Path(last)
+        if (p / "trainer_state.json").exists() and any(p.glob("adapter_model.*")) and (p / "optimizer.pt").exists():
+            return last
+        if not is_main:
+            return None
+        log.warning("checkpoint %s is incomplete (killed while saving?): removing it", p)
+        shutil.rmtree(p)
+
+
+def _resume_point(cfg: Config, paths: Paths, is_main: bool) -> str | None:
+    """The checkpoint to resume from, discarding checkpoints of a different configuration."""
+    ckpt = paths.checkpoints_dir
+    fp_path = ckpt / FINGERPRINT
+    want = _fingerprint(cfg, paths)
+    if ckpt.exists() and fp_path.exists() and json.loads(fp_path.read_text()) == want:
+        last = _last_complete_checkpoint(ckpt, is_main)
+        if last:
+            log.info("resuming from %s", last)
+        return last
+    if is_main:
+        if ckpt.exists() and any(ckpt.iterdir()):
+            log.info("checkpoints in %s belong to another configuration: starting fresh", ckpt)
+            shutil.rmtree(ckpt)
+        from milora.core.io import write_json
+
+        write_json(fp_path, want)
+    return None
+
+
+def _loss_csv(history: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["step", "loss", "learning_rate"])
+    seen = set()
+    for h in history:
+        if "loss" in h and h["step"] not in seen:
+            seen.add(h["step"])
+            w.writerow([h["step"], f"{h['loss']:.6g}", f"{h.get('learning_rate', 0):.6g}"])
+    return buf.getvalue()
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _ranks_agree(model: torch.nn.Module) -> tuple[int, bool]:
+    """World size, and whether every DDP rank ends with the same trainable weights."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1, True
+    vec = torch.cat([p.detach().float().flatten().cpu() for p in model.parameters() if p.requires_grad])
+    digest = torch.tensor([vec.sum().item(), vec.abs().sum().item(), (vec * vec).sum().item()], dtype=torch.float64)
+    gathered = [torch.zeros_like(digest) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, digest)
+    return dist.get_world_size(), all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def _eval_loss(model: torch.nn.Module, encoded: list[dict[str, Any]], batch_size: int, is_main: bool) -> float | None:
+    """Token-weighted eval loss of the (unwrapped) model in eval mode; computed by the main process only."""
+    if not encoded or not is_main:
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        return mean_loss(model, encoded, batch_size)
+    finally:
+        model.train(was_training)
+
+
+def encode_rows(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
+    """Encode prepared rows for training (response-only labels)."""
+    out = []
+    for r in rows:
+        e = encode(tokenizer, r["prompt"], r["response"], max_length)
+        out.append({k: list(e[k]) for k in ("input_ids", "attention_mask", "labels")})
+    return out
+
+
+def launch_distributed(cfg: Config, paths: Paths) -> None:
+    """Run this stage in `train.processes` DDP processes: torchrun (standalone rendezvous on this node)
+    re-executing `milora stage train` with the same, already resolved config."""
+    params = paths.root / ".milora" / "train_ddp_params.yaml"
+    params.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(params, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    n = cfg.train.processes
+    env = dict(os.environ)
+    if not torch.cuda.is_available():  # CPU ranks share the cores
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+           "-m", "milora.cli", "stage", "train", "--params", str(params), "--root", str(paths.root)]
+    log.info("train: launching %d DDP processes: %s", n, " ".join(cmd))
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc != 0:
+        raise RuntimeError(f"the {n} DDP training processes failed (torchrun exit status {rc}); see their log above")
+
+
+def run(cfg: Config, paths: Paths) -> None:
+    """Train the adapter from `models/svd_init`, resuming from `checkpoints/` when possible."""
+    if cfg.train.processes > 1 and "WORLD_SIZE" not in os.environ:
+        launch_distributed(cfg, paths)
+        return
+    torch.manual_seed(cfg.train.seed)
+    model, tokenizer = load_base(cfg, paths)
+    model = load_adapter(model, paths.svd_init_dir, is_trainable=True)
+    if cfg.train.gradient_checkpointing:
+        model.enable_input_require_grads()
+    train_rows = read_jsonl(paths.prepared_dir / "train.jsonl")
+    eval_rows = read_jsonl(paths.prepared_dir / "eval.jsonl")
+    if not train_rows:
+        raise InvalidInput(f"{paths.prepared_dir / 'train.jsonl'} has no rows: nothing to train on")
+    train_ds = EncodedDataset(encode_rows(tokenizer, train_rows, cfg.data.max_length))
+    eval_encoded = encode_rows(tokenizer, eval_rows, cfg.data.max_length)
+
+    args = training_arguments(cfg, paths.checkpoints_dir)
+    is_main = args.process_index == 0
+    paths.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    resume = _resume_point(cfg, paths, is_main)
+    if args.world_size > 1:
+        torch.distributed.barrier()
+    callbacks: list[TrainerCallback] = [ProgressCallback(paths.checkpoints_dir / PROGRESS)]
+    # No `trainer.evaluate()` before `train()`: it prepares the model for evaluation, and accelerate then
+    # refuses to prepare it again, so DDP would never wrap it and the ranks would train unsynchronised.
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_ds,
+        data_collator=PadCollator(tokenizer.pad_token_id), callbacks=callbacks,
+    )
+    start_file = paths.checkpoints_dir / "start_eval.json"
+    if resume is None:
+        start_eval = _eval_loss(model, eval_encoded, cfg.eval.batch_size, is_main)
+        if is_main:
+            write_json(start_file, {"eval_loss": start_eval})
+    else:
+        start_eval = read_json(start_file)["eval_loss"] if start_file.exists() else None
+
+    t0 = time.perf_counter()
+    resumed_step = int(Path(resume).name.split("-")[-1]) if resume else 0
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - t0
+    end_eval = _eval_loss(model, eval_encoded, cfg.eval.batch_size, is_main)
+    world, agree = _ranks_agree(model)
+    if not agree:
+        raise RuntimeError("DDP ranks ended with different adapter weights")
+    if not trainer.is_world_process_zero():
+        return
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    tokens = int(trainer.state.num_input_tokens_seen or 0)
+    steps_run = trainer.state.global_step - resumed_step
+    svd_meta = read_adapter_meta(paths.svd_init_dir)
+    lineage = {
+        "method": cfg.adapter.method,
+        "rank": cfg.adapter.rank,
+        "alpha": svd_meta["config"]["alpha"],
+        "base": read_json(paths.base_json),
+        "data_hash": file_digest(paths.prepared_dir),
+        "svd_cache_keys": svd_meta.get("cache_keys", {}),
+        "git_commit": git_commit(paths.root.resolve()),
+        "params": cfg.flat(),
+    }
+    save_adapter(model, paths.adapter_dir, extra={"lineage": {k: lineage[k] for k in
+                                                                      ("method", "rank", "data_hash")}})
+    write_json(paths.adapter_dir / "lineage.json", lineage)
+    metrics = {
+        "train_loss": result.training_loss,
+        "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
+        "eval_loss_start": start_eval,
+        "eval_loss_end": end_eval,
+        "steps": trainer.state.global_step,
+        "resumed_from_step": resumed_step,
+        "tokens_seen": tokens,
+        "train_seconds": round(seconds, 3),
+        "tokens_per_second": round(tokens * steps_run / max(trainer.state.global_step, 1) / max(seconds, 1e-9), 2),
+        "trainable_params": trainable,
+        "total_params": total,
+        "peak_memory_mb": round(_peak_memory_mb(), 1),
+        "world_size": world,
+        "ranks_agree": agree,
+    }
+    write_json(paths.metrics("train"), metrics)
+    atomic_write_text(paths.plot("train_loss.csv"), _loss_csv(trainer.state.log_history))
+    log.info("train: %d steps in %.1fs, loss %.4f, eval loss %s -> %s", metrics["steps"], seconds,
+             result.training_loss, start_eval, end_eval)
+

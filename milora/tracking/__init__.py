@@ -1,0 +1,1 @@
+"""MLflow: run logging with lineage, model registration and the champion/challenger gate."""

@@ -1,0 +1,16 @@
+"""Fault injection for subprocess tests (see `sitecustomize.py` here)."""
+
+import os
+from pathlib import Path
+
+SITE = str(Path(__file__).resolve().parent)
+
+
+def fault_env(fault: str | None = None, kill_at_step: int | None = None) -> dict[str, str]:
+    """Environment variables that arm the faults in `milora` subprocesses started with them."""
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (SITE, os.environ.get("PYTHONPATH")) if p)}
+    if fault:
+        env["MILORA_TEST_FAULT"] = fault
+    if kill_at_step is not None:
+        env["MILORA_TEST_KILL_AT_STEP"] = str(kill_at_step)
+    return env

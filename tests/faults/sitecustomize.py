@@ -1,0 +1,46 @@
+"""Test-only fault injection into `milora stage` subprocesses (DVC's and Prefect's too): a test puts this
+directory on PYTHONPATH (`tests.faults.fault_env`) and Python imports it at start-up. Production code has
+no hook for it.
+
+* `MILORA_TEST_FAULT=evaluate[,svd]`: those stages raise a bug (`RuntimeError`) instead of running;
+* `MILORA_TEST_KILL_AT_STEP=N`: training SIGKILLs itself once a checkpoint at or after step N is saved.
+"""
+
+import os
+
+_FAULT = os.environ.get("MILORA_TEST_FAULT", "")
+_KILL_AT = os.environ.get("MILORA_TEST_KILL_AT_STEP", "")
+
+if _FAULT or _KILL_AT:
+    import milora.stages as _stages
+
+    _stage_function = _stages.stage_function
+
+    def _faulty_stage_function(name):
+        fn = _stage_function(name)
+        if name in _FAULT.split(","):
+            def fn(cfg, paths):
+                raise RuntimeError(f"fault injected into stage {name!r} by the test (MILORA_TEST_FAULT)")
+        if name == "train" and _KILL_AT:
+            _kill_training_at(int(_KILL_AT))
+        return fn
+
+    def _kill_training_at(step):
+        import signal
+
+        from transformers import TrainerCallback
+
+        import milora.stages.train as train
+
+        class KillAfterCheckpoint(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                if state.global_step >= step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        class Trainer(train.Trainer):
+            def __init__(self, *args, callbacks=None, **kwargs):
+                super().__init__(*args, callbacks=[*(callbacks or []), KillAfterCheckpoint()], **kwargs)
+
+        train.Trainer = Trainer
+
+    _stages.stage_function = _faulty_stage_function
