@@ -110,7 +110,7 @@ def test_external_local_model_records_identity_and_loads(tmp_path, corpus_tokeni
     assert info["n_params"] == sum(p.numel() for p in tiny_llama().parameters())
     assert info["content_hash"] == content_hash(sorted(model_dir.glob("*.safetensors")))
     assert info["dtype"] == "float32" and info["revision"] is None and info["weight_files"] == ["model.safetensors"]
-    assert read_json(paths.metrics("base"))["n_params"] == info["n_params"]
+    assert read_json(paths.report("base"))["n_params"] == info["n_params"]
     assert not any(paths.base_dir.glob("*.safetensors"))  # nothing copied
     assert paths.heldout_text.read_text() == ""
 
@@ -255,7 +255,7 @@ def test_embedded_base_beats_an_untrained_twin_on_heldout_text_by_a_wide_margin(
     assert untrained > math.log(len(tok)) - 0.5  # a random model is about uniform
     assert trained < untrained - 2.5  # more than 12x lower perplexity
     assert math.exp(trained) < len(tok) / 20
-    m = read_json(paths.metrics("base"))
+    m = read_json(paths.report("base"))
     assert m["heldout"]["loss"] == pytest.approx(trained, abs=1e-3)
     assert m["heldout"]["init_loss"] == pytest.approx(untrained, abs=1e-3)
     assert m["heldout"]["uniform_perplexity"] == len(tok)
@@ -282,5 +282,5 @@ def test_cli_prepare_after_base_uses_its_tokenizer(embedded, tmp_path):
     (root / "params.yaml").write_text(yaml.safe_dump(TINY))
     for stage in ("ingest", "prepare"):
         assert main(["stage", stage, "--params", str(root / "params.yaml"), "--root", str(root)]) == 0
-    m = read_json(Paths(root).metrics("data"))
+    m = read_json(Paths(root).report("data"))
     assert m["rows"]["train"] + m["rows"]["eval"] == 80 and m["truncated"]["train"] == 0

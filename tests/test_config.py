@@ -124,10 +124,15 @@ def test_overrides_are_validated(tmp_path):
         apply_overrides({"adapter": {"rank": 4}}, {"adapter.rank.x": 1})
 
 
-def test_adapter_config_follows_params():
+def test_the_adapter_section_is_the_core_adapter_config():
+    from milora.core.schema import AdapterConfig
+
     cfg = validate({"adapter": {"method": "lora", "rank": 4}})
-    ac = cfg.adapter_config()
-    assert (ac.method, ac.rank, ac.alpha) == ("lora", 4, 8.0)
+    ac = cfg.adapter
+    assert isinstance(ac, AdapterConfig)  # one schema: the params section is the library's config
+    assert (ac.method, ac.rank, ac.alpha, ac.scale) == ("lora", 4, 8.0, 2.0)
+    with pytest.raises(ConfigError, match=r"adapter\.method = 'dora' is not allowed"):
+        validate({"adapter": {"method": "dora"}})
 
 
 # --- property: random bad values never pass and never crash with anything but ConfigError

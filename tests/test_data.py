@@ -499,7 +499,7 @@ def _read(path: Path) -> list[dict]:
 def test_prepare_embedded_writes_contract_rows_and_metrics(project):
     prepare_stage(_config(project), project)
     train, ev = _read(project.prepared_dir / "train.jsonl"), _read(project.prepared_dir / "eval.jsonl")
-    assert len(ev) <= 40 and len(train) + len(ev) + read_json(project.metrics("data"))["dropped"].get("duplicate", 0) <= 300
+    assert len(ev) <= 40 and len(train) + len(ev) + read_json(project.report("data"))["dropped"].get("duplicate", 0) <= 300
     for r in train + ev:
         assert tuple(r) == ROW_KEYS
         assert r["task"] in ("math", "choice")
@@ -514,7 +514,7 @@ def test_prepare_embedded_writes_contract_rows_and_metrics(project):
         return {re.sub(r"\n\noption1:.*", "", r["prompt"], flags=re.S).rsplit(": ", 1)[-1]
                 for r in rows if r["task"] == "choice"}
     assert not facts(ev) & facts(train)
-    m = read_json(project.metrics("data"))
+    m = read_json(project.report("data"))
     assert m["rows"]["train"] == len(train) and m["rows"]["eval"] == len(ev)
     assert m["formats"] == {"math.jsonl": "gsm8k", "choice.jsonl": "llm_adapters"}
     assert m["tasks"]["eval"]["math"] + m["tasks"]["eval"]["choice"] == len(ev)
@@ -532,14 +532,14 @@ def test_prepare_output_is_byte_identical_across_runs(project, tmp_path_factory)
     ingest_stage(cfg, other)
     prepare_stage(cfg, other)
     assert {n: (other.prepared_dir / n).read_bytes() for n in first} == first
-    assert other.metrics("data").read_bytes() == project.metrics("data").read_bytes()
+    assert other.report("data").read_bytes() == project.report("data").read_bytes()
 
 
 def test_prepare_local_source_skips_bad_rows_dedups_and_counts_truncation(project):
     rows = [*BAD_ROWS, BAD_ROWS[0], {"instruction": "long " * 300, "output": "short"}]
     cfg = _ingest(project, write_jsonl(project.root / "mine.jsonl", rows), on_bad_rows="skip", max_length=200)
     prepare_stage(cfg, project)
-    m = read_json(project.metrics("data"))
+    m = read_json(project.report("data"))
     assert m["dropped"] == {"bad row: instruction empty": 1, "bad row: output missing": 1,
                             "bad row: output wrong type": 1, "duplicate": 1}
     assert m["rows"] == {"source": 7, "loaded": 4, "kept": 3, "train": 2, "eval": 1}
@@ -556,7 +556,7 @@ def test_prepare_directory_source_names_files_relative_to_it(project):
     (src / "commonsense.json").write_bytes((DATA / "commonsense.json").read_bytes())
     cfg = _ingest(project, src)
     prepare_stage(cfg, project)
-    m = read_json(project.metrics("data"))
+    m = read_json(project.report("data"))
     assert m["formats"] == {"commonsense.json": "llm_adapters", "math/gsm8k.jsonl": "gsm8k"}
     assert m["rows"]["train"] + m["rows"]["eval"] == 6 and m["rows"]["eval"] >= 1
 

@@ -53,12 +53,12 @@ def test_svd_train_evaluate(shared, tmp_path):
     for stage in ("svd", "train", "evaluate"):
         run_stage(stage, root / "params.yaml", root)
     paths = Paths(root)
-    svd = json.loads(paths.metrics("svd").read_text())
+    svd = json.loads(paths.report("svd").read_text())
     assert svd["matrices"] > 0 and svd["cache_misses"] + svd["cache_hits"] == svd["matrices"]
     assert paths.plot("spectrum.png").read_bytes()[:4] == b"\x89PNG"
     assert "singular_value" in paths.plot("spectrum.csv").read_text().splitlines()[0]
 
-    train = json.loads(paths.metrics("train").read_text())
+    train = json.loads(paths.report("train").read_text())
     assert train["eval_loss_end"] < train["eval_loss_start"], train  # training really learns
     assert train["steps"] == 30 and train["trainable_params"] > 0 and train["tokens_per_second"] > 0
     lines = paths.plot("train_loss.csv").read_text().splitlines()
@@ -67,7 +67,7 @@ def test_svd_train_evaluate(shared, tmp_path):
     assert lineage["method"] == "milora" and lineage["rank"] == 4 and lineage["data_hash"]
     assert lineage["base"]["content_hash"] and lineage["svd_cache_keys"]
 
-    ev = json.loads(paths.metrics("eval").read_text())
+    ev = json.loads(paths.report("eval").read_text())
     for key in ["math_accuracy", "choice_accuracy", "choice_accuracy_loglik", "average_accuracy",
                 "perplexity", "forgetting", "heldout_loss_base", "heldout_loss_tuned"]:
         assert key in ev, key
@@ -82,7 +82,7 @@ def test_forgetting_is_zero_for_an_unchanged_model(shared, tmp_path):
     paths = Paths(root)
     shutil.copytree(paths.svd_init_dir, paths.adapter_dir)  # "trained" adapter == its initial state
     run_stage("evaluate", root / "params.yaml", root)
-    ev = json.loads(paths.metrics("eval").read_text())
+    ev = json.loads(paths.report("eval").read_text())
     assert abs(ev["forgetting"]) < 1e-5, ev
 
 
@@ -102,7 +102,7 @@ def test_kill_and_resume_equals_uninterrupted(shared, tmp_path):
     assert (Paths(b).checkpoints_dir / "checkpoint-8").exists()
     assert not Paths(b).adapter_dir.exists()
     _milora(b, "stage", "train")
-    tb = json.loads(Paths(b).metrics("train").read_text())
+    tb = json.loads(Paths(b).report("train").read_text())
     assert tb["resumed_from_step"] == 8 and tb["steps"] == 12
     wa, wb = _adapter_weights(a), _adapter_weights(b)
     assert wa.keys() == wb.keys()
@@ -124,7 +124,7 @@ def test_ddp_two_processes_agree(shared, tmp_path, launch):
                "-S", "train.processes=2"]
     p = subprocess.run(cmd, env=env({"OMP_NUM_THREADS": "1"}), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-6000:]
-    train = json.loads(Paths(root).metrics("train").read_text())
+    train = json.loads(Paths(root).report("train").read_text())
     assert train["world_size"] == 2 and train["ranks_agree"] is True
     assert train["eval_loss_end"] < train["eval_loss_start"], train
     init = load_file(str(Paths(root).svd_init_dir / "adapter_model.safetensors"))

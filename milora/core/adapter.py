@@ -15,7 +15,7 @@ import logging
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,57 +28,15 @@ from torch import Tensor, nn
 from milora.core import svd
 from milora.core.errors import InvalidInput, MissingInput, Unsupported
 from milora.core.io import atomic_dir
+from milora.core.schema import AdapterConfig
 
 log = logging.getLogger(__name__)
 
-METHODS = ("milora", "pissa", "lora")
-SOLVERS = ("auto", "full", "full64", "gram", "lowrank")
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 ADAPTER_NAME = "default"
 STATE_FILE = "milora.json"
 INIT_FILE = "milora_init.safetensors"
 FORMAT_VERSION = 1
 _PEFT_PREFIX = "base_model.model."
-
-
-@dataclass
-class AdapterConfig:
-    """What adapter to build: method, rank, scaling, dropout, targets and SVD solver."""
-
-    method: str = "milora"
-    rank: int = 8
-    alpha: float | None = None  # None: `rank` for milora/pissa, `2 * rank` for lora (MiLoRA paper setup)
-    dropout: float = 0.05
-    target_modules: Sequence[str] | str = DEFAULT_TARGETS
-    svd_solver: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise InvalidInput(f"unknown adapter method {self.method!r}; use one of {', '.join(METHODS)}")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise InvalidInput(f"adapter rank must be a positive integer, got {self.rank!r}")
-        if self.alpha is None:
-            self.alpha = float(2 * self.rank if self.method == "lora" else self.rank)
-        if not self.alpha > 0:
-            raise InvalidInput(f"adapter alpha must be > 0, got {self.alpha!r}")
-        if not 0 <= self.dropout < 1:
-            raise InvalidInput(f"adapter dropout must be in [0, 1), got {self.dropout!r}")
-        if self.svd_solver not in SOLVERS:
-            raise InvalidInput(f"unknown svd_solver {self.svd_solver!r}; use one of {', '.join(SOLVERS)}")
-        if not isinstance(self.target_modules, str):
-            self.target_modules = list(self.target_modules)
-        if not self.target_modules:
-            raise InvalidInput("target_modules is empty: name the linear layers to adapt (e.g. q_proj, v_proj)")
-
-    @property
-    def scale(self) -> float:
-        """PEFT's LoRA scaling `alpha / rank`."""
-        return float(self.alpha) / self.rank
-
-    @property
-    def side(self) -> svd.Side | None:
-        """Which singular triplets initialise the adapter (None for plain LoRA)."""
-        return {"milora": "minor", "pissa": "principal"}.get(self.method)  # type: ignore[return-value]
 
 
 @dataclass
@@ -295,7 +253,7 @@ def save_adapter(
             save_file(init, tmp / INIT_FILE, metadata={"format": "pt"})
         meta = {
             "format_version": FORMAT_VERSION,
-            "config": asdict(state.config),
+            "config": state.config.model_dump(mode="json"),
             "scale": state.config.scale,
             "fan_in_fan_out": state.fan_in_fan_out,
             "modules": sorted(state.init_factors),
@@ -325,7 +283,7 @@ def load_adapter(
 ) -> PeftModel:
     """Load a saved adapter onto the original base, rebuilding the residual weights from the initial factors."""
     meta = read_adapter_meta(adapter_dir)
-    config = AdapterConfig(**meta["config"])
+    config = AdapterConfig.model_validate(meta["config"])
     fifo = bool(meta["fan_in_fan_out"])
     state = MiloraState(config=config, fan_in_fan_out=fifo, cache_keys=meta.get("cache_keys", {}))
     targets = resolve_targets(original_base, config)

@@ -17,9 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from milora.core.errors import UserError
+from milora.core.schema import AdapterConfig
 
-METHODS = ("milora", "pissa", "lora")
-SOLVERS = ("auto", "full", "full64", "gram", "lowrank")
 FORMATS = ("auto", "alpaca", "llm_adapters", "metamath", "gsm8k", "chat")
 EMBEDDED = "embedded"
 
@@ -78,22 +77,6 @@ class DataConfig(_Section):
     seed: int = 0
     heldout_text: str | None = None
     embedded: EmbeddedDataConfig = EmbeddedDataConfig()
-
-
-class AdapterSection(_Section):
-    method: Literal[METHODS] = "milora"  # type: ignore[valid-type]
-    rank: int = Field(8, gt=0)
-    alpha: float | None = Field(None, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | str = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-    svd_solver: Literal[SOLVERS] = "auto"  # type: ignore[valid-type]
-
-    @field_validator("target_modules")
-    @classmethod
-    def _non_empty(cls, v: list[str] | str) -> list[str] | str:
-        if not v:
-            raise ValueError("must name at least one module (a list of names or a regex string)")
-        return v
 
 
 class SvdConfig(_Section):
@@ -223,7 +206,7 @@ class Config(_Section):
 
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    adapter: AdapterSection = AdapterSection()
+    adapter: AdapterConfig = AdapterConfig()
     svd: SvdConfig = SvdConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -238,16 +221,6 @@ class Config(_Section):
                 f"({self.model.embedded.hidden_size} % {self.model.embedded.num_heads} != 0)"
             )
         return self
-
-    def adapter_config(self) -> Any:
-        """The `milora.AdapterConfig` this run's `adapter:` section describes."""
-        from milora.core.adapter import AdapterConfig
-
-        a = self.adapter
-        return AdapterConfig(
-            method=a.method, rank=a.rank, alpha=a.alpha, dropout=a.dropout,
-            target_modules=a.target_modules, svd_solver=a.svd_solver,
-        )
 
     def flat(self) -> dict[str, Any]:
         """The config as flat dotted keys (for MLflow params and logs)."""
@@ -278,6 +251,9 @@ def _section_fields(model_cls: type[BaseModel], loc: tuple[Any, ...]) -> list[st
 
 def _describe(err: dict[str, Any], source: str) -> str:
     loc = tuple(err.get("loc", ()))
+    inner = getattr((err.get("ctx") or {}).get("error"), "errors", None)
+    if inner:  # a nested schema that validates itself (the core AdapterConfig): name its params keys
+        return "\n".join(_describe({**e, "loc": loc + tuple(e.get("loc", ()))}, source) for e in inner)
     key = ".".join(str(p) for p in loc) or "<root>"
     value = err.get("input")
     etype = err.get("type", "")

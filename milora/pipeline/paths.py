@@ -74,6 +74,11 @@ class Paths:
         """`metrics/<name>.json` (a stage's file is named in `STAGE_METRICS`)."""
         return self.root / "metrics" / f"{name}.json"
 
+    def report(self, name: str) -> Path:
+        """`reports/<name>.json`: a stage's detailed numbers (per matrix, per percentile, counts, timings), a
+        superset of its DVC metrics, logged to MLflow."""
+        return self.root / "reports" / f"{name}.json"
+
     def stage_metrics(self, stage: str) -> Path | None:
         """The DVC metrics file a stage writes, if it writes one."""
         name = STAGE_METRICS.get(stage)

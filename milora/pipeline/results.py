@@ -14,13 +14,14 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from milora.core.errors import EXIT_CODES, EXIT_OK, ErrorKind, error_kind
 from milora.core.io import read_json, write_json
+from milora.pipeline.paths import Paths
 
 RESULTS_DIR = Path(".milora") / "results"
 TOKEN_ENV = "MILORA_RUN_TOKEN"
@@ -80,6 +81,26 @@ def recorded(step: str, root: str | os.PathLike[str]) -> Iterator[StepResult]:
         result.fail(exc, time.perf_counter() - t0).save(root)
         raise
     result.succeed(time.perf_counter() - t0).save(root)
+
+
+def write_metrics(paths: Paths, name: str, details: Mapping[str, Any], summary: Sequence[str]) -> None:
+    """Write a stage's numbers: all of them to `reports/<name>.json` (MLflow logs every numeric leaf), and the
+    few that people compare across runs (`summary`: dotted keys of `details`, those present) to the DVC
+    metrics file `metrics/<name>.json`, so `dvc metrics show` and `dvc exp show` stay readable."""
+    write_json(paths.report(name), details)
+    picked: dict[str, Any] = {}
+    for dotted in summary:
+        node: Any = details
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        target = picked
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = node
+    write_json(paths.metrics(name), picked)
 
 
 def one_line(exc: BaseException) -> str:

@@ -32,8 +32,12 @@ from milora.model.nll import heldout_nll
 from milora.model.prompts import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
 from milora.pipeline.config import EMBEDDED, Config
 from milora.pipeline.paths import Paths
+from milora.pipeline.results import write_metrics
 
 log = logging.getLogger(__name__)
+
+# The numbers of metrics/base.json (DVC metrics, compared across runs); reports/base.json has them all.
+SUMMARY = ["n_params", "heldout.perplexity"]
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int, max_length: int) -> Any:
@@ -261,6 +265,6 @@ def run(cfg: Config, paths: Paths) -> None:
         atomic_write_text(paths.plot("base_loss.csv"), "step,loss\n")
         log.info("base: %s -> %s (%s, %.1fM parameters)", cfg.model.name_or_path, identity["load_path"],
                  identity["content_hash"][:19], identity["n_params"] / 1e6)
-    write_json(paths.metrics("base"), metrics)
+    write_metrics(paths, "base", metrics, SUMMARY)
     write_json(paths.base_json, identity)
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from milora.core.adapter import load_adapter
-from milora.core.io import atomic_write_text, dump_json, dump_jsonl, read_jsonl, write_json
+from milora.core.io import atomic_write_text, dump_json, dump_jsonl, read_jsonl
 from milora.model.base import load_base
 from milora.model.generate import batches, generate
 from milora.model.nll import heldout_loss, mean_loss, sequence_nll
@@ -30,8 +30,12 @@ from milora.model.scoring import extract_choice, extract_number, gold_choice, pa
 from milora.model.tokenize import encode
 from milora.pipeline.config import Config
 from milora.pipeline.paths import Paths
+from milora.pipeline.results import write_metrics
 
 log = logging.getLogger(__name__)
+
+# The numbers of metrics/eval.json (DVC metrics, compared across runs); reports/eval.json has them all.
+SUMMARY = ["average_accuracy", "math_accuracy", "choice_accuracy", "perplexity", "forgetting"]
 
 # ----------------------------------------------------------------------------- answer extraction
 
@@ -193,5 +197,5 @@ def run(cfg: Config, paths: Paths) -> None:
     metrics["eval_seconds"] = round(time.perf_counter() - t0, 3)
     paths.predictions.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(paths.predictions, dump_jsonl(preds))
-    write_json(paths.metrics("eval"), metrics)
+    write_metrics(paths, "eval", metrics, SUMMARY)
     log.info("eval: %s", dump_json({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}).strip())

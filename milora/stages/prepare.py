@@ -13,14 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from milora.core.errors import MissingInput
-from milora.core.io import atomic_write_text, write_json
+from milora.core.io import atomic_write_text
 from milora.data.formats import ROW_KEYS, read_records
 from milora.model.base import load_tokenizer
 from milora.model.tokenize import tokenize_pair
 from milora.pipeline.config import Config
 from milora.pipeline.paths import Paths
+from milora.pipeline.results import write_metrics
 
 log = logging.getLogger(__name__)
+
+# The numbers of metrics/data.json (DVC metrics, compared across runs); reports/data.json has them all.
+SUMMARY = ["rows.train", "rows.eval"]
 
 
 def dedup(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
@@ -155,7 +159,7 @@ def run(cfg: Config, paths: Paths) -> None:
                       "eval": sum(r["id"] in truncated for r in split.eval)},
         "token_lengths": {k: _percentiles(v) for k, v in lengths.items()},
     }
-    write_json(paths.metrics("data"), metrics)
+    write_metrics(paths, "data", metrics, SUMMARY)
     log.info("prepare: %d rows (%d train, %d eval, dropped %s, truncated %d) -> %s in %.1fs",
              len(loaded.rows), len(split.train), len(split.eval), dict(dropped) or "none", len(truncated), out,
              time.perf_counter() - t0)

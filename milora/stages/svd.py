@@ -17,12 +17,16 @@ from typing import Any
 import torch
 
 from milora.core.adapter import init_adapter, resolve_targets, save_adapter, state_of, weight_2d
-from milora.core.io import atomic_write_bytes, atomic_write_text, write_json
+from milora.core.io import atomic_write_bytes, atomic_write_text
 from milora.model.base import load_base
 from milora.pipeline.config import Config
 from milora.pipeline.paths import Paths
+from milora.pipeline.results import write_metrics
 
 log = logging.getLogger(__name__)
+
+# The numbers of metrics/svd.json (DVC metrics, compared across runs); reports/svd.json has them all.
+SUMMARY = ["init_seconds", "cache_hits"]
 
 
 def spectrum_summary(spectrum: torch.Tensor, rank: int) -> dict[str, float]:
@@ -92,7 +96,7 @@ def spectrum_png(spectra: dict[str, torch.Tensor], rank: int, method: str) -> by
 def run(cfg: Config, paths: Paths) -> None:
     """Initialise the adapter (through the cache), save it, and write the SVD metrics and plots."""
     model, _ = load_base(cfg, paths)
-    acfg = cfg.adapter_config()
+    acfg = cfg.adapter
     targets = resolve_targets(model, acfg)  # rank vs shapes and target names fail here, before any SVD
     # plain LoRA computes no SVD: take the spectra of the original weights for the plot
     lora_spectra = {} if acfg.side else {n: torch.linalg.svdvals(weight_2d(m).detach().float())
@@ -126,7 +130,7 @@ def run(cfg: Config, paths: Paths) -> None:
             k: sum(s[k] for s in summaries.values()) / len(summaries)
             for k in ("principal_energy", "minor_energy", "top_to_median")
         }
-    write_json(paths.metrics("svd"), metrics)
+    write_metrics(paths, "svd", metrics, SUMMARY)
     atomic_write_text(paths.plot("spectrum.csv"), spectrum_csv(spectra))
     atomic_write_bytes(paths.plot("spectrum.png"), spectrum_png(spectra, acfg.rank, acfg.method))
     log.info("svd: %s adapter r=%d on %d matrices -> %s", acfg.method, acfg.rank, len(state.init_factors),

@@ -36,8 +36,12 @@ from milora.model.nll import mean_loss
 from milora.model.tokenize import encode
 from milora.pipeline.config import Config
 from milora.pipeline.paths import Paths
+from milora.pipeline.results import write_metrics
 
 log = logging.getLogger(__name__)
+
+# The numbers of metrics/train.json (DVC metrics, compared across runs); reports/train.json has them all.
+SUMMARY = ["train_loss", "eval_loss_end", "train_seconds"]
 
 FINGERPRINT = "fingerprint.json"
 PROGRESS = "progress.json"
@@ -313,7 +317,7 @@ def run(cfg: Config, paths: Paths) -> None:
     lineage = {
         "method": cfg.adapter.method,
         "rank": cfg.adapter.rank,
-        "alpha": svd_meta["config"]["alpha"],
+        "alpha": cfg.adapter.alpha,
         "base": read_json(paths.base_json),
         "data_hash": file_digest(paths.prepared_dir),
         "svd_cache_keys": svd_meta.get("cache_keys", {}),
@@ -339,7 +343,7 @@ def run(cfg: Config, paths: Paths) -> None:
         "world_size": world,
         "ranks_agree": agree,
     }
-    write_json(paths.metrics("train"), metrics)
+    write_metrics(paths, "train", metrics, SUMMARY)
     atomic_write_text(paths.plot("train_loss.csv"), _loss_csv(trainer.state.log_history))
     log.info("train: %d steps in %.1fs, loss %.4f, eval loss %s -> %s", metrics["steps"], seconds,
              result.training_loss, start_eval, end_eval)

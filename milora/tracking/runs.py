@@ -51,7 +51,7 @@ TAG = "milora."
 TAG_RUN_KEY = "milora.run_key"
 TAG_LOGGED = "milora.logged"
 TAG_PREFECT = "milora.prefect_flow_run_id"
-STAGE_METRICS = ("data", "base", "svd", "train")  # logged as `<stage>.<key>`; eval metrics are unprefixed
+PREFIXED = ("data", "base", "svd", "train")  # logged as `<name>.<key>`; eval metrics are unprefixed
 LOSS_METRIC = "train_loss"
 
 _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|API_KEY|PRIVATE_KEY|CREDENTIAL|SESSION_KEY", re.I)
@@ -353,10 +353,11 @@ def numeric_metrics(data: Mapping[str, Any], prefix: str = "") -> dict[str, floa
 
 
 def collect_metrics(paths: Paths) -> dict[str, float]:
-    """All summary metrics of a run: `metrics/eval.json` unprefixed, the other stages as `<stage>.<key>`."""
+    """Every numeric result of a run, from each stage's `reports/<name>.json` (all its numbers; the DVC
+    metrics file when there is no report): eval unprefixed, the other stages as `<name>.<key>`."""
     out: dict[str, float] = {}
-    for stage in (*STAGE_METRICS, "eval"):
-        p = paths.metrics(stage)
+    for stage in (*PREFIXED, "eval"):
+        p = paths.report(stage) if paths.report(stage).is_file() else paths.metrics(stage)
         if not p.is_file():
             log.info("no %s: skipping its metrics", p)
             continue
@@ -497,6 +498,11 @@ ARTIFACTS: tuple[tuple[str, str], ...] = (
     ("metrics/svd.json", "metrics"),
     ("metrics/train.json", "metrics"),
     ("metrics/eval.json", "metrics"),
+    ("reports/data.json", "reports"),
+    ("reports/base.json", "reports"),
+    ("reports/svd.json", "reports"),
+    ("reports/train.json", "reports"),
+    ("reports/eval.json", "reports"),
     ("plots/train_loss.csv", "plots"),
     ("plots/spectrum.png", "plots"),
     ("eval/predictions.jsonl", "eval"),
