@@ -13,6 +13,8 @@ from tests.project import make_project, run, stages_ran, stages_skipped, write_p
 
 pytestmark = pytest.mark.slow
 ALL = ["ingest", "base", "prepare", "svd", "train", "evaluate"]
+# The README's view for comparing experiments: what changed, without timings, cache counters and data hashes.
+EXP_SHOW_ARGS = ["--only-changed", "--drop", "Created|models/|data/|.*_seconds|cache_hits"]
 OUTPUTS = ["data/raw", "data/prepared", "models/base", "models/svd_init", "models/adapter"]
 
 
@@ -44,6 +46,32 @@ def test_second_repro_does_nothing(project):
     out = run(["dvc", "repro"], root)
     assert stages_ran(out.stdout) == []
     assert set(stages_skipped(out.stdout)) == set(ALL)
+
+
+def _touch(path: Path) -> bytes:
+    before = path.read_bytes()
+    path.write_bytes(before + b"\n# an edit\n")
+    return before
+
+
+@pytest.mark.parametrize(("edited", "changed"), [
+    ("milora/core/svd.py", {"svd", "train", "evaluate"}),  # the SVD engine: everything that runs it
+    ("milora/stages/evaluate.py", {"evaluate"}),  # the evaluation code: evaluate only
+    ("milora/model/scoring.py", {"evaluate"}),
+    ("milora/data/formats.py", {"ingest", "prepare"}),
+])
+def test_code_edits_invalidate_exactly_the_stages_that_run_the_code(project, edited, changed):
+    root, _ = project
+    path = root / edited
+    if not path.exists():  # a module that became a package
+        path = root / edited.removesuffix(".py") / "__init__.py"
+    before = _touch(path)
+    try:
+        status = json.loads(run(["dvc", "status", "--json"], root).stdout or "{}")
+        assert set(status) == changed, status
+    finally:
+        path.write_bytes(before)
+    assert json.loads(run(["dvc", "status", "--json"], root).stdout or "{}") == {}
 
 
 def test_train_params_rerun_train_and_evaluate_only(project):
@@ -89,6 +117,13 @@ def test_exp_run_with_overrides(project):
     exps = json.loads(shown)
     found = json.dumps(exps)
     assert '"pissa"' in found and "average_accuracy" in found
+    # What a person compares fits a 120-column terminal (the README's command): the key metrics and the
+    # changed params of both runs, with no column folded into `…`.
+    table = run(["dvc", "exp", "show", "--no-pager", *EXP_SHOW_ARGS], root, extra_env={"COLUMNS": "120"}).stdout
+    assert max(len(line) for line in table.splitlines()) <= 120, table
+    assert "…" not in table, table
+    for column in ("pissa-r2", "train_loss", "forgetting", "perplexity", "adapter.method", "adapter.rank"):
+        assert column in table, table
 
 
 def _wipe_outputs(root: Path) -> None:

@@ -35,7 +35,7 @@ from milora.pipeline.results import write_metrics
 log = logging.getLogger(__name__)
 
 # The numbers of metrics/eval.json (DVC metrics, compared across runs); reports/eval.json has them all.
-SUMMARY = ["average_accuracy", "math_accuracy", "choice_accuracy", "perplexity", "forgetting"]
+SUMMARY = ["average_accuracy", "perplexity", "forgetting"]
 
 # ----------------------------------------------------------------------------- answer extraction
 

@@ -41,7 +41,7 @@ from milora.pipeline.results import write_metrics
 log = logging.getLogger(__name__)
 
 # The numbers of metrics/train.json (DVC metrics, compared across runs); reports/train.json has them all.
-SUMMARY = ["train_loss", "eval_loss_end", "train_seconds"]
+SUMMARY = ["train_loss", "train_seconds"]
 
 FINGERPRINT = "fingerprint.json"
 PROGRESS = "progress.json"
