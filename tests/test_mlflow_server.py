@@ -114,7 +114,8 @@ def test_retrying_registration_creates_no_duplicate(project):
 
 def test_server_down_then_up_registers_the_same_run_once(project, mlflow_server, monkeypatch):
     config = cfg("srv-outage")
-    run_id = tracking.start_pipeline_run(config, project.root)  # the flow opened the run while the server was up
+    c = tracking.client(project.root)  # a caller opened the run while the server was up
+    run_id = c.create_run(tracking.ensure_experiment(c, config.register.experiment, project.root)).info.run_id
     monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
     before = tree_digest(project.root)
     mlflow_server.stop()
@@ -130,7 +131,6 @@ def test_server_down_then_up_registers_the_same_run_once(project, mlflow_server,
     written = json.loads(project.metrics("register").read_text())
     assert written["run_id"] == run_id and written["created"] and written["promoted"]
     registry.register_stage(config, project)
-    c = tracking.client(project.root)
     assert [v.run_id for v in c.search_model_versions("name='srv-outage'")] == [run_id]
 
 

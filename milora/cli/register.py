@@ -25,12 +25,12 @@ def main(args: argparse.Namespace) -> int:
     """Entry point of `milora register`: registers, writes metrics/register.json and the step's structured
     result (`.milora/results/register.json`, the decision under `data`), prints the decision as one JSON line."""
     # imported here, not at the top: MLflow takes seconds to import, and `milora --help` imports every command
-    from milora.tracking.registry import register_run, write_registration
+    from milora.tracking.registry import register_stage
 
     paths = Paths(Path(args.root))
     with recorded(REGISTER, paths.root) as result:
-        reg = register_run(load_config(args.params, parse_sets(args.set)), paths)
-        result.metrics = write_registration(paths, reg).relative_to(paths.root).as_posix()
+        reg = register_stage(load_config(args.params, parse_sets(args.set)), paths)
+        result.metrics = paths.metrics("register").relative_to(paths.root).as_posix()
         result.data = reg.to_dict()
     print(json.dumps(reg.to_dict(), sort_keys=True))
     return 0

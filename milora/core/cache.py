@@ -173,8 +173,8 @@ class SvdCache:
         An entry of a larger rank holds `stored >= rank` triplets of the same side: the caller takes
         the `rank` it needs (`Triplets.take`). A smaller one cannot serve: that is a miss.
         """
-        family = key_family(weight, side, solver)
-        key = f"{family}-r{rank}"
+        key = make_key(weight, rank, side, solver)
+        family = key.rpartition("-r")[0]
         t = self.load(key)
         if t is not None:
             return t, key, True

@@ -568,15 +568,13 @@ def write_registration(paths: Paths, reg: Registration) -> Path:
     })
 
 
-def register_stage(cfg: Config, paths: Paths) -> None:
+def register_stage(cfg: Config, paths: Paths) -> Registration:
     """The `register` step: log + register + gate the outputs under `paths`, then write `metrics/register.json`."""
-    import time
-
-    t0 = time.perf_counter()
     reg = register_run(cfg, paths)
     out = write_registration(paths, reg)
-    log.info("register: %s version %s (%s) in %.1fs: %s; wrote %s", reg.model_name, reg.version,
-             "new" if reg.created else "already registered", time.perf_counter() - t0, reg.decision.reason, out)
+    log.info("register: %s version %s (%s): %s; wrote %s", reg.model_name, reg.version,
+             "new" if reg.created else "already registered", reg.decision.reason, out)
+    return reg
 
 
 def promote(

@@ -2,7 +2,7 @@
 
 * Store: `MLFLOW_TRACKING_URI` when set (e.g. the project's `mlflow server`), else the embedded store
   `sqlite:///<root>/mlflow/mlflow.db` with artifacts under `<root>/mlflow/artifacts/` (no server).
-* One run per pipeline run: stages in other processes join it through `MLFLOW_RUN_ID` (the Prefect
+* One run per pipeline run: the register step joins `MLFLOW_RUN_ID` when the caller sets it (the Prefect
   flow creates it with `ensure_run` and exports it); without one, the run is found again by the
   Prefect flow-run id, or by the content key of the outputs being logged, so a retry never forks it.
 * `log_pipeline_run` logs the flattened params, the metrics JSON files, the training-loss curve,
@@ -305,32 +305,6 @@ def ensure_run(
     run = mlflow_client.create_run(experiment_id, run_name=run_name, tags=tags)
     log.info("created MLflow run %s in experiment %s", run.info.run_id, experiment_id)
     return run.info.run_id
-
-
-def start_pipeline_run(cfg: Config, root: str | os.PathLike[str] = ".", run_name: str | None = None) -> str:
-    """Create (or find again) the MLflow run of this pipeline run; export its id as `MLFLOW_RUN_ID` to stages."""
-    with bounded_http(cfg.register):
-        uri = tracking_uri(root)
-        check_reachable(uri, cfg.register.connect_retries, cfg.register.retry_backoff_s)
-        c = client(root)
-        return ensure_run(c, ensure_experiment(c, cfg.register.experiment, root), run_name=run_name)
-
-
-def log_stage_metrics(
-    metrics: Mapping[str, Any], step: int | None = None, prefix: str = "", root: str | os.PathLike[str] = "."
-) -> bool:
-    """Log numeric metrics into the joined pipeline run (`MLFLOW_RUN_ID`); a no-op without one. True if logged."""
-    rid = os.environ.get(ENV_RUN_ID, "").strip()
-    if not rid:
-        return False
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    items = [Metric(k, v, now, step or 0) for k, v in numeric_metrics(metrics, prefix).items()]
-    c = client(root)
-    for i in range(0, len(items), 1000):
-        c.log_batch(rid, metrics=items[i : i + 1000], synchronous=True)
-    return True
 
 
 # ----------------------------------------------------------------------------- what gets logged
