@@ -1,8 +1,10 @@
 """The `svd` stage: initialise the configured adapter on the base through the SVD cache.
 
-Writes the untrained adapter (`models/svd_init`, initial factors only: small), `metrics/svd.json`
-(per-matrix solver time, cache hits, spectrum summary) and the spectrum plot (CSV for `dvc plots`,
-PNG for people) with the minor and principal bands marked.
+Writes the untrained adapter (`models/svd_init`, initial factors only: small), the SVD metrics
+(`reports/svd.json`: per-matrix solver and time, cache hits, spectrum summary) and the spectrum plot
+(CSV for `dvc plots`, PNG for people) with the minor and principal bands marked. Where a fast solver
+computed only the needed triplets, the plot shows those and a randomized sketch of the top of the
+spectrum, never a full SVD of a large matrix.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import csv
 import io
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from milora.core import svd
 from milora.core.adapter import init_adapter, resolve_targets, save_adapter, state_of, weight_2d
 from milora.core.io import atomic_write_bytes, atomic_write_text
 from milora.model.base import load_base
@@ -29,18 +33,71 @@ log = logging.getLogger(__name__)
 SUMMARY = ["init_seconds", "cache_hits"]
 
 
-def spectrum_summary(spectrum: torch.Tensor, rank: int) -> dict[str, float]:
-    """Energy shares of the principal and minor `rank` bands and the decay of one spectrum."""
-    s = spectrum.double()
-    e = s.pow(2)
-    total = e.sum().item() or 1.0
-    return {
-        "sigma_max": s[0].item(),
-        "sigma_min": s[-1].item(),
-        "principal_energy": e[:rank].sum().item() / total,
-        "minor_energy": e[-rank:].sum().item() / total,
-        "top_to_median": (s[0] / s[len(s) // 2].clamp(min=1e-30)).item(),
-    }
+# Above this many singular values a matrix's spectrum is not computed in full for the plot: the solved
+# triplets and a sketch of the top (randomized, `SKETCH` values) show what the fast solvers know.
+FULL_SPECTRUM_MAX_SIDE = svd.AUTO_MIN_SIDE
+SKETCH = 32
+
+
+@dataclass
+class Spectrum:
+    """What is known of one weight's singular values: `values` (descending) at positions `index` of its
+    `size` singular values (all of them after a full SVD; else the solved triplets and a sketch of the top),
+    and its total energy `sum sigma^2 = ||W||_F^2`, exact either way."""
+
+    index: torch.Tensor
+    values: torch.Tensor
+    size: int
+    energy: float
+
+    @property
+    def complete(self) -> bool:
+        """Whether every singular value is known."""
+        return self.values.numel() == self.size
+
+
+def known_spectrum(weight: torch.Tensor, full: torch.Tensor | None = None, solved: torch.Tensor | None = None,
+                   side: str | None = None) -> Spectrum:
+    """The spectrum of `weight` as far as it is known: `full` when a solver produced it (or the matrix is
+    small enough to compute it here), else the `solved` singular values on their `side` plus a randomized
+    sketch of the top ones (a few matmuls, no full SVD)."""
+    W = weight.detach().float()
+    size = min(W.shape)
+    energy = float(W.double().square().sum())
+    if full is None and solved is None and size <= FULL_SPECTRUM_MAX_SIDE:
+        full = torch.linalg.svdvals(W)
+    if full is not None:
+        return Spectrum(torch.arange(size), full.double(), size, energy)
+    known: dict[int, float] = {}
+    with torch.random.fork_rng(devices=[]):  # deterministic, and the caller's RNG stream is left alone
+        torch.manual_seed(0)  # oversampled 2x with 4 power iterations: the top values to ~1 % on flat spectra
+        top = torch.svd_lowrank(W, q=min(size, 2 * SKETCH), niter=4)[1][:SKETCH]
+    known.update(enumerate(top.double().tolist()))
+    if solved is not None:  # exact values of the solved side win over the sketch
+        start = size - solved.numel() if side == "minor" else 0
+        known.update((start + i, v) for i, v in enumerate(solved.double().tolist()))
+    index = torch.tensor(sorted(known))
+    return Spectrum(index, torch.tensor([known[i] for i in index.tolist()], dtype=torch.float64), size, energy)
+
+
+def solved_values(A0: torch.Tensor, B0: torch.Tensor, scale: float) -> torch.Tensor:
+    """The singular values an init used, from its factors: `B0 = U sqrt(S/s)`, so `S = s |B0[:, i]|^2`."""
+    return (scale * B0.double().square().sum(0)).sort(descending=True).values
+
+
+def spectrum_summary(sp: Spectrum, rank: int) -> dict[str, float]:
+    """Energy shares of the principal and minor `rank` bands, and the decay (top / median) where known."""
+    total = sp.energy or 1.0
+    at = dict(zip(sp.index.tolist(), sp.values.pow(2).tolist(), strict=True))
+    out = {"sigma_max": sp.values[0].item()}
+    bands = {"principal_energy": range(rank), "minor_energy": range(sp.size - rank, sp.size)}
+    for key, band in bands.items():
+        if all(i in at for i in band):
+            out[key] = sum(at[i] for i in band) / total
+    if sp.complete:
+        out["sigma_min"] = sp.values[-1].item()
+        out["top_to_median"] = (sp.values[0] / sp.values[sp.size // 2].clamp(min=1e-30)).item()
+    return out
 
 
 def _kind(name: str) -> str:
@@ -52,40 +109,45 @@ def _layer(name: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def spectrum_csv(spectra: dict[str, torch.Tensor]) -> str:
-    """Long-format CSV of every singular value: module, layer, index, singular_value, normalized."""
+def spectrum_csv(spectra: dict[str, Spectrum]) -> str:
+    """Long-format CSV of every known singular value: module, kind, layer, index, singular_value, normalized."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["module", "kind", "layer", "index", "singular_value", "normalized"])
     for name in sorted(spectra, key=lambda n: (_kind(n), _layer(n))):
-        s = spectra[name].double()
-        for i, v in enumerate(s.tolist()):
-            w.writerow([name, _kind(name), _layer(name), i, f"{v:.6g}", f"{v / max(s[0].item(), 1e-30):.6g}"])
+        sp = spectra[name]
+        top = max(sp.values[0].item(), 1e-30)
+        for i, v in zip(sp.index.tolist(), sp.values.tolist(), strict=True):
+            w.writerow([name, _kind(name), _layer(name), i, f"{v:.6g}", f"{v / top:.6g}"])
     return buf.getvalue()
 
 
-def spectrum_png(spectra: dict[str, torch.Tensor], rank: int, method: str) -> bytes:
-    """One panel per module kind, one line per layer, the adapted band shaded."""
+def spectrum_png(spectra: dict[str, Spectrum], rank: int, method: str) -> bytes:
+    """One panel per module kind, one line per layer (dots where only parts are known), bands shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = sorted({_kind(n) for n in spectra})
+    kinds = sorted({_kind(n) for n in spectra}) or ["(no target matrices)"]
     fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 3.2), squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=True):
         names = sorted((n for n in spectra if _kind(n) == kind), key=_layer)
         for n in names:
-            s = spectra[n].double().numpy()
-            ax.semilogy(range(len(s)), s, lw=1, label=f"layer {_layer(n)}")
-        k = len(spectra[names[0]])
-        ax.axvspan(0, rank - 1, color="tab:orange", alpha=0.15, label="principal r (PiSSA)")
-        ax.axvspan(k - rank, k - 1, color="tab:green", alpha=0.2, label="minor r (MiLoRA)")
+            sp = spectra[n]
+            style = {"lw": 1} if sp.complete else {"ls": "none", "marker": ".", "ms": 2}
+            ax.semilogy(sp.index.numpy(), sp.values.numpy(), label=f"layer {_layer(n)}", **style)
+        if names:
+            k = spectra[names[0]].size
+            ax.axvspan(0, rank - 1, color="tab:orange", alpha=0.15, label="principal r (PiSSA)")
+            ax.axvspan(k - rank, k - 1, color="tab:green", alpha=0.2, label="minor r (MiLoRA)")
         ax.set_title(kind)
         ax.set_xlabel("index")
     axes[0][0].set_ylabel("singular value")
     axes[0][-1].legend(fontsize=6, loc="upper right")
-    fig.suptitle(f"Singular value spectra of the target weights ({method}, r={rank})", fontsize=9)
+    partial = any(not sp.complete for sp in spectra.values())
+    note = "; dots: solved triplets + top sketch" if partial else ""
+    fig.suptitle(f"Singular value spectra of the target weights ({method}, r={rank}{note})", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -98,9 +160,6 @@ def run(cfg: Config, paths: Paths) -> None:
     model, _ = load_base(cfg, paths)
     acfg = cfg.adapter
     targets = resolve_targets(model, acfg)  # rank vs shapes and target names fail here, before any SVD
-    # plain LoRA computes no SVD: take the spectra of the original weights for the plot
-    lora_spectra = {} if acfg.side else {n: torch.linalg.svdvals(weight_2d(m).detach().float())
-                                         for n, m in targets.items()}
     cache = cfg.svd.cache
     if cache and "://" not in cache and not Path(cache).expanduser().is_absolute():
         cache = str(paths.root / cache)  # a relative cache directory lives in the project
@@ -123,13 +182,13 @@ def run(cfg: Config, paths: Paths) -> None:
         )
     else:
         metrics.update(init_seconds=0.0, cache_hits=0, cache_misses=0)
-    spectra = state.spectra or lora_spectra
-    summaries = {n: spectrum_summary(s, acfg.rank) for n, s in spectra.items()}
-    if summaries:
-        metrics["spectrum"] = {
-            k: sum(s[k] for s in summaries.values()) / len(summaries)
-            for k in ("principal_energy", "minor_energy", "top_to_median")
-        }
+    spectra = {n: known_spectrum(weight_2d(m), state.spectra.get(n),
+                                 solved_values(*state.init_factors[n], acfg.scale) if n in state.init_factors
+                                 and acfg.side else None, acfg.side)
+               for n, m in targets.items()}
+    summaries = [spectrum_summary(sp, acfg.rank) for sp in spectra.values()]
+    metrics["spectrum"] = {k: sum(v) / len(v) for k in ("principal_energy", "minor_energy", "top_to_median")
+                           if (v := [s[k] for s in summaries if k in s])}
     write_metrics(paths, "svd", metrics, SUMMARY)
     atomic_write_text(paths.plot("spectrum.csv"), spectrum_csv(spectra))
     atomic_write_bytes(paths.plot("spectrum.png"), spectrum_png(spectra, acfg.rank, acfg.method))
