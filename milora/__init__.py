@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-# scipy's OpenBLAS (syrk, potrf and eigh in `milora.core.svd`) keeps its idle threads spinning for 2^28 cycles
-# (~0.1 s) after each call, taking a core from the torch (MKL) work that follows: measured ~0.3 s lost per
-# large `gram` solve on 2 cores. OpenBLAS reads this once, when scipy.linalg first loads it, so it is set
-# here, on the package's import, before any stage imports transformers or scipy (a user's script that
-# loads scipy before milora keeps the default). A value set by the user wins.
+# scipy's OpenBLAS (syrk, potrf and eigh in `milora.core.svd.linalg`) keeps its idle threads spinning for
+# 2^28 cycles (~0.1 s) after each call, taking a core from the torch (MKL) work that follows: measured
+# ~0.3 s lost per large `gram` solve on 2 cores. OpenBLAS reads this once, when scipy.linalg first loads
+# it, so it is set here, on the package's import, before any stage imports transformers or scipy (a
+# user's script that loads scipy before milora keeps the default). A value set by the user wins.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 __all__ = ["AdapterConfig", "init_adapter", "load_adapter", "merge", "save_adapter", "to_lora"]

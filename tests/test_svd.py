@@ -15,6 +15,7 @@ import milora
 from milora.core import svd
 from milora.core.adapter import AdapterConfig, current_factors
 from milora.core.svd import captured_energy, compute_factors, factors, resolve_solver, solve
+from milora.core.svd.linalg import _cholesky, _Exact, _syrk
 
 F64 = torch.float64
 EXCESS = 1e-3  # the bar of the issue: relative excess of the captured minor energy vs the fp64 reference
@@ -118,10 +119,10 @@ def test_fast_route_paths_are_taken():
 def test_exact_products_match_fp64_in_blocks(monkeypatch, orientation):
     """`_Exact`'s blocked fp64 products (rows of `A`, or of a wide row-major `W` when `A = W^T`) equal
     products with an fp64 copy, blocks of uneven size included."""
-    monkeypatch.setattr(svd._Exact, "BLOCK", 7 * 300)  # blocks of 7 rows of 300 (tall) or 3 of 700 (wide)
+    monkeypatch.setattr(_Exact, "BLOCK", 7 * 300)  # blocks of 7 rows of 300 (tall) or 3 of 700 (wide)
     g = torch.Generator().manual_seed(3)
     A32 = torch.randn(700, 300, generator=g) if orientation == "tall" else torch.randn(300, 700, generator=g).T
-    A = svd._Exact(A32)
+    A = _Exact(A32)
     assert A.transposed == (orientation != "tall")
     A64 = A32.to(F64)
     Y, Z = torch.randn(300, 5, generator=g, dtype=F64), torch.randn(700, 4, generator=g, dtype=F64)
@@ -140,9 +141,9 @@ def test_in_place_cholesky_rebuilds_a_singular_gram_matrix_for_the_shifted_retry
 
     def gram() -> torch.Tensor:
         calls.append(1)
-        return svd._syrk(A, full=False)
+        return _syrk(A, full=False)
 
-    L = svd._cholesky(gram(), max_shift=1e-3, remake=gram)
+    L = _cholesky(gram(), max_shift=1e-3, remake=gram)
     assert L is not None and len(calls) == 2
     G = A.T.double() @ A.double()
     resid = L.double() @ L.double().T - G
@@ -197,7 +198,7 @@ def test_ill_conditioned_tall_matrix_falls_back_to_the_exact_path():
 def test_a_failed_fp32_certificate_hands_a_consistent_result_to_the_exact_path(monkeypatch, caplog):
     """The fp32 route factorizes but its certificate fails (forced here: no excess is tolerated), so
     the exact fp64 path finds the subspace again: U must come from that subspace, not the failed one."""
-    monkeypatch.setattr(svd, "CERT_TOL", 0.0)
+    monkeypatch.setattr("milora.core.svd.gram.CERT_TOL", 0.0)  # where it is read (not the re-export)
     W = trained_like(600, 300, seed=3)
     info: dict = {}
     with caplog.at_level(logging.WARNING):
@@ -337,3 +338,10 @@ def test_importing_milora_sets_a_short_openblas_thread_timeout_unless_the_user_d
     code = "import milora, os; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+def test_importing_the_svd_engine_leaves_scipy_unloaded():
+    """scipy.linalg (~0.3 s) loads on the first solve: `milora cache` imports the engine without solving."""
+    code = "import sys, milora.core.svd; print('scipy.linalg' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,173 @@
+"""The operators the Krylov iteration runs on: `G = A^T A` as products and, for the minor side, an
+(approximate) inverse from an fp32 LU of a square `A` or a Cholesky factor of `G`, with fp64-accurate
+solves by iterative refinement."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from milora.core.svd.linalg import _cholesky, _Exact, _syrk
+from milora.core.svd.types import SEED, Side
+
+REFINE_TOL = 1e-5  # relative residual of the fp64-accurate solves (iterative refinement)
+
+
+@dataclass
+class _Operator:
+    """`G = F^T F` (symmetric PSD, `N x N`) as products, and for the minor side an (approximate) inverse.
+
+    With `F` (a square LU'd `A`, or the Cholesky factor `L^T`), Rayleigh quotients are `|F x|^2`:
+    accurate to `eps * cond(A)` rather than `eps * cond(A)^2` as with `x^T G x` (the minor end).
+    """
+
+    N: int
+    dtype: torch.dtype
+    device: torch.device
+    G: Callable[[Tensor], Tensor]
+    F: Callable[[Tensor], Tensor] | None = None
+    Ft: Callable[[Tensor], Tensor] | None = None
+    inv: Callable[[Tensor], Tensor] | None = None
+    inv_f: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None  # (`G^-1 X`, `F G^-1 X`): a by-product
+    name: str = ""
+    lu: tuple[Tensor, Tensor] | None = None  # the fp32 LU factors of a square A^T (for `solve64`)
+    _lam: float | None = None
+
+    def solve64(self, X: Tensor, A: _Exact) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        """`G^-1 X` to fp64 accuracy: iterative refinement on the fp32 factorization, residuals with fp64 `A`.
+
+        Square LU route: `A^T Z = X` then `A Y = Z`, each refined (contraction ~eps32 cond(A)); Gram route:
+        `G Y = X` refined (contraction ~eps32 cond(A)^2). Returns (`Y`, `A Y`, `G Y` or None): the
+        products of the last refinement sweep, so that `_certify` needs no more. None when the
+        refinement does not converge.
+        """
+        if self.lu is not None:
+            LU, piv = self.lu  # of A^T
+            Z = _refined(lambda R: torch.linalg.lu_solve(LU, piv, R), A.tmm, X)
+            if Z is None:
+                return None
+            Y = _refined(lambda R: torch.linalg.lu_solve(LU, piv, R, adjoint=True), A.mm, Z[0])
+            return None if Y is None else (Y[0], Y[1], None)
+        assert self.inv is not None
+        last: list[Tensor] = []
+
+        def gram(Y: Tensor) -> Tensor:
+            AY, GY = A.gram(Y)
+            last[:] = [AY]
+            return GY
+
+        out = _refined(self.inv, gram, X)
+        return None if out is None else (out[0], last[0], out[1])
+
+    def lambda_max(self) -> float:
+        """A lower estimate of the largest eigenvalue of `G` (a few power steps): the scale of rounding."""
+        if self._lam is not None:
+            return self._lam
+        gen = torch.Generator(device="cpu").manual_seed(SEED + 1)
+        x = torch.randn(self.N, 1, generator=gen, dtype=self.dtype).to(self.device)
+        lam = 0.0
+        for _ in range(4):
+            y = self.G(x / torch.linalg.vector_norm(x))
+            lam, x = float(torch.linalg.vector_norm(y)), y
+        self._lam = lam
+        return lam
+
+
+def _refined(
+    solve32: Callable[[Tensor], Tensor], matvec: Callable[[Tensor], Tensor], B: Tensor, sweeps: int = 12
+) -> tuple[Tensor, Tensor] | None:
+    """Solve `M Y = B` (fp64) by iterative refinement: `solve32 ~ M^-1` in fp32, residuals `B - M Y` in fp64.
+
+    Stops at a relative residual of `REFINE_TOL` (what the inverse-iteration step needs) or when a sweep no
+    longer halves it. Returns (`Y`, `M Y`: the last `matvec`, which was of the returned `Y`), or None if the
+    residual did not get below `REFINE_TOL` (the fp32 factorization is too far off).
+    """
+    scale = B.abs().amax(0).clamp_min(1e-300)  # column scaling keeps fp32 away from under/overflow
+    Y = solve32((B / scale).float()).double() * scale
+    norm = float(torch.linalg.matrix_norm(B))
+    best = math.inf
+    for _ in range(sweeps):
+        MY = matvec(Y)
+        R = B - MY
+        rel = float(torch.linalg.matrix_norm(R)) / norm
+        if rel <= REFINE_TOL or rel > 0.5 * best:
+            best = min(best, rel)
+            break
+        best = rel
+        rs = R.abs().amax(0).clamp_min(1e-300)
+        Y = Y + solve32((R / rs).float()).double() * rs
+    return (Y, MY) if best <= REFINE_TOL else None
+
+
+def _chol_operator(G: Tensor | None, L: Tensor | None, name: str) -> _Operator:
+    """`G` as products (`G` itself, or `L L^T` when only its Cholesky factor is kept) and `L`'s inverse."""
+    ref = G if G is not None else L
+    assert ref is not None
+    op = _Operator(ref.shape[0], ref.dtype, ref.device, G=lambda X: G @ X, name=name)
+    if L is not None:
+        Lt = L.T
+        op.F, op.Ft = (lambda X: Lt @ X), (lambda Y: L @ Y)
+        if G is None:
+            op.G = lambda X: L @ (Lt @ X)
+
+        def inv_f(Y: Tensor) -> tuple[Tensor, Tensor]:
+            Z = torch.linalg.solve_triangular(L, Y, upper=False)  # = L^T (G^-1 Y) = F G^-1 Y
+            return torch.linalg.solve_triangular(Lt, Z, upper=True), Z
+
+        op.inv_f = inv_f
+        op.inv = lambda Y: inv_f(Y)[0]
+    return op
+
+
+def _lu_of_transpose(A: Tensor) -> tuple[Tensor, Tensor, int]:
+    """LU factors of `A^T` (`torch.linalg.lu_solve`'s format) and LAPACK's info.
+
+    torch's (MKL) getrf: as fast as OpenBLAS's here, and it leaves no spinning OpenBLAS threads behind to
+    slow the solves that follow (see `_one_blas_thread`).
+    """
+    LU, piv, info = torch.linalg.lu_factor_ex(A.T)
+    return LU, piv, int(info)
+
+
+def _lu_operator(A32: Tensor) -> _Operator | None:
+    """Square `A`: its fp32 LU as `G^-1` (accuracy ~eps32 cond(A), not squared); None if nearly singular."""
+    N = A32.shape[1]
+    LU, piv, info = _lu_of_transpose(A32)  # A^T = P L U: `lu_solve` gives A^-T, with adjoint A^-1
+    d = LU.diagonal().abs()  # (W is finite: `solve` checked; a zero pivot is what info reports)
+    usable = info == 0 and float(d.min()) > N * 1e-7 * float(d.max())
+    if not usable:
+        return None
+
+    def inv_f(Y: Tensor) -> tuple[Tensor, Tensor]:
+        Z = torch.linalg.lu_solve(LU, piv, Y)  # A^-T Y = A (G^-1 Y) = F G^-1 Y
+        return torch.linalg.lu_solve(LU, piv, Z, adjoint=True), Z
+
+    return _Operator(
+        N, A32.dtype, A32.device, G=lambda X: A32.T @ (A32 @ X), F=lambda X: A32 @ X,
+        Ft=lambda Y: A32.T @ Y, name="lu32", lu=(LU, piv), inv=lambda Y: inv_f(Y)[0], inv_f=inv_f,
+    )
+
+
+def _fast_operator(A32: Tensor, side: Side) -> _Operator | None:
+    """fp32 operator for the tall fp32 `A` (`G = A^T A`): a preconditioner whose result `_certify` checks.
+
+    Minor side, square `A`: LU of `A` itself. Otherwise (or if that LU is singular) the fp32 Gram
+    matrix, with (minor side) its Cholesky factor, shifted by up to 1e-5 of its norm.
+    """
+    M, N = A32.shape
+    if side == "minor" and M == N:
+        op = _lu_operator(A32)
+        if op is not None:
+            return op
+    if side == "principal":
+        return _chol_operator(_syrk(A32), None, "gram32")
+
+    def gram32() -> Tensor:
+        return _syrk(A32, full=False)
+
+    L = _cholesky(gram32(), max_shift=1e-5, remake=gram32)
+    return None if L is None else _chol_operator(None, L, "chol32")
