@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
 from torch import Tensor
 
-Side = Literal["minor", "principal"]
-SOLVERS = ("auto", "full", "full64", "gram", "lowrank")
+from milora.core.schema import SOLVERS, Side  # noqa: F401 - the engine's names for the one schema's lists
+
 SOLVER_VERSION = 8  # bump when a solver's output for the same input changes: old cache entries then miss
 SEED = 0x5EED  # the solvers' private generators: deterministic, and the global RNG is left alone
 
