@@ -370,6 +370,16 @@ def test_gate_and_guards_on_suite_and_lm_eval_metrics():
     assert "guard suites.gsm8k.accuracy: rose by 0.6" in guarded.reason
     lm = gate({"lm_eval.arc_easy.acc": 0.7}, {"lm_eval.arc_easy.acc": 0.6}, RegisterConfig(metric="lm_eval.arc_easy.acc"))
     assert lm.promote
+    floor = RegisterConfig(metric="suites_average", guards=[
+        {"metric": "lm_eval_delta.arc_easy.acc", "min_value": -0.02},
+        {"metric": "lm_eval.arc_easy.acc", "max_decrease": 0.05}])
+    dropped = gate({"suites_average": 0.9, "lm_eval_delta.arc_easy.acc": -0.1, "lm_eval.arc_easy.acc": 0.5},
+                   {"suites_average": 0.5, "lm_eval.arc_easy.acc": 0.6}, floor)
+    assert not dropped.promote and "-0.1 < min_value -0.02" in dropped.reason
+    assert "guard lm_eval.arc_easy.acc: fell by 0.1 (0.6 -> 0.5) > max_decrease 0.05" in dropped.reason
+    kept = gate({"suites_average": 0.9, "lm_eval_delta.arc_easy.acc": 0.0, "lm_eval.arc_easy.acc": 0.58},
+                {"suites_average": 0.5, "lm_eval.arc_easy.acc": 0.6}, floor)
+    assert kept.promote
     typo = gate({"suites_average": 0.5}, None, RegisterConfig(metric="suite_average"))
     assert not typo.promote and "did you mean suites_average" in typo.reason
 

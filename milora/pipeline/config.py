@@ -140,9 +140,11 @@ class EvalConfig(_Section):
 
 
 class GuardConfig(_Section):
-    metric: str
+    metric: str  # any recorded metric (forgetting, suites.<name>.accuracy, lm_eval_delta.<task>.<metric>, ...)
     max_increase: float | None = None
     max_value: float | None = None
+    max_decrease: float | None = None  # for accuracies: the most it may fall below the champion's
+    min_value: float | None = None  # e.g. lm_eval_delta.arc_easy.acc >= -0.02 (at most 2 points below the base)
 
 
 class RegisterConfig(_Section):

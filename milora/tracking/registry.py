@@ -134,8 +134,9 @@ def gate(
     """Should the challenger replace the champion? Pure function of both metric sets and the config.
 
     Wins iff every guard passes and, when there is a champion, the improvement on `rc.metric` in
-    `rc.direction` is more than `rc.min_delta` (so a tie never wins). Guards: `max_value` bounds the
-    challenger's value (also with no champion); `max_increase` bounds its rise over the champion.
+    `rc.direction` is more than `rc.min_delta` (so a tie never wins). Guards (on any recorded metric):
+    `max_value` / `min_value` bound the challenger's value (also with no champion); `max_increase` /
+    `max_decrease` bound its change from the champion.
     """
     metric = rc.metric
     base = dict(metric=metric, direction=rc.direction, min_delta=rc.min_delta, champion_version=champion_version)
@@ -154,13 +155,17 @@ def gate(
             continue
         if g.max_value is not None and v > g.max_value:
             failures.append(f"guard {g.metric}: {v:.6g} > max_value {g.max_value:g}")
-        if g.max_increase is not None and champion is not None:
+        if g.min_value is not None and v < g.min_value:
+            failures.append(f"guard {g.metric}: {v:.6g} < min_value {g.min_value:g}")
+        for bound, sign, limit in (("max_increase", 1, g.max_increase), ("max_decrease", -1, g.max_decrease)):
+            if limit is None or champion is None:
+                continue
             prev = _num(champion.get(g.metric))
             if prev is None:
-                notes.append(f"guard {g.metric}: the champion has no such metric, max_increase not checked")
-            elif v - prev > g.max_increase + 1e-12:
-                failures.append(f"guard {g.metric}: rose by {v - prev:.6g} ({prev:.6g} -> {v:.6g}) > "
-                                f"max_increase {g.max_increase:g}")
+                notes.append(f"guard {g.metric}: the champion has no such metric, {bound} not checked")
+            elif sign * (v - prev) > limit + 1e-12:
+                failures.append(f"guard {g.metric}: {'rose' if sign > 0 else 'fell'} by {abs(v - prev):.6g} "
+                                f"({prev:.6g} -> {v:.6g}) > {bound} {limit:g}")
     note = f" ({'; '.join(notes)})" if notes else ""
     if failures:
         return Decision(False, "; ".join(failures) + note, **base)
