@@ -1,8 +1,9 @@
 """milora: scheduled, resumable MiLoRA fine-tuning of LLMs (adapter core, stages, tracking).
 
 The adapter API (`AdapterConfig`, `init_adapter`, `merge`, `to_lora`, `save_adapter`,
-`load_adapter`) is imported lazily, so that `milora --help` and light subcommands don't pay for
-torch, transformers and peft.
+`load_adapter`) and the evaluation API (`load_records`: rows of any supported format as records;
+`judge(record, prediction)`: the one scoring rule) are imported lazily, so that `milora --help` and
+light subcommands don't pay for torch, transformers and peft.
 """
 
 from __future__ import annotations
@@ -17,16 +18,20 @@ from typing import TYPE_CHECKING, Any
 # user's script that loads scipy before milora keeps the default). A value set by the user wins.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-__all__ = ["AdapterConfig", "init_adapter", "load_adapter", "merge", "save_adapter", "to_lora"]
+__all__ = ["AdapterConfig", "init_adapter", "judge", "load_adapter", "load_records", "merge", "save_adapter",
+           "to_lora"]
+_HOMES = {"judge": "milora.model.scoring", "load_records": "milora.data.formats"}  # the rest: milora.core.adapter
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from milora.core.adapter import AdapterConfig, init_adapter, load_adapter, merge, save_adapter, to_lora
+    from milora.data.formats import load_records
+    from milora.model.scoring import judge
 
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from milora.core import adapter
+        import importlib
 
-        return getattr(adapter, name)
+        return getattr(importlib.import_module(_HOMES.get(name, "milora.core.adapter")), name)
     raise AttributeError(f"module 'milora' has no attribute {name!r}")

@@ -1,4 +1,11 @@
-"""The MLflow pyfunc model of a MiLoRA fine-tune: prompts in, generated continuations out.
+"""The MLflow pyfunc model of a MiLoRA fine-tune: requests in, generated answers out.
+
+Each input row is one request (`milora.data.formats.request_prompt`, the code that builds training and
+evaluation prompts): `instruction` (+ `input`) gets the training template, chat `messages` the
+tokenizer's chat template (as chat training rows), and a raw `prompt` is used as given. Generation is
+greedy with the evaluate stage's settings (`max_new_tokens`, `batch_size` params; their defaults are the
+training run's `eval.max_new_tokens` / `eval.batch_size`), so the served model answers an example with
+exactly the text the evaluate stage predicted for it in the same batch.
 
 Logged as *models from code* by `milora.tracking.registry` (no pickle): MLflow copies this file into the
 model and runs it at load time. The model directory carries everything it needs offline:
@@ -25,30 +32,50 @@ from mlflow.pyfunc import PythonModel
 # `predict` takes no type hint for its input on purpose (see there); MLflow's nudge to add one is noise.
 warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
 
-DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 32, "batch_size": 8}
+DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 48, "batch_size": 16}
+REQUEST_COLUMNS = ("instruction", "input", "messages", "prompt")
 
 
-def prompts_of(model_input: Any) -> list[str]:
-    """The prompts of a pyfunc input: a list/array of strings, one string, or a DataFrame column `prompt`."""
+def _plain(value: Any) -> Any:
+    """numpy arrays / scalars from a DataFrame cell as plain Python values (messages arrive as arrays)."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def requests_of(model_input: Any) -> list[dict[str, Any]]:
+    """The requests of a pyfunc input: DataFrame rows / dicts with `instruction` (+ `input`), `messages` or
+    `prompt`; bare strings (outside the signature's enforcement) are raw prompts. Missing cells are dropped."""
     import numpy as np
     import pandas as pd
 
+    if isinstance(model_input, str):
+        model_input = [model_input]
+    if isinstance(model_input, dict):
+        model_input = pd.DataFrame(model_input if any(isinstance(v, list) for v in model_input.values())
+                                   else [model_input])
+    if isinstance(model_input, pd.Series | np.ndarray):
+        model_input = np.asarray(model_input).reshape(-1).tolist()
     if isinstance(model_input, pd.DataFrame):
-        column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
-        values = model_input[column].tolist()
-    elif isinstance(model_input, pd.Series | np.ndarray):
-        values = np.asarray(model_input).reshape(-1).tolist()
-    elif isinstance(model_input, str):
-        values = [model_input]
-    elif isinstance(model_input, dict) and "prompt" in model_input:
-        values = model_input["prompt"]
-        values = [values] if isinstance(values, str) else list(values)
+        rows = model_input.to_dict("records")
     else:
-        values = list(model_input)
-    bad = [type(v).__name__ for v in values if not isinstance(v, str)]
-    if bad:
-        raise ValueError(f"every prompt must be a string; got {', '.join(sorted(set(bad)))}")
-    return values
+        rows = [{"prompt": r} if isinstance(r, str) else r for r in model_input]
+    out = []
+    for r in rows:
+        if not isinstance(r, dict):
+            raise ValueError(f"each request must be a record or a prompt string; got {type(r).__name__}")
+        out.append({k: _plain(v) for k, v in r.items()
+                    if v is not None and not (isinstance(v, float) and v != v)})  # NaN: a missing cell
+    if not out or not any(out):
+        raise ValueError("no requests: send records with `instruction` (and optional `input`), chat `messages` "
+                         'or a raw `prompt`, e.g. {"dataframe_records": [{"instruction": "..."}]}')
+    return out
 
 
 class MiloraGenerator(PythonModel):
@@ -83,15 +110,31 @@ class MiloraGenerator(PythonModel):
         base = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype, trust_remote_code=trust)
         self.model = milora.load_adapter(base, artifacts["adapter"]).to(device).eval()
         self.max_prompt_tokens = cfg.get("max_prompt_tokens")
+        self.defaults = {**DEFAULT_PARAMS, **{k: cfg[k] for k in DEFAULT_PARAMS if cfg.get(k) is not None}}
+        self.base_source, self.base_revision, self.dtype, self.trust_remote_code = source, revision, dtype, trust
 
-    # `model_input` has no type hint on purpose: MLflow would derive the signature from it and refuse
-    # the DataFrame form; the logged signature (one string column, `max_new_tokens` param) is explicit.
+    def load_base(self) -> Any:
+        """A fresh copy of the original base model (without the adapter), e.g. for base-model comparisons."""
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(self.base_source, revision=self.base_revision, dtype=self.dtype,
+                                                    trust_remote_code=self.trust_remote_code)
+        return base.to(next(self.model.parameters()).device).eval()
+
+    def prompts(self, model_input: Any) -> list[str]:
+        """The prompt text of each request (the training template / chat template applied)."""
+        from milora.data.formats import request_prompt
+
+        return [request_prompt(r, self.tokenizer) for r in requests_of(model_input)]
+
+    # `model_input` has no type hint on purpose: MLflow would derive the signature from it; the logged
+    # signature (the request columns and the generation params) is explicit.
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> list[str]:
-        """Greedy generation (as in evaluation): one continuation, without the prompt, per input prompt."""
+        """Greedy generation (as in evaluation): one answer, without the prompt, per request."""
         from milora.model.generate import generate
 
-        p = {**DEFAULT_PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}
-        return generate(self.model, self.tokenizer, prompts_of(model_input), int(p["max_new_tokens"]),
+        p = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
+        return generate(self.model, self.tokenizer, self.prompts(model_input), int(p["max_new_tokens"]),
                         max(1, int(p["batch_size"])), self.max_prompt_tokens)
 
 

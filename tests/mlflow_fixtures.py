@@ -93,7 +93,7 @@ FRESH_LOAD = """
 import json, sys
 import mlflow
 model = mlflow.pyfunc.load_model(sys.argv[1])
-out = model.predict(json.loads(sys.argv[2]), params={"max_new_tokens": int(sys.argv[3])})
+out = model.predict([{"prompt": p} for p in json.loads(sys.argv[2])], params={"max_new_tokens": int(sys.argv[3])})
 print("GENERATIONS=" + json.dumps(list(out)))
 """
 

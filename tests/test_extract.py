@@ -1,8 +1,8 @@
-"""Answer extraction for math (final number) and multiple choice (option index)."""
+"""Final-number extraction from generated math solutions (multiple choice and `judge`: tests/test_suites.py)."""
 
 import pytest
 
-from milora.model.scoring import extract_choice, extract_number, gold_choice
+from milora.model.scoring import extract_number
 
 
 @pytest.mark.parametrize(
@@ -33,31 +33,3 @@ def test_extract_number(text, expected):
 
 def test_extract_number_ignores_dates_after_the_answer():
     assert extract_number("On 12/25/2020 she had 4 cats. #### 4") == 4.0
-
-
-@pytest.mark.parametrize(
-    "text,n,expected",
-    [
-        ("the correct answer is option2", 3, 2),
-        ("the correct answer is option 3", 3, 3),
-        ("The correct answer is answer4", 5, 4),
-        ("solution1", 2, 1),
-        ("ending3 is right", 4, 3),
-        ("true", 2, 1),
-        ("the correct answer is false", 2, 2),
-        ("the correct answer is option7", 3, None),  # out of range
-        ("I am not sure", 4, None),
-        ("", 4, None),
-        ("option1 seems plausible but the correct answer is option2", 2, 2),
-        ("Answer: C", 4, 3),
-    ],
-)
-def test_extract_choice(text, n, expected):
-    assert extract_choice(text, n) == expected
-
-
-def test_gold_choice_labels():
-    assert gold_choice("option2") == 2
-    assert gold_choice("answer5") == 5
-    assert gold_choice("true") == 1
-    assert gold_choice("false") == 2

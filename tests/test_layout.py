@@ -17,6 +17,7 @@ LAYERS = [
     ["milora.pipeline"],
     ["milora.model"],
     ["milora.data"],
+    ["milora.evaluation"],
     ["milora.stages", "milora.tracking"],
     ["milora.cli"],
     ["flows"],

@@ -15,6 +15,7 @@ from tests.mlflow_fixtures import predict_in_fresh_process, reference_generation
 from tests.pipeline_outputs import build_pipeline_outputs, clone_outputs, set_eval_metrics
 
 PROMPTS = ["question: what is two plus three? answer:", "the quick brown"]
+REQUESTS = [{"prompt": p} for p in PROMPTS]  # raw prompts, as the pyfunc's signature takes them
 
 
 @pytest.fixture(autouse=True)
@@ -251,10 +252,11 @@ def test_champion_loads_offline_in_a_fresh_process_and_generates(project, tmp_pa
     model = load_model(f"models:/load-e2e/{reg.version}")
     sig = model.metadata.signature
     assert [p.name for p in sig.params] == ["max_new_tokens", "batch_size"]
+    assert [c.name for c in sig.inputs.inputs] == ["instruction", "input", "messages", "prompt"]
     assert model.metadata.saved_input_example_info is not None
-    assert model.predict(PROMPTS, params={"max_new_tokens": 6}) == expected
+    assert model.predict(REQUESTS, params={"max_new_tokens": 6}) == expected
     assert model.predict(pd.DataFrame({"prompt": PROMPTS[:1]}), params={"max_new_tokens": 6}) == expected[:1]
-    assert len(model.predict(PROMPTS[1:])) == 1  # default max_new_tokens from the signature
+    assert len(model.predict(REQUESTS[1:])) == 1  # default max_new_tokens from the signature
 
 
 def test_register_needs_the_trained_outputs(tmp_path):
@@ -281,4 +283,4 @@ def test_external_base_is_referenced_not_carried(project, tmp_path):
     model = load_model(str(model_dir))
     cfg = model.model_config
     assert cfg["base_name_or_path"] == str(external) and cfg["base_revision"] == "abc123"
-    assert model.predict(PROMPTS, params={"max_new_tokens": 4}) == expected
+    assert model.predict(REQUESTS, params={"max_new_tokens": 4}) == expected

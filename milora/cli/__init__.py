@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "register": ("milora.cli.register", "log, register and gate this project's trained model in MLflow"),
     "promote": ("milora.cli.promote", "manual champion decision for a registered model version (--force to override)"),
     "cache": ("milora.cli.cache", "inspect the SVD cache: ls | info KEY | verify | prune --older-than DAYS"),
+    "eval": ("milora.cli.eval", "evaluate a registered model, an adapter or a model directory on benchmark suites "
+                                "and lm-eval tasks"),
     "compare": ("milora.cli.compare", "LoRA vs PiSSA vs MiLoRA on the same base, data and budget (several seeds)"),
     "demo": ("milora.cli.demo", "adapter round trip on a tiny model built from a config (no data, no network)"),
 }

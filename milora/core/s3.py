@@ -7,9 +7,10 @@ Credentials are never logged.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from milora.core.errors import InvalidInput
+from milora.core.errors import InvalidInput, MissingInput
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -34,3 +35,24 @@ def s3_client(max_attempts: int = 3, connect_timeout: float = 5.0, read_timeout:
         read_timeout=read_timeout,
     )
     return boto3.session.Session().client("s3", config=config)
+
+
+def download_prefix(uri: str, dest: str | Path) -> int:
+    """Download every object under `s3://bucket/prefix` into `dest` (keys relative to the prefix; hidden
+    files and folder markers skipped); returns the file count, MissingInput when there is none."""
+    bucket, prefix = split_s3_uri(uri)
+    client = s3_client()
+    n = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            key = obj["Key"]
+            rel = key[len(prefix):].lstrip("/") or Path(key).name
+            if key.endswith("/") or any(p.startswith(".") for p in Path(rel).parts):
+                continue
+            target = Path(dest) / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, key, str(target))
+            n += 1
+    if n == 0:
+        raise MissingInput(f"{uri}: no objects under that prefix")
+    return n

@@ -9,11 +9,15 @@ Supported formats (auto-detected from the columns, or forced with `data.format`)
 
 * `alpaca`: `instruction`, `input` (optional), `output`;
 * `llm_adapters`: `instruction`, `input` (optional), `output`, `answer`: LLM-Adapters' commonsense_170k
-  and math_10k, the sets MiLoRA was trained on. The task is read from the row: an `optionK` /
+  and math_10k, the sets MiLoRA was trained on, and their per-set test files (`answer` may be a one-item
+  list, as the math test sets have it: its last item is the answer). The task is read from the row: an `optionK` /
   `answerK` / `solutionK` / `endingK` label with matching option lines, `true`/`false`, or a letter
   with `(A)`-style choices is multiple choice; a number is math; anything else is generic;
 * `metamath`: `query`, `response`, `type` (optional); the answer is the text after `The answer is:`;
 * `gsm8k`: `question`, `answer` (the worked solution, ending in `#### <number>`);
+* `math`: Hendrycks MATH, `problem`, `solution` (ending in `\\boxed{<answer>}`), `level` and `type` (optional);
+  the answer is the last `\\boxed{...}` of the solution (or an `answer` column, as MATH-500 has). The
+  published layout (one JSON object per file, `train/algebra/1.json`) loads as a directory;
 * `chat`: `messages` (a list of `{role, content}` ending with the assistant's reply), rendered with the
   tokenizer's chat template when it has one, else with plain `### Role:` tags.
 
@@ -37,18 +41,19 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
 from milora.core.errors import InvalidInput, MissingInput
+from milora.model import latex
 from milora.model.prompts import format_prompt, render_chat
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("alpaca", "llm_adapters", "metamath", "gsm8k", "chat")
+FORMATS = ("alpaca", "llm_adapters", "metamath", "gsm8k", "math", "chat")
 EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
 TASKS = ("math", "choice", "generic")
 
@@ -98,6 +103,13 @@ def _read_text(path: Path) -> str:
 
 def _json_rows(path: Path, text: str) -> list[RawRow]:
     origin = str(path)
+    if text.lstrip().startswith("{") and "\n" in text.strip():  # one pretty-printed object (MATH's layout)?
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError:
+            obj = None  # JSON Lines
+        if isinstance(obj, dict):
+            return [RawRow(origin, "row 1", 1, obj)]
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
@@ -185,8 +197,8 @@ def _looks_local(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.count("/") > 1 or source.lower().endswith(EXTENSIONS)
 
 
-def load_hub_dataset(source: str) -> Any:
-    """The `train` split of a Hub dataset id (`name`, `owner/name` or `owner/name:config`), as published.
+def load_hub_dataset(source: str, split: str = "train") -> Any:
+    """The `split` split of a Hub dataset id (`name`, `owner/name` or `owner/name:config`), as published.
 
     Offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) with no cached copy, a ValueError says how to point at
     local files instead.
@@ -197,7 +209,7 @@ def load_hub_dataset(source: str) -> Any:
     offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
                   for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     try:
-        return datasets.load_dataset(name, config or None, split="train")
+        return datasets.load_dataset(name, config or None, split=split)
     except Exception as exc:  # noqa: BLE001 - datasets raises many types; all mean "cannot load this id"
         if offline:
             raise InvalidInput(
@@ -208,8 +220,8 @@ def load_hub_dataset(source: str) -> Any:
         raise InvalidInput(f"data.source {source!r}: cannot load it from the Hugging Face Hub: {exc}") from None
 
 
-def _hub_rows(source: str) -> list[RawRow]:
-    return [RawRow(f"hub:{source}", f"row {i}", i, dict(r)) for i, r in enumerate(load_hub_dataset(source), 1)]
+def _hub_rows(source: str, split: str = "train") -> list[RawRow]:
+    return [RawRow(f"hub:{source}", f"row {i}", i, dict(r)) for i, r in enumerate(load_hub_dataset(source, split), 1)]
 
 
 # ----------------------------------------------------------------------------- format detection
@@ -228,10 +240,13 @@ def detect_format(columns: Iterable[str], origin: str = "data") -> str:
         return "alpaca"
     if {"question", "answer"} <= cols:
         return "gsm8k"
+    if {"problem", "solution"} <= cols:
+        return "math"
     raise InvalidInput(
         f"{origin}: cannot tell the data format from its columns {sorted(cols)}. Expected one of: alpaca "
         "(instruction, input, output), llm_adapters (instruction, input, output, answer), metamath (query, "
-        "response, type), gsm8k (question, answer), chat (messages). Rename the columns or set data.format."
+        "response, type), gsm8k (question, answer), math (problem, solution), chat (messages). Rename the "
+        "columns or set the format (data.format, or the suite's format)."
     )
 
 
@@ -255,6 +270,8 @@ def _is_missing(v: Any) -> bool:
 
 def _text(row: dict[str, Any], name: str, required: bool = True, numbers: bool = False) -> str:
     v = row.get(name, _MISSING)
+    if numbers and isinstance(v, list) and v:  # LLM-Adapters' math test files: "answer": ["12"]
+        v = v[-1]
     if _is_missing(v):
         if required:
             raise BadRow(name, "missing")
@@ -340,7 +357,17 @@ def _metamath_answer(response: str) -> str:
     return normalize_number(final) or final.rstrip(".")
 
 
-def _messages(row: dict[str, Any]) -> list[dict[str, str]]:
+def _math_answer(row: dict[str, Any], solution: str) -> str:
+    given = _text(row, "answer", required=False, numbers=True)
+    if given:
+        return given
+    boxed = latex.last_boxed(solution)
+    if not boxed:
+        raise BadRow("solution", "no final answer", "expected the solution to end with \\boxed{<answer>}")
+    return boxed
+
+
+def _messages(row: dict[str, Any], reply: bool = True) -> list[dict[str, str]]:
     msgs = row.get("messages", _MISSING)
     if _is_missing(msgs):
         raise BadRow("messages", "missing")
@@ -368,6 +395,10 @@ def _messages(row: dict[str, Any]) -> list[dict[str, str]]:
         except BadRow as exc:
             raise BadRow(f"messages[{i}].content", exc.kind, exc.detail) from None
         out.append({"role": role, "content": content})
+    if not reply:  # a request: the conversation so far, to be answered
+        if not any(m["role"] == "user" for m in out):
+            raise BadRow("messages", "no prompt", "there is no user message to answer")
+        return out
     if out[-1]["role"] != "assistant":
         raise BadRow("messages", "no reply", "the last message must be the assistant's reply (role 'assistant')")
     if not any(m["role"] == "user" for m in out[:-1]):
@@ -377,25 +408,42 @@ def _messages(row: dict[str, Any]) -> list[dict[str, str]]:
 
 
 
-def normalize_row(row: dict[str, Any], fmt: str, tokenizer: Any = None) -> dict[str, Any]:
-    """One source row in format `fmt` -> {prompt, response, answer, task, options, group}; BadRow if unusable."""
+_QUESTION = {"metamath": "query", "gsm8k": "question", "math": "problem"}
+
+
+def prompt_of(row: Mapping[str, Any], fmt: str) -> str:
+    """The training template applied to a row of an instruction-like format (not chat): the one place the
+    prompts of training, evaluation and serving come from."""
+    if fmt in ("alpaca", "llm_adapters"):
+        return format_prompt(_text(row, "instruction"), _text(row, "input", required=False))
+    return format_prompt(_text(row, _QUESTION[fmt]))
+
+
+def normalize_row(row: dict[str, Any], fmt: str, tokenizer: Any = None, require_response: bool = True) -> dict[str, Any]:
+    """One source row in format `fmt` -> {prompt, response, answer, task, options, group}; BadRow if unusable.
+
+    `require_response=False` (test sets) accepts alpaca / llm_adapters rows with an empty `output`."""
     answer, task, options = "", "generic", []
     if fmt in ("alpaca", "llm_adapters"):
         instruction = _text(row, "instruction")
-        prompt = format_prompt(instruction, _text(row, "input", required=False))
-        response = _text(row, "output")
+        prompt = prompt_of(row, fmt)
+        response = _text(row, "output", required=require_response)
         if fmt == "llm_adapters":
             c = _classify(instruction, _text(row, "answer", numbers=True))
             task, answer, options = c["task"], c["answer"], c["options"]
     elif fmt == "metamath":
-        prompt = format_prompt(_text(row, "query"))
+        prompt = prompt_of(row, fmt)
         response = _text(row, "response")
         _text(row, "type", required=False)
         task, answer = "math", _metamath_answer(response)
     elif fmt == "gsm8k":
-        prompt = format_prompt(_text(row, "question"))
+        prompt = prompt_of(row, fmt)
         response = _text(row, "answer", numbers=True)
         task, answer = "math", _gsm8k_answer(response)
+    elif fmt == "math":
+        prompt = prompt_of(row, fmt)
+        response = _text(row, "solution")
+        task, answer = "math", _math_answer(row, response)
     elif fmt == "chat":
         msgs = _messages(row)
         try:
@@ -441,7 +489,7 @@ class Loaded:
 
 
 def normalize_rows(raw: Sequence[RawRow], fmt: str, on_bad_rows: str = "fail", tokenizer: Any = None,
-                   loaded: Loaded | None = None) -> Loaded:
+                   loaded: Loaded | None = None, require_response: bool = True) -> Loaded:
     """Normalise the rows of one source in format `fmt` (or `auto`), failing on or skipping bad rows."""
     if on_bad_rows not in ("fail", "skip"):
         raise InvalidInput(f"on_bad_rows must be 'fail' or 'skip', got {on_bad_rows!r}")
@@ -457,7 +505,7 @@ def normalize_rows(raw: Sequence[RawRow], fmt: str, on_bad_rows: str = "fail", t
         try:
             if isinstance(r.data, BadRow):
                 raise r.data
-            row = normalize_row(r.data, fmt, tokenizer)
+            row = normalize_row(r.data, fmt, tokenizer, require_response)
         except BadRow as exc:
             if on_bad_rows == "fail":
                 raise InvalidInput(f"{r.origin}, {r.where}, {exc}. {_SKIP_HINT}") from None
@@ -471,23 +519,33 @@ def normalize_rows(raw: Sequence[RawRow], fmt: str, on_bad_rows: str = "fail", t
 
 
 def read_records(source: str | os.PathLike[str], format: str = "auto", on_bad_rows: str = "fail",
-                 tokenizer: Any = None) -> Loaded:
-    """Load and normalise a file, a directory of files, or a Hub dataset id (`name` or `name:config`)."""
+                 tokenizer: Any = None, split: str = "train", require_response: bool = True) -> Loaded:
+    """Load and normalise a file, a directory of files, an `s3://bucket/prefix` or a Hub dataset id (`name`
+    or `name:config`, its `split`). `require_response=False` keeps rows without a target (test sets)."""
     if format != "auto" and format not in FORMATS:
         raise InvalidInput(f"unknown data format {format!r}; use one of auto, {', '.join(FORMATS)}")
     src = str(source)
-    if src.startswith("s3://"):
-        raise InvalidInput(f"data.source {src!r}: S3 sources are fetched into a local directory first; "
-                         "point the loader at that directory")
     path = Path(os.path.expanduser(src))
     loaded = Loaded(rows=[])
-    if path.exists():
+    opts = dict(on_bad_rows=on_bad_rows, tokenizer=tokenizer, loaded=loaded, require_response=require_response)
+    if src.startswith("s3://"):
+        import tempfile
+
+        from milora.core.s3 import download_prefix
+
+        with tempfile.TemporaryDirectory(prefix="milora-s3-") as tmp:
+            download_prefix(src, tmp)
+            for f in source_files(tmp):
+                where = f"{src.rstrip('/')}/{f.relative_to(tmp).as_posix()}"
+                raw = [RawRow(where, r.where, r.index, r.data) for r in read_file(f)]
+                normalize_rows(raw, format, **opts)  # type: ignore[arg-type]
+    elif path.exists():
         for f in source_files(path):
-            normalize_rows(read_file(f), format, on_bad_rows, tokenizer, loaded)
+            normalize_rows(read_file(f), format, **opts)  # type: ignore[arg-type]
     elif _looks_local(src):
         raise MissingInput(f"data.source {src!r}: no such file or directory")
     else:
-        normalize_rows(_hub_rows(src), format, on_bad_rows, tokenizer, loaded)
+        normalize_rows(_hub_rows(src, split), format, **opts)  # type: ignore[arg-type]
     if not loaded.rows:
         reasons = ", ".join(f"{n} {k}" for k, n in sorted(loaded.dropped.items())) or "no rows"
         raise InvalidInput(f"data.source {src!r}: no usable rows ({reasons})")
@@ -497,14 +555,41 @@ def read_records(source: str | os.PathLike[str], format: str = "auto", on_bad_ro
 
 
 def load_records(source: str | os.PathLike[str], format: str = "auto", on_bad_rows: str = "fail",
-                 tokenizer: Any = None) -> Any:
-    """Load a file, directory or Hub id as a `datasets.Dataset` of normalised rows, in the source's row order.
+                 tokenizer: Any = None, split: str = "train", require_response: bool = True) -> Any:
+    """Load a file, directory, `s3://` prefix or Hub id (its `split`) as a `datasets.Dataset` of normalised
+    rows, in the source's row order; each row is a record `milora.judge` scores.
 
     Columns: id, task, prompt, response, answer, n_options, options, group, source, source_row. Bad rows
     raise a ValueError naming file, row and field (`on_bad_rows="fail"`) or are skipped (`"skip"`).
-    `tokenizer` (optional) renders chat rows with its chat template.
+    `tokenizer` (optional) renders chat rows with its chat template. Test sets whose rows have no target
+    text (an empty `output`) load with `require_response=False`.
     """
-    return read_records(source, format, on_bad_rows, tokenizer).dataset()
+    return read_records(source, format, on_bad_rows, tokenizer, split, require_response).dataset()
+
+
+# ----------------------------------------------------------------------------- serving requests
+
+REQUEST_FIELDS = {"messages": "chat", "instruction": "alpaca", "query": "metamath", "question": "gsm8k",
+                  "problem": "math"}
+
+
+def request_prompt(request: Mapping[str, Any], tokenizer: Any = None) -> str:
+    """The prompt the model sees for one serving request, built as for training rows: `messages` with the
+    tokenizer's chat template (the conversation so far; the reply is generated), `instruction` (+ `input`)
+    and the other formats' question fields with the training template, or a raw `prompt` as given."""
+    row = {k: v for k, v in request.items() if not _is_missing(v)}
+    try:
+        if "messages" in row:
+            return render_chat(_messages(row, reply=False), tokenizer)
+        for name, fmt in REQUEST_FIELDS.items():
+            if name in row:
+                return prompt_of(row, fmt)
+        if "prompt" in row:
+            return str(row["prompt"])
+    except BadRow as exc:
+        raise InvalidInput(f"request {dict(row)!r:.200}: {exc}") from None
+    raise InvalidInput(f"request {dict(row)!r:.200}: give `instruction` (and optional `input`), chat `messages` "
+                       "or a raw `prompt`")
 
 
 # ----------------------------------------------------------------------------- tokenization

@@ -18,6 +18,10 @@ with capitals; a few commonsense facts) is the knowledge everything else is abou
   teach it to map that knowledge to an option number, so choice accuracy stays near chance there;
   larger bases are what this set separates.)
 
+* `suite_rows`: small generated test suites in the same published layouts (GSM8K, LLM-Adapters), drawn
+  from another seeded stream and without any question of the training rows, so the embedded default
+  exercises the benchmark-suite path of the evaluate stage.
+
 The world is fixed by `WORLD_SEED` (it is the "dataset"); seeds only choose which documents and rows
 are sampled from it. Everything uses `random.Random`, whose sequences are stable across Python versions.
 """
@@ -27,7 +31,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -320,7 +324,7 @@ def pretraining_corpus(n_train: int, n_heldout: int, seed: int = 0, world: World
 # ----------------------------------------------------------------------------- task rows
 
 
-def math_rows(n: int, seed: int = 0, world: World = WORLD) -> list[dict[str, str]]:
+def math_rows(n: int, seed: int | str = 0, world: World = WORLD) -> list[dict[str, str]]:
     """`n` distinct GSM8K-format rows: {"question", "answer"} with the answer ending in `#### N`."""
     rng = random.Random(f"math-{seed}")
     rows: list[dict[str, str]] = []
@@ -391,7 +395,7 @@ def _choice_row(rng: random.Random, fact: Fact) -> dict[str, str]:
     }
 
 
-def choice_rows(n: int, seed: int = 0, world: World = WORLD) -> list[dict[str, str]]:
+def choice_rows(n: int, seed: int | str = 0, world: World = WORLD) -> list[dict[str, str]]:
     """`n` distinct LLM-Adapters-format multiple-choice rows about the world's facts (2-4 options each).
 
     Facts are visited round-robin in a seeded order, so every fact gets about `n / len(facts)` questions
@@ -426,3 +430,21 @@ def write_task_files(out_dir: str | Path, math_n: int, choice_n: int, seed: int 
     out = Path(out_dir)
     return [write_jsonl(out / "math.jsonl", math_rows(math_n, seed)),
             write_jsonl(out / "choice.jsonl", choice_rows(choice_n, seed))]
+
+
+SUITE_FORMATS = {"gsm8k": ("question", math_rows), "llm_adapters": ("instruction", choice_rows)}
+
+
+def suite_rows(fmt: str, n: int, seed: int = 0, exclude: Collection[str] = ()) -> list[dict[str, str]]:
+    """`n` rows of a generated test suite in a published layout (`gsm8k` or `llm_adapters` multiple choice),
+    drawn from their own seeded stream, none asking a question in `exclude` (the training rows' texts)."""
+    if fmt not in SUITE_FORMATS:
+        raise InvalidInput(f"embedded suites come in the formats {', '.join(SUITE_FORMATS)}, not {fmt!r}")
+    key, make = SUITE_FORMATS[fmt]
+    rows = [r for r in make(n + len(exclude), f"suite-{seed}") if r[key] not in exclude][:n]
+    return [{k: v for k, v in r.items() if k != "group"} for r in rows]
+
+
+def training_texts(math_n: int, choice_n: int, seed: int = 0) -> set[str]:
+    """The questions of the embedded training sets (what a generated suite must not ask)."""
+    return {r["question"] for r in math_rows(math_n, seed)} | {r["instruction"] for r in choice_rows(choice_n, seed)}

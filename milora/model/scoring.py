@@ -1,9 +1,19 @@
-"""Answer extraction and scoring: the final number of a math answer, the option picked in multiple choice."""
+"""Answer extraction and scoring, one rule for every suite: `judge(record, prediction)`.
+
+`record` is a row as `milora.load_records` returns it (`task`, `answer`, `n_options`, ...); its gold answer
+says how a prediction is read (an option label of the set's vocabulary, a number, a MATH answer, text).
+"""
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Mapping
 from fractions import Fraction
+from typing import Any
+
+from milora.core.errors import InvalidInput
+from milora.model import latex
 
 _NUM = r"[-−]?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s?/\s?\d+(?:\.\d+)?)?"
 
@@ -55,42 +65,143 @@ def extract_number(text: str) -> float | None:
     return parse_number(nums[-1]) if nums else None
 
 
-_CHOICE_RE = re.compile(r"\b(?:option|answer|solution|ending|choice)\s*#?\s*(\d+)\b", re.I)
+# ----------------------------------------------------------------------------- the one scoring rule
+
+_LABEL = re.compile(r"(option|answer|solution|ending)\s*(\d+)", re.I)
+_BOOL = re.compile(r"\b(true|false)\b", re.I)
+# An option letter: `(C)`, or a standalone capital A-E that does not start a lowercase phrase ("A car ...").
+_LETTER = re.compile(r"\(([A-E])\)|\b([A-E])\b(?!\s+[a-z])")
+_FINAL_CUE = re.compile(r"(?:####|the answer is\s*:?|answer\s*:)\s*", re.I)
+
+Extracted = str | float | None
 
 
-_LETTER_RE = re.compile(r"(?:answer\s*(?:is|:)\s*\(?|^\(?)([A-Ea-e])(?:\)|\.|\b)", re.I)
+def answer_kind(record: Mapping[str, Any]) -> str:
+    """How a record's gold answer is judged: `label` (optionK / answerK / solutionK / endingK), `bool`
+    (true/false), `letter` (A-E), `number`, `latex` (a MATH answer that is not a plain number), `text`, or
+    `none` (no gold answer: loss / perplexity only)."""
+    answer = str(record.get("answer") if record.get("answer") is not None else "").strip()
+    if not answer:
+        return "none"
+    if record.get("task") == "choice" or record.get("n_options"):
+        if _LABEL.fullmatch(answer):
+            return "label"
+        if answer.lower() in ("true", "false"):
+            return "bool"
+        if re.fullmatch(r"[A-E]", answer):
+            return "letter"
+    if parse_number(answer) is not None and re.fullmatch(r"[-−$\d.,/ ]+", answer):
+        return "number"
+    if record.get("task") == "math":
+        return "latex"
+    return "text"
 
 
-_BOOL_RE = re.compile(r"\b(true|false)\b", re.I)
+def _label(text: str) -> tuple[str, int] | None:
+    m = _LABEL.fullmatch(text.strip())
+    return (m.group(1).lower(), int(m.group(2))) if m else None
 
 
-def extract_choice(text: str, n_options: int) -> int | None:
-    """The 1-based option a generated multiple-choice answer picks (LLM-Adapters style), or None."""
-    if not text or n_options < 1:
-        return None
-    cue = re.search(r"correct\s+answer\s+is|answer\s+is|answer\s*:", text, re.I)
-    region = text[cue.start():] if cue else text
-    m = _CHOICE_RE.search(region) or (_CHOICE_RE.search(text) if cue else None)
-    if m:
-        k = int(m.group(1))
-        return k if 1 <= k <= n_options else None
-    if n_options == 2:
-        b = _BOOL_RE.search(region)
-        if b:
-            return 1 if b.group(1).lower() == "true" else 2
-    letter = _LETTER_RE.search(region.strip())
-    if letter:
-        k = ord(letter.group(1).upper()) - ord("A") + 1
-        return k if 1 <= k <= n_options else None
+def option_index(record: Mapping[str, Any]) -> int | None:
+    """The 1-based option a multiple-choice record's gold answer names (`option2` -> 2, true -> 1, `C` -> 3)."""
+    kind, answer = answer_kind(record), str(record.get("answer", "")).strip()
+    if kind == "label":
+        return _label(answer)[1]  # type: ignore[index]
+    if kind == "bool":
+        return 1 if answer.lower() == "true" else 2
+    if kind == "letter":
+        return ord(answer) - ord("A") + 1
     return None
 
 
-def gold_choice(answer: str) -> int | None:
-    """The 1-based option index of a gold label like `option2`, `answer3`, `true`/`false`."""
-    return extract_choice(f"the correct answer is {answer}", max(2, _max_index(answer)))
+def extract_option(text: str, record: Mapping[str, Any]) -> str | None:
+    """The option a generated answer picks, in the record's answer vocabulary, by the LLM-Adapters rule: the
+    first mention of a label of that vocabulary (`optionK` for WinoGrande, `answerK` for SIQA / ARC / OBQA,
+    `solutionK` for PIQA, `endingK` for HellaSwag, `true`/`false` for BoolQ, a letter for AQuA). Labels are
+    matched case-insensitively as whole words; a label out of the record's range is still the pick (and wrong)."""
+    kind = answer_kind(record)
+    if not text:
+        return None
+    if kind == "label":
+        word = _label(str(record["answer"]))[0]  # type: ignore[index]
+        m = re.search(rf"\b{word}\s*(\d+)\b", text, re.I)
+        return f"{word}{int(m.group(1))}" if m else None
+    if kind == "bool":
+        m = _BOOL.search(text)
+        return m.group(1).lower() if m else None
+    if kind == "letter":
+        m = _LETTER.search(text)
+        return (m.group(1) or m.group(2)) if m else None
+    return None
 
 
-def _max_index(answer: str) -> int:
-    m = re.search(r"(\d+)", answer or "")
-    return int(m.group(1)) if m else 2
+def final_answer(text: str) -> str | None:
+    """The final answer text of a worked solution: the last `\\boxed{...}`, else what follows the last
+    `The answer is` / `####` / `Answer:` cue on its line (MetaMath, GSM8K, LLM-Adapters outputs), else None."""
+    boxed = latex.last_boxed(text)
+    if boxed is not None:
+        return boxed
+    cues = list(_FINAL_CUE.finditer(text or ""))
+    if cues:
+        tail = text[cues[-1].end():].strip().split("\n", 1)[0].strip()
+        return tail.rstrip(".").strip() or None
+    return None
 
+
+def extract(record: Mapping[str, Any], prediction: str) -> Extracted:
+    """The answer `prediction` gives, in the form `judge` compares: an option label, a number, or a
+    normalised LaTeX / text answer; None when it gives none."""
+    kind = answer_kind(record)
+    if kind in ("label", "bool", "letter"):
+        return extract_option(prediction, record)
+    if kind == "number":
+        boxed = latex.last_boxed(prediction or "")
+        if boxed is not None:
+            value = latex.to_number(boxed)
+            return value if value is not None else extract_number(boxed)
+        return extract_number(prediction)
+    if kind == "latex":
+        final = final_answer(prediction or "")
+        return latex.normalize(final) if final is not None else None
+    if kind == "text":
+        final = final_answer(prediction or "") or (prediction or "").strip().split("\n", 1)[0]
+        return _plain(final) or None
+    raise InvalidInput(
+        f"record {record.get('id', '')!r} has no gold answer to judge (task {record.get('task')!r}): alpaca and "
+        "chat rows are scored by loss / perplexity only"
+    )
+
+
+def _plain(text: str) -> str:
+    return " ".join(text.lower().split()).strip(" .")
+
+
+def judge(record: Mapping[str, Any], prediction: str) -> bool:
+    """Whether `prediction` (generated text) answers `record` (a row as `milora.load_records` returns it)
+    correctly. The one scoring rule of the evaluate stage, `milora eval` and the benchmark suites:
+
+    * multiple choice: the first mention of a label of the record's answer vocabulary (LLM-Adapters);
+    * numbers (GSM8K, math_10k, AddSub, MultiArith, SingleEq, SVAMP, MetaMath): the final number (a
+      `\\boxed{}` answer, else after `The answer is` / `####`, else the last number), compared as numbers:
+      commas, `$`, fractions and `-0` are fine;
+    * MATH answers: the last `\\boxed{...}` (or the text after `The answer is`), equal to the gold answer
+      after the standard LaTeX normalisation (`milora.model.latex`), or equal in value when both are numbers;
+    * other answers: the final answer equal to the gold one, ignoring case, spaces and a final period.
+
+    A record with no gold answer (alpaca, chat) raises InvalidInput: those are scored by loss only.
+    """
+    got = extract(record, prediction)
+    if got is None:
+        return False
+    kind, gold = answer_kind(record), str(record.get("answer", "")).strip()
+    if kind in ("label", "bool", "letter"):
+        return str(got).lower() == gold.lower() if kind != "letter" else got == gold
+    if kind == "number":
+        want = parse_number(gold)
+        return isinstance(got, float) and want is not None and math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9)
+    if kind == "latex":
+        if got == latex.normalize(gold):
+            return True
+        a, b = latex.to_number(str(got)), latex.to_number(gold)
+        return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+    return got == _plain(gold)

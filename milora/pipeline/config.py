@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from milora.core.errors import UserError
 from milora.core.schema import AdapterConfig
 
-FORMATS = ("auto", "alpaca", "llm_adapters", "metamath", "gsm8k", "chat")
+FORMATS = ("auto", "alpaca", "llm_adapters", "metamath", "gsm8k", "math", "chat")
 EMBEDDED = "embedded"
 
 
@@ -100,17 +100,51 @@ class TrainConfig(_Section):
     processes: int = Field(1, ge=1, le=1024)  # DDP processes on this node (the stage launches torchrun itself)
 
 
+class SuiteConfig(_Section):
+    """A benchmark test set scored by the evaluate stage (`eval.suites`), materialised by `ingest`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", max_length=64)  # metrics: suites.<name>.*
+    source: str = Field(min_length=1)  # `embedded`, a file, a directory, s3://bucket/prefix or a Hub id
+    format: Literal[FORMATS] = "auto"  # type: ignore[valid-type]
+    max_examples: int | None = Field(None, gt=0)  # the first N rows (all when null)
+    split: str = "test"  # the split of a Hub dataset id
+    max_new_tokens: int | None = Field(None, gt=0)  # generation budget; null = eval.max_new_tokens
+
+
+class LmEvalConfig(_Section):
+    """lm-evaluation-harness tasks run on the fine-tuned model and on its base (`eval.lm_eval`)."""
+
+    tasks: list[str] = []
+    include_path: str | None = None  # a directory of local task YAMLs
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: int | float | None = Field(None, gt=0)  # examples per task (a fraction when < 1)
+    batch_size: int = Field(8, gt=0)
+
+
 class EvalConfig(_Section):
     max_new_tokens: int = Field(48, gt=0)
     batch_size: int = Field(16, gt=0)
     max_examples: int = Field(200, gt=0)
     choice_mode: Literal["generate", "loglik", "both"] = "both"
+    suites: list[SuiteConfig] = []
+    lm_eval: LmEvalConfig = LmEvalConfig()
+
+    @field_validator("suites")
+    @classmethod
+    def _unique_names(cls, v: list[SuiteConfig]) -> list[SuiteConfig]:
+        names = [s.name for s in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"suite names must be unique; repeated: {', '.join(dup)}")
+        return v
 
 
 class GuardConfig(_Section):
-    metric: str
+    metric: str  # any recorded metric (forgetting, suites.<name>.accuracy, lm_eval_delta.<task>.<metric>, ...)
     max_increase: float | None = None
     max_value: float | None = None
+    max_decrease: float | None = None  # for accuracies: the most it may fall below the champion's
+    min_value: float | None = None  # e.g. lm_eval_delta.arc_easy.acc >= -0.02 (at most 2 points below the base)
 
 
 class RegisterConfig(_Section):

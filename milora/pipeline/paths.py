@@ -41,6 +41,11 @@ class Paths:
         """The raw data, DVC-versioned: the current contents of `data.source`."""
         return self.root / "data" / "raw"
 
+    @property
+    def suites_dir(self) -> Path:
+        """The benchmark suites of `eval.suites`, one directory each (`data/suites/<name>/`), DVC-versioned."""
+        return self.root / "data" / "suites"
+
     # prepare stage
     @property
     def prepared_dir(self) -> Path:
@@ -69,6 +74,11 @@ class Paths:
     def predictions(self) -> Path:
         """Per-example predictions for error analysis."""
         return self.root / "eval" / "predictions.jsonl"
+
+    @property
+    def suite_predictions_dir(self) -> Path:
+        """Per-example predictions of each benchmark suite: `eval/suites/<name>.jsonl`."""
+        return self.root / "eval" / "suites"
 
     def metrics(self, name: str) -> Path:
         """`metrics/<name>.json` (a stage's file is named in `STAGE_METRICS`)."""

@@ -1,9 +1,14 @@
-"""The `evaluate` stage: task accuracy (math, multiple choice), perplexity and forgetting.
+"""The `evaluate` stage: benchmark suites, lm-evaluation-harness tasks, the held-out slice of the training
+data (task accuracy, perplexity) and forgetting.
 
-* math (GSM8K style): greedy generation, final-number extraction, exact match;
-* multiple choice (LLM-Adapters style): answer extraction from the generation, and log-likelihood
-  scoring of each option's response;
-* perplexity on the eval split's responses;
+* benchmark suites (`eval.suites`, copied to `data/suites/<name>` by `ingest`): greedy generation judged by
+  `milora.judge` (`suites.<name>.accuracy`, `suites_average`), or loss / perplexity for suites without
+  gold answers; predictions in `eval/suites/<name>.jsonl`; each suite's content hash in the report;
+* lm-eval tasks (`eval.lm_eval`): run in process on the base, then on the fine-tuned model with its adapter
+  merged into the weights (what an exported merged model computes): `lm_eval.<task>.<metric>` and the
+  deltas over the base, `lm_eval_delta.<task>.<metric>`;
+* the held-out slice: math (GSM8K style) and multiple choice (LLM-Adapters style) judged by the same rule,
+  multiple choice also by log-likelihood of each option's response; perplexity on the responses;
 * forgetting: loss on held-out pretraining text after fine-tuning minus before (the MiLoRA paper's
   "forgetting loss"); 0 for an unchanged model.
 """
@@ -22,11 +27,15 @@ import torch
 from torch import nn
 
 from milora.core.adapter import load_adapter
-from milora.core.io import atomic_write_text, dump_json, dump_jsonl, read_jsonl
+from milora.core.errors import MissingInput
+from milora.core.io import atomic_dir, atomic_write_text, dump_json, dump_jsonl, file_digest, read_jsonl
+from milora.data.suites import load_suite
+from milora.evaluation import harness
+from milora.evaluation.suites import score_suite, summary
 from milora.model.base import load_base
 from milora.model.generate import batches, generate
 from milora.model.nll import heldout_loss, mean_loss, sequence_nll
-from milora.model.scoring import extract_choice, extract_number, gold_choice, parse_number
+from milora.model.scoring import answer_kind, extract, judge, option_index
 from milora.model.tokenize import encode
 from milora.pipeline.config import Config
 from milora.pipeline.paths import Paths
@@ -37,41 +46,7 @@ log = logging.getLogger(__name__)
 # The numbers of metrics/eval.json (DVC metrics, compared across runs); reports/eval.json has them all.
 SUMMARY = ["average_accuracy", "perplexity", "forgetting"]
 
-# ----------------------------------------------------------------------------- answer extraction
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # ----------------------------------------------------------------------------- model scoring
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def _candidate_responses(row: dict[str, Any]) -> list[str]:
@@ -131,14 +106,8 @@ def evaluate_model(model: nn.Module, tokenizer: Any, rows: list[dict[str, Any]],
         correct = []
         for r, g in zip(trows, gens, strict=True):
             rec = {"id": r["id"], "task": task, "prediction": g, "answer": r.get("answer", "")}
-            if task == "math":
-                got, gold = extract_number(g), parse_number(str(r.get("answer", "")))
-                ok = got is not None and gold is not None and math.isclose(got, gold, rel_tol=0, abs_tol=1e-6)
-                rec.update(extracted=got, correct=ok)
-                correct.append(ok)
-            elif task == "choice":
-                got, gold = extract_choice(g, int(r["n_options"])), gold_choice(r["answer"])
-                rec.update(extracted=got, correct=got is not None and got == gold)
+            if task in ("math", "choice") and answer_kind(r) != "none":
+                rec.update(extracted=extract(r, g), correct=judge(r, g))
                 correct.append(rec["correct"])
             preds.append(rec)
         if correct:
@@ -148,7 +117,7 @@ def evaluate_model(model: nn.Module, tokenizer: Any, rows: list[dict[str, Any]],
     if "choice" in tasks and ecfg.choice_mode in ("loglik", "both"):
         crows = tasks["choice"]
         picks = score_choices_loglik(model, tokenizer, crows, max_length, ecfg.batch_size)
-        hits = [p == gold_choice(r["answer"]) for p, r in zip(picks, crows, strict=True)]
+        hits = [p == option_index(r) for p, r in zip(picks, crows, strict=True)]
         metrics["choice_accuracy_loglik"] = sum(hits) / len(hits)
         metrics["n_choice"] = len(hits)
         if ecfg.choice_mode == "loglik":
@@ -178,24 +147,70 @@ def heldout_lines(cfg: Config, paths: Paths, limit: int = 200) -> list[str]:
     return lines[:limit]
 
 
+def load_suites(cfg: Config, paths: Paths, tokenizer: Any) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """(name, content hash, records) of each suite of `eval.suites`, from its copy under `data/suites/`."""
+    out = []
+    for suite in cfg.eval.suites:
+        where = paths.suites_dir / suite.name
+        if not where.is_dir():
+            raise MissingInput(f"{where} not found: run `milora stage ingest` (it copies the eval.suites there)")
+        out.append((suite.name, file_digest(where), load_suite(suite, where, tokenizer)))
+    return out
+
+
+def summary_keys(metrics: dict[str, Any]) -> list[str]:
+    """The DVC metrics of this run: `SUMMARY`, the suites' accuracy / perplexity, the lm-eval metrics."""
+    keys = [*SUMMARY, "suites_average"]
+    for name, m in metrics.get("suites", {}).items():
+        keys += [f"suites.{name}.{k}" for k in ("accuracy", "perplexity") if k in m]
+    for section in ("lm_eval", "lm_eval_delta"):
+        for task, values in metrics.get(section, {}).items():
+            keys += [f"{section}.{task}.{m}" for m in values if "_stderr" not in m and m != "sample_len"]
+    return keys
+
+
 def run(cfg: Config, paths: Paths) -> None:
-    """Evaluate the trained adapter; write metrics/eval.json and eval/predictions.jsonl."""
+    """Evaluate the trained adapter; write metrics/eval.json, eval/predictions.jsonl and eval/suites/."""
     t0 = time.perf_counter()
     rows = read_jsonl(paths.prepared_dir / "eval.jsonl")
     model, tokenizer = load_base(cfg, paths)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    suites = load_suites(cfg, paths, tokenizer)
     max_length = cfg.data.max_length
+    ecfg, lm = cfg.eval, cfg.eval.lm_eval
     docs = heldout_lines(cfg, paths)
-    before = heldout_loss(model, tokenizer, docs, max_length, cfg.eval.batch_size) if docs else None
-    model = load_adapter(model, paths.adapter_dir)
+    before = heldout_loss(model, tokenizer, docs, max_length, ecfg.batch_size) if docs else None
+    manager = harness.task_manager(lm.tasks, lm.include_path) if lm.tasks else None
+    lm_args = dict(tasks=lm.tasks, num_fewshot=lm.num_fewshot, limit=lm.limit, batch_size=lm.batch_size, manager=manager)
+    lm_base = harness.run_lm_eval(model, tokenizer, **lm_args) if lm.tasks else {}
+    # The residual is rebuilt on the CPU, as the served pyfunc does, so both hold the same weights bit for bit.
+    model = load_adapter(model.cpu(), paths.adapter_dir).to(device)
     model.eval()
     metrics, preds = evaluate_model(model, tokenizer, rows, cfg, max_length)
+    results = [score_suite(model, tokenizer, name, records, suite.max_new_tokens or ecfg.max_new_tokens,
+                           ecfg.batch_size, max_length)
+               for suite, (name, _, records) in zip(ecfg.suites, suites, strict=True)]
+    metrics.update(summary(results))
+    for name, digest, _ in suites:
+        metrics["suites"][name]["sha256"] = digest
     if before is not None:
-        after = heldout_loss(model, tokenizer, docs, max_length, cfg.eval.batch_size)
+        after = heldout_loss(model, tokenizer, docs, max_length, ecfg.batch_size)
         metrics.update(heldout_loss_base=before, heldout_loss_tuned=after, forgetting=after - before)
     else:
         log.warning("no held-out pretraining text (set data.heldout_text): forgetting not measured")
+    if lm.tasks:
+        model.merge_adapter()  # last: the weights of an exported merged model (nothing runs on it after this)
+        metrics["lm_eval"] = harness.run_lm_eval(model, tokenizer, **lm_args)
+        metrics["lm_eval_delta"] = harness.deltas(metrics["lm_eval"], lm_base)
+        metrics["lm_eval_base"] = lm_base
+        if lm.include_path:
+            metrics["lm_eval_include_sha256"] = file_digest(Path(lm.include_path))
     metrics["eval_seconds"] = round(time.perf_counter() - t0, 3)
     paths.predictions.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(paths.predictions, dump_jsonl(preds))
-    write_metrics(paths, "eval", metrics, SUMMARY)
+    with atomic_dir(paths.suite_predictions_dir) as tmp:
+        for r in results:
+            atomic_write_text(tmp / f"{r.name}.jsonl", dump_jsonl(r.predictions))
+    write_metrics(paths, "eval", metrics, summary_keys(metrics))
     log.info("eval: %s", dump_json({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}).strip())

@@ -1,8 +1,9 @@
-"""The `ingest` stage: materialise `data.source` into `data/raw`, the DVC-versioned raw data.
+"""The `ingest` stage: materialise `data.source` into `data/raw`, the DVC-versioned raw data, and each
+benchmark suite of `eval.suites` into `data/suites/<name>/` (what the evaluate stage scores).
 
-Sources: `embedded` (the seeded synthetic tasks), a local file or directory, an `s3://bucket/prefix`
-(every object under the prefix, through boto3 with the default credential chain and endpoint), or a
-Hub dataset id (needs network). The scheduled flow forces this stage on every run
+Sources: `embedded` (the seeded synthetic tasks, or a generated suite), a local file or directory, an
+`s3://bucket/prefix` (every object under the prefix, through boto3 with the default credential chain and
+endpoint), or a Hub dataset id (needs network; a suite takes its `split`, the training data `train`). The scheduled flow forces this stage on every run
 (`dvc repro -f -s ingest`) so it takes the source's current contents; when they are byte-identical,
 the `data/raw` hash is unchanged and DVC skips everything downstream.
 """
@@ -15,14 +16,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from milora.core.errors import MissingInput
-from milora.core.io import atomic_dir
-from milora.pipeline.config import EMBEDDED, Config
+from milora.core.errors import InvalidInput, MissingInput
+from milora.core.io import atomic_dir, write_json
+from milora.pipeline.config import EMBEDDED, Config, SuiteConfig
 from milora.pipeline.paths import Paths
 
 log = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+SUITES_MANIFEST = "suites.json"  # in data/suites: the suites materialised (never empty, so DVC tracks it)
 
 
 def _copy_local(src: Path, dest: Path) -> int:
@@ -39,61 +41,74 @@ def _copy_local(src: Path, dest: Path) -> int:
     return n
 
 
-def _copy_s3(uri: str, dest: Path) -> int:
-    from milora.core.s3 import s3_client, split_s3_uri
-
-    bucket, prefix = split_s3_uri(uri)
-    client = s3_client()
-    n = 0
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            key = obj["Key"]
-            rel = key[len(prefix):].lstrip("/") or Path(key).name
-            if key.endswith("/") or any(p.startswith(".") for p in Path(rel).parts):
-                continue
-            target = dest / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, key, str(target))
-            n += 1
-    if n == 0:
-        raise MissingInput(f"data.source {uri}: no objects under that prefix")
-    return n
-
-
-def _copy_hub(dataset_id: str, dest: Path) -> int:
+def _copy_hub(dataset_id: str, dest: Path, split: str) -> int:
     from milora.data.formats import load_hub_dataset
 
-    ds = load_hub_dataset(dataset_id)
+    ds = load_hub_dataset(dataset_id, split)
     ds.to_json(str(dest / "data.jsonl"), lines=True, force_ascii=False)
     return 1
 
 
-def materialise(cfg: Any, dest: Path) -> int:
-    """Write the current contents of `data.source` into the empty directory `dest`; return the file count."""
-    source = cfg.data.source
-    if source == EMBEDDED:
-        from milora.data.synthetic import write_task_files
-
-        e = cfg.data.embedded
-        return len(write_task_files(dest, e.math_rows, e.choice_rows, e.seed))
+def copy_source(source: str, dest: Path, key: str = "data.source", split: str = "train") -> int:
+    """Copy a file, directory, s3:// prefix or Hub dataset (its `split`) into the empty directory `dest`;
+    return the file count. `key` names the params key in errors."""
     if source.startswith("s3://"):
-        return _copy_s3(source, dest)
+        from milora.core.s3 import download_prefix
+
+        return download_prefix(source, dest)
     path = Path(os.path.expanduser(source))
     if path.exists():
         return _copy_local(path, dest)
     if "/" in source and not source.startswith((".", "/", "~")) and source.count("/") == 1:
-        return _copy_hub(source, dest)
+        return _copy_hub(source, dest, split)
     raise MissingInput(
-        f"data.source = {source!r}: no such file or directory (give a local file or directory, an "
+        f"{key} = {source!r}: no such file or directory (give a local file or directory, an "
         "s3://bucket/prefix, a Hub dataset id like 'org/name', or 'embedded')"
     )
 
 
+def materialise(cfg: Any, dest: Path) -> int:
+    """Write the current contents of `data.source` into the empty directory `dest`; return the file count."""
+    if cfg.data.source == EMBEDDED:
+        from milora.data.synthetic import write_task_files
+
+        e = cfg.data.embedded
+        return len(write_task_files(dest, e.math_rows, e.choice_rows, e.seed))
+    return copy_source(cfg.data.source, dest)
+
+
+def materialise_suite(cfg: Config, index: int, suite: SuiteConfig, dest: Path) -> int:
+    """Write benchmark suite `suite` (`eval.suites[index]`) into the empty directory `dest`; return the file
+    count. An `embedded` suite is generated (`data.embedded.seed`), without the embedded training questions."""
+    key = f"eval.suites[{index}].source"
+    if suite.source == EMBEDDED:
+        from milora.data import synthetic
+
+        e = cfg.data.embedded
+        exclude = synthetic.training_texts(e.math_rows, e.choice_rows, e.seed) if cfg.data.source == EMBEDDED else set()
+        if suite.format not in synthetic.SUITE_FORMATS:
+            raise InvalidInput(f"eval.suites[{index}] ({suite.name}): an embedded suite is generated in format "
+                               f"{' or '.join(synthetic.SUITE_FORMATS)}, not {suite.format!r}")
+        rows = synthetic.suite_rows(suite.format, suite.max_examples or 100, e.seed, exclude)
+        synthetic.write_jsonl(dest / "test.jsonl", rows)
+        return 1
+    return copy_source(suite.source, dest, key, suite.split)
+
+
 def run(cfg: Config, paths: Paths) -> None:
-    """Replace `data/raw` with the source's current contents (atomically)."""
+    """Replace `data/raw` with the source's current contents and `data/suites` with the suites' (atomically)."""
     raw = paths.raw_dir
     with atomic_dir(raw) as tmp:
         n = materialise(cfg, tmp)
         if n == 0:
             raise MissingInput(f"data.source = {cfg.data.source!r} holds no data files")
     log.info("ingest: %d file(s) from %s -> %s", n, cfg.data.source, raw)
+    with atomic_dir(paths.suites_dir) as tmp:
+        manifest = {}
+        for i, suite in enumerate(cfg.eval.suites):
+            (tmp / suite.name).mkdir()
+            files = materialise_suite(cfg, i, suite, tmp / suite.name)
+            manifest[suite.name] = {"format": suite.format, "files": files}
+            log.info("ingest: suite %s: %d file(s) from %s -> %s", suite.name, files, suite.source,
+                     paths.suites_dir / suite.name)
+        write_json(tmp / SUITES_MANIFEST, manifest)

@@ -19,6 +19,7 @@ run id), and never re-decides a recorded decision. `promote` records a manual de
 from __future__ import annotations
 
 import datetime as _dt
+import difflib
 import getpass
 import importlib.metadata
 import json
@@ -50,7 +51,7 @@ MODEL_ARTIFACT = "model"
 TAG_MODEL_URI = "milora.model_uri"
 TAG_DECISION = "milora.decision"  # "promoted" | "not_promoted"; written last: it marks a decision as recorded
 PYFUNC_FILE = "milora_pyfunc.py"
-DEFAULT_EXAMPLE = "Question: What is 2 + 3?\nAnswer:"
+DEFAULT_EXAMPLE = {"instruction": "What is 2 + 3?", "input": ""}
 
 
 # ----------------------------------------------------------------------------- the gate
@@ -119,6 +120,11 @@ def _num(v: Any) -> float | None:
     return None if math.isnan(f) else f
 
 
+def _did_you_mean(name: str, metrics: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(name, [k for k in metrics if _num(metrics[k]) is not None], n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
 def gate(
     challenger: Mapping[str, Any],
     champion: Mapping[str, Any] | None,
@@ -128,8 +134,9 @@ def gate(
     """Should the challenger replace the champion? Pure function of both metric sets and the config.
 
     Wins iff every guard passes and, when there is a champion, the improvement on `rc.metric` in
-    `rc.direction` is more than `rc.min_delta` (so a tie never wins). Guards: `max_value` bounds the
-    challenger's value (also with no champion); `max_increase` bounds its rise over the champion.
+    `rc.direction` is more than `rc.min_delta` (so a tie never wins). Guards (on any recorded metric):
+    `max_value` / `min_value` bound the challenger's value (also with no champion); `max_increase` /
+    `max_decrease` bound its change from the champion.
     """
     metric = rc.metric
     base = dict(metric=metric, direction=rc.direction, min_delta=rc.min_delta, champion_version=champion_version)
@@ -137,22 +144,28 @@ def gate(
     p = _num(champion.get(metric)) if champion is not None else None
     base.update(challenger_value=c, champion_value=p)
     if c is None:
-        return Decision(False, f"the challenger has no '{metric}' metric (metrics/eval.json): cannot gate it", **base)
+        return Decision(False, f"the challenger has no '{metric}' metric{_did_you_mean(metric, challenger)}: cannot "
+                               "gate it (register.metric names any metric of the run: average_accuracy, "
+                               "suites_average, suites.<name>.accuracy, lm_eval.<task>.<metric>, ...)", **base)
     failures, notes = [], []
     for g in rc.guards:
         v = _num(challenger.get(g.metric))
         if v is None:
-            failures.append(f"guard {g.metric}: the challenger has no such metric")
+            failures.append(f"guard {g.metric}: the challenger has no such metric{_did_you_mean(g.metric, challenger)}")
             continue
         if g.max_value is not None and v > g.max_value:
             failures.append(f"guard {g.metric}: {v:.6g} > max_value {g.max_value:g}")
-        if g.max_increase is not None and champion is not None:
+        if g.min_value is not None and v < g.min_value:
+            failures.append(f"guard {g.metric}: {v:.6g} < min_value {g.min_value:g}")
+        for bound, sign, limit in (("max_increase", 1, g.max_increase), ("max_decrease", -1, g.max_decrease)):
+            if limit is None or champion is None:
+                continue
             prev = _num(champion.get(g.metric))
             if prev is None:
-                notes.append(f"guard {g.metric}: the champion has no such metric, max_increase not checked")
-            elif v - prev > g.max_increase + 1e-12:
-                failures.append(f"guard {g.metric}: rose by {v - prev:.6g} ({prev:.6g} -> {v:.6g}) > "
-                                f"max_increase {g.max_increase:g}")
+                notes.append(f"guard {g.metric}: the champion has no such metric, {bound} not checked")
+            elif sign * (v - prev) > limit + 1e-12:
+                failures.append(f"guard {g.metric}: {'rose' if sign > 0 else 'fell'} by {abs(v - prev):.6g} "
+                                f"({prev:.6g} -> {v:.6g}) > {bound} {limit:g}")
     note = f" ({'; '.join(notes)})" if notes else ""
     if failures:
         return Decision(False, "; ".join(failures) + note, **base)
@@ -200,7 +213,8 @@ def _requirements() -> list[str]:
     return reqs
 
 
-def _input_example(paths: Paths) -> str:
+def _input_example(paths: Paths) -> dict[str, str]:
+    """A request for the model's input example: a raw prompt of the eval split, else an instruction."""
     p = paths.prepared_dir / "eval.jsonl"
     if p.is_file():
         with p.open(encoding="utf-8") as f:
@@ -210,8 +224,26 @@ def _input_example(paths: Paths) -> str:
                 except (ValueError, AttributeError):
                     continue
                 if isinstance(prompt, str) and prompt.strip():
-                    return prompt[:1000]
-    return DEFAULT_EXAMPLE
+                    return {"prompt": prompt[:1000]}
+    return dict(DEFAULT_EXAMPLE)
+
+
+def signature(cfg: Config) -> Any:
+    """The pyfunc's MLflow signature: one request per row, `instruction` (+ `input`), chat `messages`
+    (`[{role, content}]`) or a raw `prompt`, all optional columns; one string out; the generation params
+    with the evaluate stage's values as defaults."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
+
+    message = Object([Property("role", "string"), Property("content", "string")])
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "instruction", required=False), ColSpec("string", "input", required=False),
+                       ColSpec(Array(message), "messages", required=False),
+                       ColSpec("string", "prompt", required=False)]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", cfg.eval.max_new_tokens),
+                            ParamSpec("batch_size", "long", cfg.eval.batch_size)]),
+    )
 
 
 def base_identity(paths: Paths) -> dict[str, Any]:
@@ -234,9 +266,7 @@ def save_pyfunc(dest: str | os.PathLike[str], cfg: Config, paths: Paths, run_id:
                 adapter_dir: str | os.PathLike[str] | None = None) -> Path:
     """Write the pyfunc model directory (models from code, no pickle) for the outputs under `paths`."""
     from mlflow.models import Model
-    from mlflow.models.signature import ModelSignature
     from mlflow.pyfunc import save_model
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     import milora
 
@@ -247,6 +277,8 @@ def save_pyfunc(dest: str | os.PathLike[str], cfg: Config, paths: Paths, run_id:
         "trust_remote_code": cfg.model.trust_remote_code,
         "max_prompt_tokens": cfg.data.max_length,
         "device": "auto",
+        "max_new_tokens": cfg.eval.max_new_tokens,  # the evaluate stage's generation, the serving default
+        "batch_size": cfg.eval.batch_size,
     }
     if _carries_base(identity):
         if not (paths.base_dir / "config.json").is_file():
@@ -259,19 +291,13 @@ def save_pyfunc(dest: str | os.PathLike[str], cfg: Config, paths: Paths, run_id:
             base_revision=identity.get("revision") or cfg.model.revision,
             base_load_path=str((paths.root / load_path).resolve()) if load_path else None,
         )
-    signature = ModelSignature(
-        inputs=Schema([ColSpec("string")]),
-        outputs=Schema([ColSpec("string")]),
-        params=ParamSchema([ParamSpec("max_new_tokens", "long", cfg.eval.max_new_tokens),
-                            ParamSpec("batch_size", "long", cfg.eval.batch_size)]),
-    )
     with tempfile.TemporaryDirectory(prefix="milora-code-") as tmp:
         code = Path(tmp) / "milora"  # the package the model code imports, carried so it loads anywhere
         shutil.copytree(Path(milora.__file__).resolve().parent, code,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         save_model(
             str(dest), python_model=str(pyfunc_code_path(paths.root)), artifacts=artifacts,
-            code_paths=[str(code)], signature=signature, input_example=[_input_example(paths)],
+            code_paths=[str(code)], signature=signature(cfg), input_example=[_input_example(paths)],
             pip_requirements=_requirements(), model_config=model_config,
             mlflow_model=Model(run_id=run_id, artifact_path=MODEL_ARTIFACT) if run_id else None,
         )

@@ -383,7 +383,8 @@ def dvc_data_hashes(root: Path) -> dict[str, str]:
         try:
             stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
             # the prepared data (prepare's out) and the raw data version (ingest's out)
-            for stage, path, key in (("prepare", "data/prepared", "data_hash"), ("ingest", "data/raw", "raw_data_hash")):
+            for stage, path, key in (("prepare", "data/prepared", "data_hash"), ("ingest", "data/raw", "raw_data_hash"),
+                                     ("ingest", "data/suites", "suites_data_hash")):
                 for o in (stages.get(stage) or {}).get("outs", []) or []:
                     if str(o.get("path", "")).rstrip("/") == path and o.get("md5"):
                         out[key] = str(o["md5"])
@@ -413,7 +414,8 @@ def read_lineage(paths: Paths) -> dict[str, Any]:
 
 
 def lineage_tags(cfg: Config, paths: Paths, lineage: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """The lineage tags of a run: git commit, DVC data hashes, base identity, SVD cache keys, method, Prefect run."""
+    """The lineage tags of a run: git commit, DVC data hashes, base identity, SVD cache keys, method, suites'
+    content hashes, Prefect run."""
     lin = dict(lineage if lineage is not None else read_lineage(paths))
     tags: dict[str, str] = {}
     commit = lin.get("git_commit") or _git_commit(paths.root)
@@ -433,6 +435,9 @@ def lineage_tags(cfg: Config, paths: Paths, lineage: Mapping[str, Any] | None = 
             tags["milora.data_stale"] = "true"
     if dvc.get("raw_data_hash"):
         tags["milora.raw_data_hash"] = dvc["raw_data_hash"]
+    if dvc.get("suites_data_hash"):
+        tags["milora.suites_data_hash"] = dvc["suites_data_hash"]
+    tags.update(suite_tags(paths))
     for k, v in sorted((lin.get("base") or {}).items()):
         if v is not None and not isinstance(v, Mapping | list):
             tags[f"milora.base.{k}"] = str(v)
@@ -449,6 +454,19 @@ def lineage_tags(cfg: Config, paths: Paths, lineage: Mapping[str, Any] | None = 
     if flow:
         tags[TAG_PREFECT] = flow
     return {k: scrub(v) for k, v in tags.items()}
+
+
+def suite_tags(paths: Paths) -> dict[str, str]:
+    """The content hash of each benchmark suite the evaluate stage scored (`milora.suite.<name>.sha256`) and of
+    the lm-eval task directory (`milora.lm_eval_include_sha256`), from `reports/eval.json`."""
+    report = _read_json_or_none(paths.report("eval")) if paths.report("eval").is_file() else None
+    if not isinstance(report, Mapping):
+        return {}
+    tags = {f"milora.suite.{name}.sha256": str(s["sha256"]) for name, s in sorted((report.get("suites") or {}).items())
+            if isinstance(s, Mapping) and s.get("sha256")}
+    if report.get("lm_eval_include_sha256"):
+        tags["milora.lm_eval_include_sha256"] = str(report["lm_eval_include_sha256"])
+    return tags
 
 
 def run_params(cfg: Config, lineage: Mapping[str, Any]) -> dict[str, str]:
@@ -480,6 +498,7 @@ ARTIFACTS: tuple[tuple[str, str], ...] = (
     ("plots/train_loss.csv", "plots"),
     ("plots/spectrum.png", "plots"),
     ("eval/predictions.jsonl", "eval"),
+    ("eval/suites", "eval/suites"),
 )
 
 

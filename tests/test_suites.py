@@ -1,0 +1,395 @@
+"""Benchmark suites without a model: every format's loader on rows in its published layout (tests/data:
+LLM-Adapters' per-set test files, GSM8K, Hendrycks MATH, MetaMath, alpaca, chat), the one scoring rule
+`milora.judge` on hand-written predictions (both verdicts, every answer vocabulary), MATH normalisation,
+serving requests, the suite config, the generated suites, lm-eval result parsing and the gate on suite and
+lm-eval metrics."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import milora
+from milora.core.errors import InvalidInput, UserError
+from milora.data import synthetic
+from milora.data.formats import format_prompt, read_records, request_prompt
+from milora.data.suites import load_suite, parse_suite
+from milora.evaluation import harness
+from milora.model import latex
+from milora.model.prompts import render_chat
+from milora.model.scoring import answer_kind, extract
+from milora.pipeline.config import RegisterConfig, SuiteConfig, validate
+from milora.tracking.registry import gate
+
+DATA = Path(__file__).parent / "data"
+LLM_ADAPTERS = DATA / "llm_adapters"
+
+
+def records(source, **kw) -> list[dict]:
+    return milora.load_records(source, require_response=False, **kw).to_list()
+
+
+# ----------------------------------------------------------------------------- loaders, published layouts
+
+# set -> (gold answers, options per row, answer kind): LLM-Adapters' dataset/<set>/test.json
+COMMONSENSE = {
+    "boolq": (["true", "false"], 2, "bool"),
+    "piqa": (["solution1", "solution2"], 2, "label"),
+    "social_i_qa": (["answer3", "answer1"], 3, "label"),
+    "hellaswag": (["ending4", "ending4"], 4, "label"),
+    "winogrande": (["option1", "option2"], 2, "label"),
+    "ARC-Easy": (["answer1", "answer2"], 4, "label"),
+    "ARC-Challenge": (["answer1", "answer2"], 4, "label"),
+    "openbookqa": (["answer4", "answer4"], 4, "label"),
+}
+MATH_SETS = {"AddSub": ["12", "0.1"], "MultiArith": ["39", "8"], "SingleEq": ["6", "32"], "gsm8k": ["18", "3"],
+             "SVAMP": ["51", "1"]}
+
+
+@pytest.mark.parametrize("name", sorted(COMMONSENSE))
+def test_llm_adapters_commonsense_test_sets(name):
+    answers, n, kind = COMMONSENSE[name]
+    rows = records(LLM_ADAPTERS / name)
+    assert [r["answer"] for r in rows] == answers
+    assert all(r["task"] == "choice" and r["n_options"] == n and len(r["options"]) == n for r in rows)
+    assert {answer_kind(r) for r in rows} == {kind}
+    assert rows[0]["prompt"] == format_prompt(json.loads((LLM_ADAPTERS / name / "test.json").read_text())[0]["instruction"])
+
+
+@pytest.mark.parametrize("name", sorted(MATH_SETS))
+def test_llm_adapters_math_test_sets_with_list_answers(name):
+    raw = json.loads((LLM_ADAPTERS / name / "test.json").read_text())
+    assert isinstance(raw[0]["answer"], list)  # the published layout: "answer": ["12"]
+    rows = records(LLM_ADAPTERS / name)
+    assert [r["answer"] for r in rows] == MATH_SETS[name]
+    assert {r["task"] for r in rows} == {"math"} and {answer_kind(r) for r in rows} == {"number"}
+
+
+def test_aqua_letters_with_inline_answer_choices():
+    rows = records(LLM_ADAPTERS / "AQuA")
+    assert [r["answer"] for r in rows] == ["C", "E"] and {answer_kind(r) for r in rows} == {"letter"}
+    assert rows[0]["options"] == ["450 gms", "100 gms", "252 gms", "240 gms", "None of these"]
+
+
+def test_llm_adapters_rows_without_output_load_as_test_rows_only(tmp_path):
+    f = tmp_path / "test.json"
+    f.write_text(json.dumps([{"instruction": "What is 2 + 2?", "input": "", "output": "", "answer": ["4"]}]))
+    assert records(f)[0]["answer"] == "4"
+    with pytest.raises(InvalidInput, match="field 'output': empty"):
+        milora.load_records(f)  # training data needs a target
+
+
+def test_gsm8k_published_layout():
+    rows = records(DATA / "gsm8k.jsonl")
+    assert [r["answer"] for r in rows] == ["72", "1234"] and rows[0]["response"].endswith("#### 72")
+
+
+def test_math_published_layout_one_pretty_printed_object_per_file():
+    assert (DATA / "MATH" / "test" / "algebra" / "1.json").read_text().startswith("{\n")
+    loaded = read_records(DATA / "MATH")
+    assert set(loaded.formats.values()) == {"math"}
+    rows = loaded.rows
+    assert [r["answer"] for r in rows] == ["\\frac{1}{2}", "5", "60^\\circ"]
+    assert [answer_kind(r) for r in rows] == ["latex", "number", "latex"]
+    assert rows[0]["prompt"] == format_prompt("If $x + 2 = 5$, what is $\\frac{x}{6}$?")
+
+
+def test_math_answer_column_wins_and_a_solution_without_box_is_a_bad_row(tmp_path):
+    f = tmp_path / "math500.jsonl"
+    f.write_text(json.dumps({"problem": "p", "solution": "s \\boxed{2}", "answer": "\\frac{4}{2}"}) + "\n")
+    assert records(f)[0]["answer"] == "\\frac{4}{2}"
+    f.write_text(json.dumps({"problem": "p", "solution": "no box here"}) + "\n")
+    with pytest.raises(InvalidInput, match="field 'solution': no final answer"):
+        records(f)
+
+
+def test_metamath_answers_number_or_latex():
+    rows = records(DATA / "metamath.json")
+    assert [r["answer"] for r in rows] == ["4", "20", "\\frac{1}{2}"]
+    assert [answer_kind(r) for r in rows] == ["number", "number", "latex"]
+
+
+def test_alpaca_and_chat_rows_have_no_gold_answer():
+    for source in (DATA / "alpaca.json", DATA / "chat.jsonl"):
+        rows = records(source)
+        assert {answer_kind(r) for r in rows} == {"none"}
+        with pytest.raises(InvalidInput, match="loss / perplexity only"):
+            milora.judge(rows[0], "anything")
+
+
+def test_load_suite_caps_in_file_order_and_parse_suite():
+    suite = parse_suite(f"piqa={LLM_ADAPTERS / 'piqa'}:llm_adapters", max_examples=1)
+    assert (suite.name, suite.format, suite.max_examples) == ("piqa", "llm_adapters", 1)
+    assert [r["answer"] for r in load_suite(suite)] == ["solution1"]
+    assert parse_suite("x=s3://bucket/prefix").source == "s3://bucket/prefix"
+    assert parse_suite("x=openai/gsm8k:main").source == "openai/gsm8k:main"  # a Hub config, not a format
+    assert parse_suite("x=openai/gsm8k:main:gsm8k").format == "gsm8k"
+    for bad in ("no-equals", "=src", "bad name=src"):
+        with pytest.raises(InvalidInput):
+            parse_suite(bad)
+    with pytest.raises(UserError, match="generated by the pipeline"):
+        load_suite(SuiteConfig(name="e", source="embedded", format="gsm8k"))
+
+
+# ----------------------------------------------------------------------------- judge
+
+CHOICE = [
+    # (record, prediction, verdict)
+    ({"task": "choice", "answer": "true", "n_options": 2}, "the correct answer is true", True),
+    ({"task": "choice", "answer": "true", "n_options": 2}, "False, it is not.", False),
+    ({"task": "choice", "answer": "true", "n_options": 2}, "True", True),
+    ({"task": "choice", "answer": "solution2", "n_options": 2}, "the correct answer is solution2", True),
+    ({"task": "choice", "answer": "solution2", "n_options": 2}, "solution1 is better", False),
+    ({"task": "choice", "answer": "answer3", "n_options": 5}, "the correct answer is answer3", True),
+    ({"task": "choice", "answer": "answer3", "n_options": 5}, "Answer5", False),
+    ({"task": "choice", "answer": "ending4", "n_options": 4}, "the correct answer is ending4", True),
+    ({"task": "choice", "answer": "ending4", "n_options": 4}, "ending1", False),
+    ({"task": "choice", "answer": "option2", "n_options": 2}, "the correct answer is option2", True),
+    ({"task": "choice", "answer": "option2", "n_options": 2}, "I am not sure", False),
+    # the LLM-Adapters rule: the first mention of a label of the set's vocabulary decides
+    ({"task": "choice", "answer": "option2", "n_options": 2}, "option1 seems plausible, but option2", False),
+    ({"task": "choice", "answer": "option2", "n_options": 2}, "answer1 solution1 ... option2", True),  # other sets' words
+    ({"task": "choice", "answer": "option1", "n_options": 2}, "option10", False),  # a label out of range is a pick
+    ({"task": "choice", "answer": "C", "n_options": 5}, "60% of 30% of 1400 = 252 gms.The answer is (C).", True),
+    ({"task": "choice", "answer": "C", "n_options": 5}, "A car travels. The answer is (C).", True),  # article "A"
+    ({"task": "choice", "answer": "C", "n_options": 5}, "The answer is (D).", False),
+    ({"task": "choice", "answer": "C", "n_options": 5}, "C", True),
+]
+
+
+@pytest.mark.parametrize(("record", "prediction", "verdict"), CHOICE)
+def test_judge_multiple_choice_vocabularies(record, prediction, verdict):
+    assert milora.judge(record, prediction) is verdict
+
+
+NUMBERS = [
+    ("18", "16 - 3 - 4 = 9 eggs. 9 * 2 = 18 dollars. The answer is 18.", True),
+    ("18", "The answer is 18 dollars, not 20.", True),
+    ("18", "#### 18", True),
+    ("18", "She makes $18.00 every day.", True),
+    ("18", "The answer is 19.", False),
+    ("1234", "The answer is 1,234.", True),
+    ("1234", "The answer is 1234.5", False),
+    ("0.75", "She ate 3/4 of the pie.", True),
+    ("0.1", "0.7 - 0.6 = 0.1 mile. The answer is 0.1 mile.", True),
+    ("0", "The answer is -0", True),
+    ("-7", "The temperature fell to -7 degrees.", True),
+    ("-7", "The temperature fell to 7 degrees.", False),
+    ("5", "so the answer is \\boxed{5}. Check: 5 + 2 = 7", True),  # a boxed answer wins over the last number
+    ("0.5", "\\boxed{\\frac12}", True),
+    ("12", "I don't know.", False),
+]
+
+
+@pytest.mark.parametrize(("gold", "prediction", "verdict"), NUMBERS)
+def test_judge_numbers(gold, prediction, verdict):
+    assert milora.judge({"task": "math", "answer": gold}, prediction) is verdict
+
+
+MATH_CASES = [
+    ("\\frac{1}{2}", "so $x = \\boxed{\\frac12}$", True),
+    ("\\frac{1}{2}", "\\boxed{\\dfrac{1}{2}}", True),
+    ("\\frac{1}{2}", "\\boxed{\\tfrac{1}{2}}", True),
+    ("\\frac{1}{2}", "\\boxed{1/2}", True),
+    ("\\frac{1}{2}", "\\boxed{0.5}", True),
+    ("\\frac{1}{2}", "The answer is: \\frac{1}{2}", True),  # MetaMath style
+    ("\\frac{1}{2}", "\\boxed{\\frac{1}{3}}", False),
+    ("(3,-1)", "\\boxed{\\left( 3, -1 \\right)}", True),
+    ("(3,-1)", "\\boxed{(3, 1)}", False),
+    ("60^\\circ", "\\boxed{60}", True),
+    ("60", "each angle is $\\boxed{60^\\circ}$", True),
+    ("10", "\\boxed{10\\text{ inches}}", True),
+    ("10", "\\boxed{12\\text{ inches}}", False),
+    ("5", "\\boxed{5.0}", True),
+    ("7.50", "\\boxed{\\$7.5}", True),
+    ("2\\sqrt{3}", "\\boxed{2\\sqrt3}", True),
+    ("2\\sqrt{3}", "\\boxed{3\\sqrt2}", False),
+    ("x^2+1", "\\boxed{x^2 + 1}", True),
+    ("\\text{Monday}", "\\boxed{\\text{Monday}}", True),
+    ("\\text{Monday}", "\\boxed{\\text{Tuesday}}", False),
+    ("\\frac{\\sqrt{3}}{2}", "\\boxed{\\dfrac{\\sqrt{3}}{2}}", True),
+    ("\\frac{1}{2}", "no final answer here", False),
+]
+
+
+@pytest.mark.parametrize(("gold", "prediction", "verdict"), MATH_CASES)
+def test_judge_math_normalisation(gold, prediction, verdict):
+    assert milora.judge({"task": "math", "answer": gold}, prediction) is verdict
+
+
+def test_judge_on_rows_of_every_published_format():
+    def first(source):
+        return records(source)[0]
+
+    cases = [
+        (first(LLM_ADAPTERS / "boolq"), "the correct answer is true", "the correct answer is false"),
+        (first(LLM_ADAPTERS / "hellaswag"), "the correct answer is ending4", "ending2"),
+        (first(LLM_ADAPTERS / "AQuA"), "The answer is (C).", "The answer is (A)."),
+        (first(LLM_ADAPTERS / "SVAMP"), "76 - 25 = 51. The answer is 51.", "The answer is 50."),
+        (first(DATA / "gsm8k.jsonl"), "48 + 24 = 72 clips.\n#### 72", "#### 71"),
+        (first(DATA / "MATH"), "$\\boxed{\\dfrac12}$", "$\\boxed{\\dfrac13}$"),
+        (first(DATA / "metamath.json"), "So x = 4.\nThe answer is: 4", "The answer is: 5"),
+    ]
+    for record, right, wrong in cases:
+        assert milora.judge(record, right) and not milora.judge(record, wrong), record["source"]
+
+
+def test_extract_gives_what_the_predictions_file_records():
+    assert extract({"task": "choice", "answer": "option2", "n_options": 2}, "Option2!") == "option2"
+    assert extract({"task": "math", "answer": "72"}, "#### 72") == 72.0
+    assert extract({"task": "math", "answer": "\\frac{1}{2}"}, "\\boxed{\\dfrac12}") == "\\frac{1}{2}"
+    assert extract({"task": "math", "answer": "72"}, "no number") is None
+
+
+@pytest.mark.parametrize(("raw", "norm"), [
+    ("\\dfrac12", "\\frac{1}{2}"), ("\\left( 1, 2 \\right)", "(1,2)"), ("1,000", "1000"), ("3.50", "3.5"),
+    ("5.0", "5"), ("x = 5", "5"), ("90^\\circ", "90"), ("\\$5", "5"), ("50\\%", "50"), ("\\sqrt2", "\\sqrt{2}"),
+    ("4\\text{ cm}", "4"), ("\\frac1{72}", "\\frac{1}{72}"), (".5", "0.5"), ("-0", "0"),
+])
+def test_latex_normalize(raw, norm):
+    assert latex.normalize(raw) == norm
+
+
+def test_last_boxed_handles_nested_braces():
+    assert latex.last_boxed("a \\boxed{1} then \\boxed{\\frac{1}{\\sqrt{2}}}.") == "\\frac{1}{\\sqrt{2}}"
+    assert latex.last_boxed("\\boxed 5$") == "5" and latex.last_boxed("none") is None
+
+
+def test_import_milora_exports_judge_and_load_records_without_torch():
+    code = ("import sys, milora; assert 'torch' not in sys.modules; "
+            "assert milora.judge({'task': 'math', 'answer': '2'}, '#### 2'); assert 'torch' not in sys.modules; "
+            "assert callable(milora.load_records); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
+
+
+# ----------------------------------------------------------------------------- serving requests
+
+
+def test_requests_get_the_training_prompt():
+    tok = None  # no chat template: the `### Role:` tags chat training uses
+    assert request_prompt({"instruction": "  Add 2 and 3. ", "input": ""}, tok) == format_prompt("Add 2 and 3.")
+    assert request_prompt({"instruction": "Translate.", "input": "Le chat."}, tok) == format_prompt("Translate.", "Le chat.")
+    assert request_prompt({"question": "Q?"}, tok) == format_prompt("Q?")  # GSM8K rows answer as trained
+    assert request_prompt({"prompt": "raw text"}, tok) == "raw text"
+    msgs = [{"role": "user", "content": "hi"}]
+    assert request_prompt({"messages": msgs}, tok) == render_chat(msgs, tok)
+    with pytest.raises(InvalidInput, match="instruction"):
+        request_prompt({"foo": 1}, tok)
+    with pytest.raises(InvalidInput, match="no user message"):
+        request_prompt({"messages": [{"role": "system", "content": "be brief"}]}, tok)
+
+
+def _pyfunc_module():
+    spec = importlib.util.spec_from_file_location("milora_pyfunc_under_test",
+                                                  Path(__file__).parents[1] / "mlflow" / "milora_pyfunc.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_pyfunc_reads_records_dataframes_and_bare_prompts():
+    requests_of = _pyfunc_module().requests_of
+    df = pd.DataFrame([{"instruction": "a", "prompt": None}, {"instruction": np.nan, "prompt": "b"}])
+    assert requests_of(df) == [{"instruction": "a"}, {"prompt": "b"}]
+    msgs = pd.DataFrame({"messages": [np.array([{"role": "user", "content": "hi"}], dtype=object)]})
+    assert requests_of(msgs) == [{"messages": [{"role": "user", "content": "hi"}]}]
+    assert requests_of(["x", "y"]) == [{"prompt": "x"}, {"prompt": "y"}]
+    assert requests_of({"prompt": ["x", "y"]}) == [{"prompt": "x"}, {"prompt": "y"}]
+    with pytest.raises(ValueError, match="no requests"):
+        requests_of(pd.DataFrame())  # what MLflow's schema leaves of unnamed strings
+
+
+# ----------------------------------------------------------------------------- config and generated suites
+
+
+def test_suite_config_is_validated():
+    cfg = validate({"eval": {"suites": [{"name": "gsm", "source": "x", "format": "gsm8k"}],
+                             "lm_eval": {"tasks": ["t"], "limit": 0.5}}})
+    assert cfg.eval.suites[0].split == "test" and cfg.eval.lm_eval.limit == 0.5
+    for bad, why in [([{"name": "a", "source": "x"}, {"name": "a", "source": "y"}], "repeated: a"),
+                     ([{"name": "a.b", "source": "x"}], "eval.suites.0.name"),
+                     ([{"name": "a", "source": "x", "format": "csv"}], "eval.suites.0.format")]:
+        with pytest.raises(UserError, match=why):
+            validate({"eval": {"suites": bad}})
+
+
+def test_generated_suites_are_deterministic_in_published_layouts_and_ask_no_training_question(tmp_path):
+    exclude = synthetic.training_texts(200, 200, seed=0)
+    gsm = synthetic.suite_rows("gsm8k", 30, 0, exclude)
+    assert gsm == synthetic.suite_rows("gsm8k", 30, 0, exclude) and len(gsm) == 30
+    assert not {r["question"] for r in gsm} & exclude and set(gsm[0]) == {"question", "answer"}
+    choice = synthetic.suite_rows("llm_adapters", 30, 0, exclude)
+    assert set(choice[0]) == {"instruction", "input", "output", "answer"}
+    assert not {r["instruction"] for r in choice} & exclude
+    synthetic.write_jsonl(tmp_path / "c.jsonl", choice)
+    assert {r["task"] for r in records(tmp_path / "c.jsonl")} == {"choice"}
+    with pytest.raises(InvalidInput, match="gsm8k, llm_adapters"):
+        synthetic.suite_rows("math", 3)
+
+
+# ----------------------------------------------------------------------------- lm-eval results, the gate
+
+
+def test_lm_eval_results_and_deltas():
+    results = {"arc_easy": {"alias": "arc_easy", "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.6,
+                            "sample_len": 20},
+               "gsm8k": {"exact_match,strict-match": 0.25, "exact_match,flexible-extract": 0.5, "x": "N/A"}}
+    m = harness.results_metrics(results)
+    assert m == {"arc_easy": {"acc": 0.5, "acc_norm": 0.6, "acc_stderr": 0.1, "sample_len": 20.0},
+                 "gsm8k": {"exact_match_flexible-extract": 0.5, "exact_match_strict-match": 0.25}}
+    base = {"arc_easy": {"acc": 0.25, "acc_norm": 0.5, "acc_stderr": 0.1, "sample_len": 20.0}}
+    assert harness.deltas(m, base) == {"arc_easy": {"acc": 0.25, "acc_norm": pytest.approx(0.1)}}
+
+
+def test_lm_eval_task_manager_reads_only_local_yamls_when_they_define_the_tasks(tmp_path):
+    (tmp_path / "t.yaml").write_text("task: my_local_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                     "    test: x.json\noutput_type: multiple_choice\ntest_split: test\n"
+                                     "doc_to_text: q\ndoc_to_target: 0\ndoc_to_choice: ['a', 'b']\n")
+    manager = harness.task_manager(["my_local_task"], tmp_path)
+    assert manager.all_tasks == ["my_local_task"]
+    with pytest.raises(UserError, match="not a directory"):
+        harness.task_manager(["t"], tmp_path / "missing")
+
+
+def test_gate_and_guards_on_suite_and_lm_eval_metrics():
+    rc = RegisterConfig(metric="suites_average", guards=[{"metric": "lm_eval_delta.arc_easy.acc", "max_value": 0.5},
+                                                         {"metric": "suites.gsm8k.accuracy", "max_increase": 0.3}])
+    champ = {"suites_average": 0.4, "suites.gsm8k.accuracy": 0.3}
+    win = gate({"suites_average": 0.5, "lm_eval_delta.arc_easy.acc": 0.1, "suites.gsm8k.accuracy": 0.5}, champ, rc, "1")
+    assert win.promote and win.metric == "suites_average" and win.challenger_value == 0.5
+    guarded = gate({"suites_average": 0.9, "lm_eval_delta.arc_easy.acc": 0.7, "suites.gsm8k.accuracy": 0.9}, champ, rc)
+    assert not guarded.promote and "guard lm_eval_delta.arc_easy.acc" in guarded.reason
+    assert "guard suites.gsm8k.accuracy: rose by 0.6" in guarded.reason
+    lm = gate({"lm_eval.arc_easy.acc": 0.7}, {"lm_eval.arc_easy.acc": 0.6}, RegisterConfig(metric="lm_eval.arc_easy.acc"))
+    assert lm.promote
+    floor = RegisterConfig(metric="suites_average", guards=[
+        {"metric": "lm_eval_delta.arc_easy.acc", "min_value": -0.02},
+        {"metric": "lm_eval.arc_easy.acc", "max_decrease": 0.05}])
+    dropped = gate({"suites_average": 0.9, "lm_eval_delta.arc_easy.acc": -0.1, "lm_eval.arc_easy.acc": 0.5},
+                   {"suites_average": 0.5, "lm_eval.arc_easy.acc": 0.6}, floor)
+    assert not dropped.promote and "-0.1 < min_value -0.02" in dropped.reason
+    assert "guard lm_eval.arc_easy.acc: fell by 0.1 (0.6 -> 0.5) > max_decrease 0.05" in dropped.reason
+    kept = gate({"suites_average": 0.9, "lm_eval_delta.arc_easy.acc": 0.0, "lm_eval.arc_easy.acc": 0.58},
+                {"suites_average": 0.5, "lm_eval.arc_easy.acc": 0.6}, floor)
+    assert kept.promote
+    typo = gate({"suites_average": 0.5}, None, RegisterConfig(metric="suite_average"))
+    assert not typo.promote and "did you mean suites_average" in typo.reason
+
+
+@pytest.mark.slow
+def test_a_suite_loads_from_s3(s3_bucket, tmp_path):
+    import boto3
+
+    boto3.client("s3").upload_file(str(LLM_ADAPTERS / "boolq" / "test.json"), s3_bucket, "suites/boolq/test.json")
+    rows = records(f"s3://{s3_bucket}/suites/boolq")
+    local = records(LLM_ADAPTERS / "boolq")
+    assert [(r["id"], r["answer"]) for r in rows] == [(r["id"], r["answer"]) for r in local]
+    assert rows[0]["source"] == f"s3://{s3_bucket}/suites/boolq/test.json"
