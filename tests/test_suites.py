@@ -141,32 +141,32 @@ def test_load_suite_caps_in_file_order_and_parse_suite():
 # ----------------------------------------------------------------------------- judge
 
 CHOICE = [
-    # (record, prediction, verdict)
-    ({"task": "choice", "answer": "true", "n_options": 2}, "the correct answer is true", True),
-    ({"task": "choice", "answer": "true", "n_options": 2}, "False, it is not.", False),
-    ({"task": "choice", "answer": "true", "n_options": 2}, "True", True),
-    ({"task": "choice", "answer": "solution2", "n_options": 2}, "the correct answer is solution2", True),
-    ({"task": "choice", "answer": "solution2", "n_options": 2}, "solution1 is better", False),
-    ({"task": "choice", "answer": "answer3", "n_options": 5}, "the correct answer is answer3", True),
-    ({"task": "choice", "answer": "answer3", "n_options": 5}, "Answer5", False),
-    ({"task": "choice", "answer": "ending4", "n_options": 4}, "the correct answer is ending4", True),
-    ({"task": "choice", "answer": "ending4", "n_options": 4}, "ending1", False),
-    ({"task": "choice", "answer": "option2", "n_options": 2}, "the correct answer is option2", True),
-    ({"task": "choice", "answer": "option2", "n_options": 2}, "I am not sure", False),
+    # (gold answer, options, prediction, verdict)
+    ("true", 2, "the correct answer is true", True),
+    ("true", 2, "False, it is not.", False),
+    ("true", 2, "True", True),
+    ("solution2", 2, "the correct answer is solution2", True),
+    ("solution2", 2, "solution1 is better", False),
+    ("answer3", 5, "the correct answer is answer3", True),
+    ("answer3", 5, "Answer5", False),
+    ("ending4", 4, "the correct answer is ending4", True),
+    ("ending4", 4, "ending1", False),
+    ("option2", 2, "the correct answer is option2", True),
+    ("option2", 2, "I am not sure", False),
     # the LLM-Adapters rule: the first mention of a label of the set's vocabulary decides
-    ({"task": "choice", "answer": "option2", "n_options": 2}, "option1 seems plausible, but option2", False),
-    ({"task": "choice", "answer": "option2", "n_options": 2}, "answer1 solution1 ... option2", True),  # other sets' words
-    ({"task": "choice", "answer": "option1", "n_options": 2}, "option10", False),  # a label out of range is a pick
-    ({"task": "choice", "answer": "C", "n_options": 5}, "60% of 30% of 1400 = 252 gms.The answer is (C).", True),
-    ({"task": "choice", "answer": "C", "n_options": 5}, "A car travels. The answer is (C).", True),  # article "A"
-    ({"task": "choice", "answer": "C", "n_options": 5}, "The answer is (D).", False),
-    ({"task": "choice", "answer": "C", "n_options": 5}, "C", True),
+    ("option2", 2, "option1 seems plausible, but option2", False),
+    ("option2", 2, "answer1 solution1 ... option2", True),  # other sets' words
+    ("option1", 2, "option10", False),  # a label out of range is a pick
+    ("C", 5, "60% of 30% of 1400 = 252 gms.The answer is (C).", True),
+    ("C", 5, "A car travels. The answer is (C).", True),  # article "A"
+    ("C", 5, "The answer is (D).", False),
+    ("C", 5, "C", True),
 ]
 
 
-@pytest.mark.parametrize(("record", "prediction", "verdict"), CHOICE)
-def test_judge_multiple_choice_vocabularies(record, prediction, verdict):
-    assert milora.judge(record, prediction) is verdict
+@pytest.mark.parametrize(("answer", "n_options", "prediction", "verdict"), CHOICE)
+def test_judge_multiple_choice_vocabularies(answer, n_options, prediction, verdict):
+    assert milora.judge({"task": "choice", "answer": answer, "n_options": n_options}, prediction) is verdict
 
 
 NUMBERS = [

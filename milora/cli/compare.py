@@ -50,9 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def link_shared(shared: Paths, run: Paths) -> None:
-    """Symlink the base and prepared data of `shared` into the run directory `run`."""
+    """Symlink the base, the prepared data and the benchmark suites of `shared` into the run directory `run`."""
     for src, dst in [(shared.base_dir, run.base_dir), (shared.base_json, run.base_json),
-                     (shared.heldout_text, run.heldout_text), (shared.prepared_dir, run.prepared_dir)]:
+                     (shared.heldout_text, run.heldout_text), (shared.prepared_dir, run.prepared_dir),
+                     (shared.suites_dir, run.suites_dir)]:
         if not src.exists():
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
