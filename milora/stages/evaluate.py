@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # The numbers of metrics/eval.json (DVC metrics, compared across runs); reports/eval.json has them all.
 SUMMARY = ["average_accuracy", "math_accuracy", "choice_accuracy", "perplexity", "forgetting"]
+# Run facts: timings/eval.json, not the byte-reproducible report.
+TIMINGS = ["*_seconds"]
 
 # ----------------------------------------------------------------------------- answer extraction
 
@@ -197,5 +199,5 @@ def run(cfg: Config, paths: Paths) -> None:
     metrics["eval_seconds"] = round(time.perf_counter() - t0, 3)
     paths.predictions.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(paths.predictions, dump_jsonl(preds))
-    write_metrics(paths, "eval", metrics, SUMMARY)
+    write_metrics(paths, "eval", metrics, SUMMARY, TIMINGS)
     log.info("eval: %s", dump_json({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}).strip())

@@ -25,8 +25,10 @@ from milora.pipeline.results import write_metrics
 
 log = logging.getLogger(__name__)
 
-# The numbers of metrics/svd.json (DVC metrics, compared across runs); reports/svd.json has them all.
-SUMMARY = ["init_seconds", "cache_hits"]
+# The numbers of metrics/svd.json (DVC metrics, compared across runs); reports/svd.json has them all but the
+# run facts (wall times, cache hits), which go to timings/svd.json.
+SUMMARY = ["trainable_params", "spectrum.principal_energy", "spectrum.minor_energy"]
+TIMINGS = ["init_seconds", "cache_hits", "cache_misses", "per_matrix.*.seconds", "per_matrix.*.hit"]
 
 
 def spectrum_summary(spectrum: torch.Tensor, rank: int) -> dict[str, float]:
@@ -106,7 +108,7 @@ def run(cfg: Config, paths: Paths) -> None:
         cache = str(paths.root / cache)  # a relative cache directory lives in the project
     peft_model = init_adapter(model, acfg, cache=cache)
     state = state_of(peft_model)
-    save_adapter(peft_model, paths.svd_init_dir)
+    save_adapter(peft_model, paths.svd_init_dir, base_name=cfg.model.name_or_path)
 
     report = state.report
     metrics: dict[str, Any] = {
@@ -130,7 +132,7 @@ def run(cfg: Config, paths: Paths) -> None:
             k: sum(s[k] for s in summaries.values()) / len(summaries)
             for k in ("principal_energy", "minor_energy", "top_to_median")
         }
-    write_metrics(paths, "svd", metrics, SUMMARY)
+    write_metrics(paths, "svd", metrics, SUMMARY, TIMINGS)
     atomic_write_text(paths.plot("spectrum.csv"), spectrum_csv(spectra))
     atomic_write_bytes(paths.plot("spectrum.png"), spectrum_png(spectra, acfg.rank, acfg.method))
     log.info("svd: %s adapter r=%d on %d matrices -> %s", acfg.method, acfg.rank, len(state.init_factors),
