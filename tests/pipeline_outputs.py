@@ -203,6 +203,21 @@ def set_eval_metrics(paths: Paths, **metrics: float) -> dict[str, Any]:
     return data
 
 
+def retrained(paths: Paths, **metrics: float) -> dict[str, Any]:
+    """A new model: the adapter's weights moved a little (as another training run would) and `metrics/eval.json`
+    set to its evaluation (`set_eval_metrics`). Registration is idempotent by the adapter's content, so a
+    new version needs new weights, not only new metrics."""
+    from safetensors.torch import load_file, save_file
+
+    path = paths.adapter_dir / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first].clone()
+    tensors[first].view(-1)[0] += 1e-3
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return set_eval_metrics(paths, **metrics)
+
+
 def tree_digest(root: str | Path) -> dict[str, str]:
     """sha256 of every file under `root` outside its MLflow store: to check that outputs are left untouched."""
     root = Path(root)

@@ -13,7 +13,7 @@ from milora.pipeline.paths import Paths
 from milora.tracking import registry
 from milora.tracking import runs as tracking
 from tests.mlflow_fixtures import predict_in_fresh_process, reference_generations
-from tests.pipeline_outputs import build_pipeline_outputs, clone_outputs, set_eval_metrics, tree_digest
+from tests.pipeline_outputs import build_pipeline_outputs, clone_outputs, retrained, tree_digest
 from tests.servers import S3_TEST_ENV
 
 pytestmark = pytest.mark.slow
@@ -91,7 +91,7 @@ def test_gate_promotes_better_keeps_worse_and_ties(project):
     assert first.decision.promote
     results = {}
     for label, acc in [("better", 0.6), ("worse", 0.5), ("below_delta", 0.64), ("tie", 0.6)]:
-        set_eval_metrics(project, average_accuracy=acc, perplexity=10 + len(results))  # a new run each time
+        retrained(project, average_accuracy=acc, perplexity=10 + len(results))  # a new model each time
         results[label] = registry.register_run(config, project)
     assert results["better"].decision.promote
     assert not results["worse"].decision.promote and "worse by 0.1" in results["worse"].decision.reason
