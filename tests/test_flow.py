@@ -177,6 +177,28 @@ def test_a_dead_holders_lock_is_detected_stale_and_taken_over(tmp_path):
         assert read_record(tmp_path).flow_run_id == "next"
 
 
+def test_a_busy_workspace_fails_in_under_2_seconds_before_any_server_starts(project):
+    """`milora run` tries the workspace lock before Prefect (whose temporary server takes 10+ s to start)."""
+    from tests.project import env
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(project)], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        t0 = time.monotonic()
+        busy = subprocess.run(["milora", "run", "--root", str(project)], env=env(), capture_output=True, text=True,
+                              timeout=60)
+        elapsed = time.monotonic() - t0
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert busy.returncode == 2, busy.stderr
+    last = busy.stderr.strip().splitlines()[0]
+    assert last.startswith("milora run: error: another run holds the workspace") and f"pid {holder.pid}" in last
+    assert elapsed < 2.0, f"a busy workspace took {elapsed:.1f} s to fail"
+    assert not (project / ".prefect").exists()  # no Prefect server was started
+
+
 def _fake_server(home: Path, detached: bool) -> int:
     """A process that looks like Prefect's temporary server of project `home`: orphaned (its launching
     shell has exited) or the child of this live Python process."""
