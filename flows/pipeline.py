@@ -9,9 +9,12 @@ project root (DVC skips a stage whose deps, params and outs did not change, and 
   runs), `model_name` (the registered model), `root` (the project) and `params` (another params file);
   overrides are written into `params.yaml` for the run and the original is put back afterwards
   (`flows.params`), because DVC and the stages read `params.yaml`;
-* one run per workspace: the flow holds `milora.pipeline.lock.WorkspaceLock` for its whole duration;
-* retries with backoff only for transient failures (a stage killed by a signal, a connection error
-  in its output); a config or data error (the `milora` CLI's exit 2) fails at once with its message;
+* one run per workspace: the flow holds `milora.pipeline.lock.WorkspaceLock` for its whole duration
+  (`milora run` takes it before Prefect starts; the flow then uses that one);
+* retries with backoff only for transient failures (a stage killed by a signal, an unreachable server,
+  as the step's structured result says), `flow.retries` times, `flow.retry_delays` apart (params); a
+  config or data error (exit 2) or a bug (exit 3) fails at once; the failing step's own message is the
+  flow run's final message;
 * scheduled semantics: the `ingest` stage is forced first, so the data source's current contents are
   versioned (a new `data/raw` hash when rows changed); when then every stage is up to date and this
   exact pipeline state was already registered, the run ends as "nothing to retrain";
@@ -208,7 +211,9 @@ def push_data(root: str, stage: str = INGEST) -> dict[str, Any]:
         get_run_logger().info("no DVC default remote: the data version stays in the local cache only")
         return {"remote": None, "seconds": 0.0, "attempts": 0}
     get_run_logger().info("$ dvc push %s  (remote %s)", stage, remote)
-    result, attempt, _ = _run_step(f"push {stage}", dvc_command("push", stage), rootp)
+    # through DVC's API in `flows.push`, which records a structured result: an unreachable remote is transient
+    cmd = [sys.executable, "-m", "flows.push", str(rootp), stage]
+    result, attempt, _ = _run_step(PUSH_DATA, cmd, rootp, result_step=PUSH_DATA)
     return {"remote": remote, "seconds": round(result.seconds, 3), "attempts": attempt}
 
 
@@ -415,7 +420,7 @@ def milora_pipeline(overrides: dict[str, Any] | None = None, model_name: str | N
                 return _failed(exc)  # its message says it all: no traceback in the logs
             raise
     _publish(report, t0)
-    return report.metrics
+    return Completed(message=report.message, data=report.metrics)  # the message shows in the Prefect UI
 
 
 def _failed(exc: BaseException) -> State:
