@@ -601,6 +601,34 @@ def test_prepare_names_the_users_source_file_and_line_not_the_copy(project, line
         prepare_stage(cfg, project)
 
 
+@pytest.mark.slow
+def test_an_s3_prefix_as_data_source_is_ingested_and_named_in_errors(project, s3_bucket):
+    """`data.source: s3://bucket/prefix` on a real S3 server (moto): every object under the prefix but hidden ones
+    is copied into data/raw; a bad row is reported by its object's s3:// URI and line."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=s3_bucket, Key="incoming/math/gsm8k.jsonl", Body=(DATA / "gsm8k.jsonl").read_bytes())
+    s3.put_object(Bucket=s3_bucket, Key="incoming/commonsense.json", Body=(DATA / "commonsense.json").read_bytes())
+    s3.put_object(Bucket=s3_bucket, Key="incoming/.staging/partial.jsonl", Body=b"not json")
+    s3.put_object(Bucket=s3_bucket, Key="elsewhere/other.jsonl", Body=b"not json")
+    source = f"s3://{s3_bucket}/incoming"
+    cfg = _ingest(project, source)
+    files = sorted(p.relative_to(project.raw_dir).as_posix() for p in project.raw_dir.rglob("*") if p.is_file())
+    assert files == ["commonsense.json", "math/gsm8k.jsonl"]
+    prepare_stage(cfg, project)
+    assert read_json(project.report("data"))["formats"] == {"commonsense.json": "llm_adapters",
+                                                            "math/gsm8k.jsonl": "gsm8k"}
+    good = (DATA / "gsm8k.jsonl").read_text().splitlines()[:2]
+    s3.put_object(Bucket=s3_bucket, Key="incoming/math/more.jsonl",
+                  Body="\n".join([*good, json.dumps({"question": "q", "answer": "no final line"})]).encode())
+    cfg = _ingest(project, source)
+    with pytest.raises(ValueError, match=re.escape(f"{source}/math/more.jsonl, line 3, field 'answer': no final answer")):
+        prepare_stage(cfg, project)
+    with pytest.raises(FileNotFoundError, match=f"s3://{s3_bucket}/nothing-here: no objects under that prefix"):
+        _ingest(project, f"s3://{s3_bucket}/nothing-here")
+
+
 def test_copied_from_inverts_the_ingest_layout(tmp_path):
     from milora.data.formats import copied_from
 

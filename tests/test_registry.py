@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -268,6 +269,36 @@ def test_register_needs_the_trained_outputs(tmp_path):
     cfg = validate({})
     with pytest.raises(FileNotFoundError, match="run the train stage first"):
         registry.register_run(cfg, Paths(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_hub_id_base_loads_from_the_local_hf_cache_at_its_revision_in_a_fresh_process(project, tmp_path):
+    """A base named by Hub id + revision is referenced, not carried, and a fresh process resolves it offline from
+    its HF cache (`HF_HOME/hub/models--org--name/snapshots/<sha>/`): no path of the registering machine."""
+    import shutil
+
+    sha = "89abcdef0123456789abcdef0123456789abcdef"
+    hf_home = tmp_path / "hf-home"
+    repo = hf_home / "hub" / "models--someorg--tiny-base"
+    expected = reference_generations(project, PROMPTS, 4)
+    shutil.copytree(project.base_dir, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    shutil.rmtree(project.base_dir)  # nothing to fall back on: the weights are only in the HF cache
+    identity = {k: v for k, v in json.loads(project.base_json.read_text()).items() if k != "load_path"}
+    identity.update(name_or_path="someorg/tiny-base", revision=sha, embedded=False)
+    project.base_json.write_text(json.dumps(identity))
+    cfg = validate({"model": {"name_or_path": "someorg/tiny-base", "revision": sha},
+                    "register": {"model_name": "hub-e2e", "log_lora_export": False}})
+    reg = registry.register_run(cfg, project)
+    c = tracking.client(project.root)
+    model_dir = Path(c.download_artifacts(reg.run_id, "model", str(tmp_path / "dl")))
+    mlmodel = (model_dir / "MLmodel").read_text()
+    assert "someorg/tiny-base" in mlmodel and sha in mlmodel and "base_load_path" not in mlmodel
+    assert not (model_dir / "artifacts" / "base").exists()
+    got = predict_in_fresh_process(f"models:/hub-e2e/{reg.version}", PROMPTS, 4, tracking.tracking_uri(project.root),
+                                   tmp_path, hf_home=hf_home)
+    assert got == expected
 
 
 @pytest.mark.slow
