@@ -32,16 +32,20 @@ class StageFailed(RuntimeError):
     """A stage (or the register step) failed; `kind` (see `milora.core.errors`) says whether retrying helps."""
 
     def __init__(self, stage: str, returncode: int, kind: ErrorKind, detail: str, attempt: int = 1,
-                 seconds: float = 0.0):
+                 seconds: float = 0.0, max_attempts: int | None = None):
         self.stage, self.returncode, self.kind, self.detail = stage, returncode, kind, detail
-        self.attempt, self.seconds = attempt, seconds
-        what = {"transient": "transient failure, retried with backoff",
+        self.attempt, self.seconds, self.max_attempts = attempt, seconds, max_attempts
+        tries = f"attempt {attempt} of {max_attempts}" if max_attempts else f"attempt {attempt}"
+        what = {"transient": f"transient failure, retried with backoff; {tries}",
                 "user": "configuration or data error, not retried",
                 "internal": "internal error (a bug), not retried"}[kind]
+        # The step's own message comes last: it is the last thing `milora run`, the flow run's state message
+        # and the run summary say.
         super().__init__(f"stage '{stage}' failed ({what}; exit {returncode}): {detail}")
 
     def __reduce__(self):  # keep pickling (Prefect may serialise the exception) faithful
-        return (StageFailed, (self.stage, self.returncode, self.kind, self.detail, self.attempt, self.seconds))
+        return (StageFailed, (self.stage, self.returncode, self.kind, self.detail, self.attempt, self.seconds,
+                              self.max_attempts))
 
 
 def venv_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -248,7 +252,7 @@ def last_line(output: str) -> str:
 
 
 def step_failure(step: str, returncode: int, result: StepResult | None, output: str, attempt: int = 1,
-                 seconds: float = 0.0) -> StageFailed:
+                 seconds: float = 0.0, max_attempts: int | None = None) -> StageFailed:
     """The failure of one step, from its structured result when it wrote one.
 
     * a result `failed`: the step's own error kind, exit code and message;
@@ -256,11 +260,12 @@ def step_failure(step: str, returncode: int, result: StepResult | None, output: 
     * no result: DVC (or the launcher) failed around the step: the kind of its exit code."""
     if result is not None and result.status == "failed":
         return StageFailed(step, result.exit_code or returncode, result.error_kind or "internal",
-                           result.message or "failed", attempt, seconds)
+                           result.message or "failed", attempt, seconds, max_attempts)
     if result is not None and result.status == "running":
         return StageFailed(step, returncode, "transient",
-                           f"the {step} process (pid {result.pid}) died before finishing (killed?)", attempt, seconds)
-    return StageFailed(step, returncode, kind_of_exit(returncode), last_line(output), attempt, seconds)
+                           f"the {step} process (pid {result.pid}) died before finishing (killed?)", attempt, seconds,
+                           max_attempts)
+    return StageFailed(step, returncode, kind_of_exit(returncode), last_line(output), attempt, seconds, max_attempts)
 
 
 def repro_outcome(result: StepResult | None, lock_before: dict[str, Any] | None,

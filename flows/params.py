@@ -23,7 +23,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
 from milora.core.io import atomic_write_bytes
-from milora.pipeline.config import Config, ConfigError, load_config
+from milora.pipeline.config import Config, ConfigError, load_config, parse_override_value
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +37,30 @@ def resolve_params_file(root: str | os.PathLike[str], params: str | os.PathLike[
     return p if p.is_absolute() else Path(root) / p
 
 
-def validate_run_config(root: str | os.PathLike[str], params: str | os.PathLike[str] | None = None,
-                        overrides: Mapping[str, Any] | None = None) -> Config:
-    """The validated config of a run (raises `ConfigError` naming key, value and what is allowed)."""
+def _check_overrides(overrides: Any) -> None:
     if overrides is not None and not isinstance(overrides, Mapping):
         raise ConfigError(f"overrides must be a mapping of dotted params keys to values, e.g. "
                           f'{{"adapter.rank": 16}}; got {type(overrides).__name__}')
     for key in overrides or {}:
         if not isinstance(key, str) or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override key {key!r} must be a dotted params key such as 'adapter.rank'")
+
+
+def parse_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A run's overrides with every string value read as YAML 1.2, the way `-S KEY=VALUE` and params.yaml
+    are (`milora.pipeline.config.parse_override_value`): `{"train.learning_rate": "3e-4"}` (what
+    `prefect deployment run --param` or a UI form may send) means 0.0003. Other values (JSON numbers,
+    lists) are kept. `milora run -S` passes its values to the flow as the strings typed, so this is the
+    one place a run's override values are parsed."""
+    _check_overrides(overrides)
+    return {k: parse_override_value(v) if isinstance(v, str) else v for k, v in (overrides or {}).items()}
+
+
+def validate_run_config(root: str | os.PathLike[str], params: str | os.PathLike[str] | None = None,
+                        overrides: Mapping[str, Any] | None = None) -> Config:
+    """The validated config of a run with already parsed `overrides` (raises `ConfigError` naming key, value
+    and what is allowed)."""
+    _check_overrides(overrides)
     source = resolve_params_file(root, params)
     backup = Path(root) / BACKUP
     if source == Path(root) / PARAMS and backup.exists():

@@ -9,9 +9,12 @@ project root (DVC skips a stage whose deps, params and outs did not change, and 
   runs), `model_name` (the registered model), `root` (the project) and `params` (another params file);
   overrides are written into `params.yaml` for the run and the original is put back afterwards
   (`flows.params`), because DVC and the stages read `params.yaml`;
-* one run per workspace: the flow holds `milora.pipeline.lock.WorkspaceLock` for its whole duration;
-* retries with backoff only for transient failures (a stage killed by a signal, a connection error
-  in its output); a config or data error (the `milora` CLI's exit 2) fails at once with its message;
+* one run per workspace: the flow holds `milora.pipeline.lock.WorkspaceLock` for its whole duration
+  (`milora run` takes it before Prefect starts; the flow then uses that one);
+* retries with backoff only for transient failures (a stage killed by a signal, an unreachable server,
+  as the step's structured result says), `flow.retries` times, `flow.retry_delays` apart (params); a
+  config or data error (exit 2) or a bug (exit 3) fails at once; the failing step's own message is the
+  flow run's final message;
 * scheduled semantics: the `ingest` stage is forced first, so the data source's current contents are
   versioned (a new `data/raw` hash when rows changed); when then every stage is up to date and this
   exact pipeline state was already registered, the run ends as "nothing to retrain";
@@ -34,6 +37,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.runtime import task_run as runtime_task_run
 from prefect.states import Completed, Failed, State
@@ -53,10 +57,11 @@ from flows.dvc import (
     step_failure,
     venv_env,
 )
-from flows.params import run_params, validate_run_config
+from flows.params import parse_overrides, run_params, validate_run_config
 from flows.report import REGISTERED_FILE, RunReport, read_metrics, registration_line, render_markdown
 from milora.core.errors import UserError
 from milora.core.io import read_json, write_json
+from milora.pipeline.config import FlowConfig
 from milora.pipeline.lock import WorkspaceBusy, WorkspaceLock, held_lock
 from milora.pipeline.paths import Paths
 from milora.pipeline.results import TOKEN_ENV, StepResult, read_result
@@ -71,9 +76,15 @@ NOTHING_TO_RETRAIN = "nothing to retrain"
 PROGRESS_KEY = "milora-progress"
 REPORT_KEY = "milora-run-report"
 
-# Transient failures are retried this many times, waiting this long before each retry (seconds).
-RETRIES = 3
-RETRY_DELAYS = [10, 30, 90]
+# Transient failures are retried this many times, waiting this long before each retry (seconds): the
+# defaults of the tasks; a run uses its params' `flow.retries` / `flow.retry_delays` (see `with_retries`).
+RETRIES = FlowConfig().retries
+RETRY_DELAYS = FlowConfig().delays()
+
+
+def with_retries(task: Any, policy: FlowConfig) -> Any:
+    """`task` retrying transient failures `policy.retries` times, `policy.delays()` seconds apart."""
+    return task.with_options(retries=policy.retries, retry_delay_seconds=policy.delays() or 0)
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -146,13 +157,16 @@ def _run_step(name: str, cmd: list[str], root: Path, on_tick: Any = None, result
     token (None when DVC skipped it); raises `StageFailed` from that result if the command failed."""
     logger = get_run_logger()
     attempt = runtime_task_run.run_count or 1
+    task_ctx = TaskRunContext.get()
+    attempts = (task_ctx.task.retries if task_ctx is not None else RETRIES) + 1
     token = uuid.uuid4().hex
     result = run_streamed(cmd, cwd=root, env=venv_env({**(env or {}), TOKEN_ENV: token}), on_line=lambda ln: _log_line(logger, ln),
                           on_tick=on_tick, pass_fds=_inherited_fds(root))
     step = read_result(root, result_step, token) if result_step else None
     if result.returncode != 0:
-        exc = step_failure(name, result.returncode, step, result.output, attempt, round(result.seconds, 3))
-        logger.error("%s (attempt %d of at most %d)", exc, attempt, RETRIES + 1)
+        exc = step_failure(name, result.returncode, step, result.output, attempt, round(result.seconds, 3),
+                           attempts)
+        logger.error("%s", exc)
         raise exc
     return result, attempt, step
 
@@ -197,7 +211,9 @@ def push_data(root: str, stage: str = INGEST) -> dict[str, Any]:
         get_run_logger().info("no DVC default remote: the data version stays in the local cache only")
         return {"remote": None, "seconds": 0.0, "attempts": 0}
     get_run_logger().info("$ dvc push %s  (remote %s)", stage, remote)
-    result, attempt, _ = _run_step(f"push {stage}", dvc_command("push", stage), rootp)
+    # through DVC's API in `flows.push`, which records a structured result: an unreachable remote is transient
+    cmd = [sys.executable, "-m", "flows.push", str(rootp), stage]
+    result, attempt, _ = _run_step(PUSH_DATA, cmd, rootp, result_step=PUSH_DATA)
     return {"remote": remote, "seconds": round(result.seconds, 3), "attempts": attempt}
 
 
@@ -231,6 +247,7 @@ def registration_summary(reg: dict[str, Any], root: Path) -> dict[str, Any]:
            "run_id": reg.get("run_id", written.get("run_id")),
            "model_uri": reg.get("model_uri", written.get("model_uri")),
            "created": reg.get("created"),
+           "reused": reg.get("reused"),
            "promoted": d.get("promote", written.get("promoted")),
            "reason": d.get("reason", written.get("reason")),
            "metric": d.get("metric", written.get("metric")),
@@ -299,11 +316,12 @@ def milora_pipeline(overrides: dict[str, Any] | None = None, model_name: str | N
     t0 = time.perf_counter()
     logger = get_run_logger()
     rootp = Path(root).expanduser().resolve()
-    overrides = dict(overrides or {})
-    if model_name:
-        overrides["register.model_name"] = model_name
-    # Validate before anything runs: a bad key or value fails here, with no task run at all.
+    # Validate before anything runs: a bad key or value fails here, with no task run at all. String values
+    # are read as YAML 1.2, as `-S` values and params.yaml are (`"3e-4"` is 0.0003).
     try:
+        overrides = parse_overrides(overrides)
+        if model_name:
+            overrides["register.model_name"] = model_name
         validate_run_config(rootp, params, overrides)
         stages = stage_order(rootp)
     except UserError as exc:
@@ -320,12 +338,18 @@ def milora_pipeline(overrides: dict[str, Any] | None = None, model_name: str | N
     report.stage(REGISTER)
     logger.info("workspace %s; stages %s; overrides %s", rootp, " -> ".join(stages), overrides or "none")
 
-    lock = WorkspaceLock(rootp, flow_run_id=fid, command=f"flow {FLOW_NAME}")
-    try:
-        lock.acquire()
-    except WorkspaceBusy as exc:
-        return _failed(exc)
-    with lock, run_params(rootp, params, overrides) as cfg:
+    lock = held_lock(rootp)  # `milora run` takes it before starting Prefect
+    if lock is not None:
+        lock.annotate(flow_run_id=fid)
+        holding: Any = contextlib.nullcontext()
+    else:
+        lock = holding = WorkspaceLock(rootp, flow_run_id=fid, command=f"flow {FLOW_NAME}")
+        try:
+            lock.acquire()
+        except WorkspaceBusy as exc:
+            return _failed(exc)
+    with holding, run_params(rootp, params, overrides) as cfg:
+        retrying = cfg.flow
         progress = _Progress([*stages, REGISTER])
         pid = str(progress.artifact_id) if progress.artifact_id else None
         current = stages[0]
@@ -334,12 +358,12 @@ def milora_pipeline(overrides: dict[str, Any] | None = None, model_name: str | N
             if INGEST in stages:
                 current = INGEST
                 before = out_hash(rootp, INGEST, DATA_OUT)
-                _record_stage(report, run_stage(INGEST, str(rootp), force=True, progress_id=pid,
-                                                progress_span=progress.span(INGEST)))
+                _record_stage(report, with_retries(run_stage, retrying)(
+                    INGEST, str(rootp), force=True, progress_id=pid, progress_span=progress.span(INGEST)))
                 report.data_version = out_hash(rootp, INGEST, DATA_OUT)
                 report.data_changed = report.data_version != before
                 current = PUSH_DATA
-                pushed = push_data(str(rootp))
+                pushed = with_retries(push_data, retrying)(str(rootp))
                 s = report.stage(PUSH_DATA)
                 s.outcome = "ran" if pushed["remote"] else "no remote"
                 s.seconds, s.attempts = pushed["seconds"], pushed["attempts"]
@@ -370,10 +394,11 @@ def milora_pipeline(overrides: dict[str, Any] | None = None, model_name: str | N
                 if not pending:
                     report.stage(name).outcome = "up to date"
                     continue
-                _record_stage(report, run_stage(name, str(rootp), progress_id=pid,
-                                                progress_span=progress.span(name)))
+                _record_stage(report, with_retries(run_stage, retrying)(
+                    name, str(rootp), progress_id=pid, progress_span=progress.span(name)))
             current = REGISTER
-            reg = register(str(rootp), flow_run_id=fid, progress_id=pid, progress_span=progress.span(REGISTER))
+            reg = with_retries(register, retrying)(str(rootp), flow_run_id=fid, progress_id=pid,
+                                                   progress_span=progress.span(REGISTER))
             s = report.stage(REGISTER)
             s.outcome, s.seconds, s.attempts = "ran", reg["seconds"], reg["attempts"]
             report.registration = reg["decision"]
@@ -395,7 +420,7 @@ def milora_pipeline(overrides: dict[str, Any] | None = None, model_name: str | N
                 return _failed(exc)  # its message says it all: no traceback in the logs
             raise
     _publish(report, t0)
-    return report.metrics
+    return Completed(message=report.message, data=report.metrics)  # the message shows in the Prefect UI
 
 
 def _failed(exc: BaseException) -> State:
@@ -408,5 +433,8 @@ def registration_line_short(reg: dict[str, Any] | None) -> str:
     """`registered <name> v<version> (<decision>)` for the run's message."""
     if not reg:
         return "nothing registered"
+    if reg.get("reused"):
+        return (f"already registered as {reg.get('model_name', '?')} v{reg.get('version', '?')} "
+                "(a byte-identical adapter)")
     text = f"registered {reg.get('model_name', '?')} v{reg.get('version', '?')}"
     return text + (f" ({reg['decision']})" if reg.get("decision") else "")

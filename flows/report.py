@@ -163,6 +163,12 @@ def registration_line(reg: dict[str, Any] | None) -> str:
     if reg.get("skipped"):
         return str(reg.get("reason") or "nothing registered")
     name, version = reg.get("model_name"), reg.get("version")
+    if reg.get("reused"):
+        head = (f"already registered: {name} version {version} holds this exact adapter (same weights, base "
+                "and data); nothing new registered")
+        if reg.get("decision"):
+            head += f"; its champion gate decision: {reg['decision']}"
+        return head + (f" ({reg['reason']})" if reg.get("reason") else "")
     head = f"registered {name} version {version} as challenger" if version else "registration ran"
     decision = reg.get("decision")
     if decision:

@@ -99,14 +99,15 @@ print("GENERATIONS=" + json.dumps(list(out)))
 
 
 def predict_in_fresh_process(model_uri: str, prompts: list[str], max_new_tokens: int, tracking_uri: str,
-                             workdir: Path) -> list[str]:
-    """Load `model_uri` with plain MLflow in a new Python process, offline and with an empty HF cache; predict."""
+                             workdir: Path, hf_home: Path | None = None) -> list[str]:
+    """Load `model_uri` with plain MLflow in a new Python process, offline and with an empty HF cache (or the
+    one under `hf_home`); predict."""
     import json
     import os
     import subprocess
     import sys
 
-    hf_home = workdir / "empty-hf-home"
+    hf_home = hf_home or workdir / "empty-hf-home"
     hf_home.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "PREFECT"))}
     env.update(MLFLOW_TRACKING_URI=tracking_uri, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",

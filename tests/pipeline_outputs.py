@@ -148,7 +148,8 @@ def build_pipeline_outputs(
     write_json(paths.metrics("eval"), metrics)
     write_json(paths.metrics("train"), {"train_loss": losses[-1], "train_runtime_s": 0.4, "steps": steps})
     report = state.report
-    write_json(paths.metrics("svd"), {
+    write_json(paths.metrics("svd"), {"matrices": len(state.init_factors)})
+    write_json(paths.timings("svd"), {  # run facts: not an output (see milora.pipeline.results.write_metrics)
         "init_seconds": report.seconds if report else 0.0,
         "cache_hits": sum(m.hit for m in report.matrices) if report else 0,
         "cache_misses": sum(not m.hit for m in report.matrices) if report else 0,
@@ -201,6 +202,21 @@ def set_eval_metrics(paths: Paths, **metrics: float) -> dict[str, Any]:
     data = {**DEFAULT_EVAL, **metrics}
     write_json(paths.metrics("eval"), data)
     return data
+
+
+def retrained(paths: Paths, shift: float = 1e-3, **metrics: float) -> dict[str, Any]:
+    """A new model: the adapter's weights moved a little (as another training run would) and `metrics/eval.json`
+    set to its evaluation (`set_eval_metrics`). Registration is idempotent by the adapter's content, so a
+    new version needs new weights, not only new metrics."""
+    from safetensors.torch import load_file, save_file
+
+    path = paths.adapter_dir / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first].clone()
+    tensors[first].view(-1)[0] += shift
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return set_eval_metrics(paths, **metrics)
 
 
 def tree_digest(root: str | Path) -> dict[str, str]:

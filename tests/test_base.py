@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from milora.core.io import read_json, write_json
 from milora.data import synthetic
-from milora.model.base import content_hash, load_base, load_tokenizer
+from milora.model.base import content_hash, load_base, load_tokenizer, resolved_base_path
 from milora.pipeline.config import validate
 from milora.pipeline.paths import Paths
 from milora.stages.base import build_model, heldout_nll, pretrain, spectrum_stats, train_tokenizer
@@ -105,7 +105,8 @@ def test_external_local_model_records_identity_and_loads(tmp_path, corpus_tokeni
     cfg = validate({"model": {"name_or_path": str(model_dir)}})
     base_stage(cfg, paths)
     info = read_json(paths.base_json)
-    assert info["load_path"] == str(model_dir.resolve()) and info["embedded"] is False
+    assert "load_path" not in info and info["embedded"] is False  # no resolved machine path in a stage's deps
+    assert resolved_base_path(info, paths.root) == model_dir.resolve()
     assert info["architecture"] == "LlamaForCausalLM" and info["model_type"] == "llama"
     assert info["n_params"] == sum(p.numel() for p in tiny_llama().parameters())
     assert info["content_hash"] == content_hash(sorted(model_dir.glob("*.safetensors")))
@@ -140,7 +141,9 @@ def test_relative_model_path_and_heldout_text_resolve_against_the_project_root(t
     (tmp_path / "heldout.txt").write_text("doc one\ndoc two\n")
     cfg = validate({"model": {"name_or_path": "weights/m"}, "data": {"heldout_text": "heldout.txt"}})
     base_stage(cfg, paths)
-    assert read_json(paths.base_json)["load_path"] == str((tmp_path / "weights" / "m").resolve())
+    info = read_json(paths.base_json)
+    assert info["name_or_path"] == "weights/m" and str(tmp_path) not in paths.base_json.read_text()
+    assert resolved_base_path(info, paths.root) == (tmp_path / "weights" / "m").resolve()
     assert paths.heldout_text.read_text() == "doc one\ndoc two\n"
     assert load_tokenizer(cfg, paths).pad_token == "<pad>"
 
@@ -159,7 +162,8 @@ def test_cached_hub_snapshot_resolves_offline_with_its_commit(tmp_path, corpus_t
     cfg = validate({"model": {"name_or_path": "someorg/tiny-llama"}})
     base_stage(cfg, paths)
     info = read_json(paths.base_json)
-    assert info["revision"] == sha and info["load_path"].endswith(f"snapshots/{sha}")
+    assert info["revision"] == sha and "load_path" not in info and str(tmp_path) not in paths.base_json.read_text()
+    assert resolved_base_path(info, paths.root) == (repo / "snapshots" / sha).resolve()
     model, _ = load_base(cfg, paths)
     assert type(model).__name__ == "LlamaForCausalLM"
 

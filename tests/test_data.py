@@ -14,6 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from milora.core.io import read_json, write_json
 from milora.data import synthetic
@@ -207,19 +209,39 @@ BAD_ROWS = [
 ]
 
 
-@pytest.mark.parametrize(("row", "where", "field", "problem"), [
-    (1, "line 2", "output", "missing"),
-    (2, "line 3", "output", "wrong type: expected text, got list"),
-    (3, "line 4", "instruction", "empty"),
-])
-def test_bad_row_fails_naming_file_row_and_field(tmp_path, row, where, field, problem):
-    src = write_jsonl(tmp_path / "train.jsonl", [BAD_ROWS[0], BAD_ROWS[row]])
+BAD_ROW_PROBLEMS = {1: ("output", "missing"), 2: ("output", "wrong type: expected text, got list"),
+                    3: ("instruction", "empty")}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bad=st.sampled_from(sorted(BAD_ROW_PROBLEMS)), before=st.integers(0, 12), after=st.integers(0, 3),
+       blanks=st.lists(st.integers(0, 12), max_size=3))
+def test_bad_row_fails_naming_file_line_and_field(tmp_path, bad, before, after, blanks):
+    """The reported line is the bad row's line in the file, wherever it is (blank lines count as lines)."""
+    lines = [json.dumps({"instruction": f"q{i}", "output": "fine"}) for i in range(before)]
+    lines.append(json.dumps(BAD_ROWS[bad]))
+    lines += [json.dumps({"instruction": f"z{i}", "output": "fine"}) for i in range(after)]
+    for at in sorted(blanks, reverse=True):
+        lines.insert(min(at, before), "")  # blank lines before the bad row shift its line number
+    line = lines.index(json.dumps(BAD_ROWS[bad])) + 1
+    src = tmp_path / f"train-{bad}-{before}-{after}-{len(blanks)}.jsonl"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    field, problem = BAD_ROW_PROBLEMS[bad]
     with pytest.raises(ValueError) as err:
-        load_records(src)
-    msg = str(err.value)
-    assert str(src) in msg and where.replace("2", "2").split()[0] in msg
-    assert f"line 2, field '{field}': {problem}" in msg
-    assert "data.on_bad_rows: skip" in msg
+        load_records(src, format="alpaca")
+    assert str(err.value) == (f"{src}, line {line}, field '{field}': {problem}. Fix the row, or set "
+                              "data.on_bad_rows: skip to drop bad rows and count them.")
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bad=st.sampled_from(sorted(BAD_ROW_PROBLEMS)), before=st.integers(0, 12))
+def test_bad_row_in_a_json_array_csv_and_parquet_is_named_by_row(tmp_path, bad, before):
+    rows = [{"instruction": f"q{i}", "input": "", "output": "fine"} for i in range(before)] + [BAD_ROWS[bad]]
+    field, problem = BAD_ROW_PROBLEMS[bad]
+    src = tmp_path / f"alpaca-{bad}-{before}.json"
+    src.write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match=re.escape(f"{src}, row {before + 1}, field '{field}': {problem}")):
+        load_records(src, format="alpaca")
 
 
 def test_bad_rows_in_a_json_array_are_named_by_row(tmp_path):
@@ -559,6 +581,66 @@ def test_prepare_directory_source_names_files_relative_to_it(project):
     m = read_json(project.report("data"))
     assert m["formats"] == {"commonsense.json": "llm_adapters", "math/gsm8k.jsonl": "gsm8k"}
     assert m["rows"]["train"] + m["rows"]["eval"] == 6 and m["rows"]["eval"] >= 1
+
+
+@pytest.mark.parametrize("line", [1, 4, 9])
+def test_prepare_names_the_users_source_file_and_line_not_the_copy(project, line):
+    """The prepare stage reads the copy in data/raw; its errors name the file of `data.source` it came from."""
+    src = project.root / "incoming"
+    (src / "batch").mkdir(parents=True)
+    rows = [{"instruction": f"q{i}", "output": "fine"} for i in range(line - 1)] + [BAD_ROWS[1]]
+    write_jsonl(src / "batch" / "rows.jsonl", rows)
+    cfg = _ingest(project, src, format="alpaca")
+    with pytest.raises(ValueError) as err:
+        prepare_stage(cfg, project)
+    msg = str(err.value)
+    assert msg.startswith(f"{src}/batch/rows.jsonl, line {line}, field 'output': missing")
+    assert "data/raw" not in msg
+    cfg = _ingest(project, src / "batch" / "rows.jsonl", format="alpaca")  # a single file as the source: named as given
+    with pytest.raises(ValueError, match=re.escape(f"{src}/batch/rows.jsonl, line {line}, field 'output'")):
+        prepare_stage(cfg, project)
+
+
+@pytest.mark.slow
+def test_an_s3_prefix_as_data_source_is_ingested_and_named_in_errors(project, s3_bucket):
+    """`data.source: s3://bucket/prefix` on a real S3 server (moto): every object under the prefix but hidden ones
+    is copied into data/raw; a bad row is reported by its object's s3:// URI and line."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=s3_bucket, Key="incoming/math/gsm8k.jsonl", Body=(DATA / "gsm8k.jsonl").read_bytes())
+    s3.put_object(Bucket=s3_bucket, Key="incoming/commonsense.json", Body=(DATA / "commonsense.json").read_bytes())
+    s3.put_object(Bucket=s3_bucket, Key="incoming/.staging/partial.jsonl", Body=b"not json")
+    s3.put_object(Bucket=s3_bucket, Key="elsewhere/other.jsonl", Body=b"not json")
+    source = f"s3://{s3_bucket}/incoming"
+    cfg = _ingest(project, source)
+    files = sorted(p.relative_to(project.raw_dir).as_posix() for p in project.raw_dir.rglob("*") if p.is_file())
+    assert files == ["commonsense.json", "math/gsm8k.jsonl"]
+    prepare_stage(cfg, project)
+    assert read_json(project.report("data"))["formats"] == {"commonsense.json": "llm_adapters",
+                                                            "math/gsm8k.jsonl": "gsm8k"}
+    good = (DATA / "gsm8k.jsonl").read_text().splitlines()[:2]
+    s3.put_object(Bucket=s3_bucket, Key="incoming/math/more.jsonl",
+                  Body="\n".join([*good, json.dumps({"question": "q", "answer": "no final line"})]).encode())
+    cfg = _ingest(project, source)
+    with pytest.raises(ValueError, match=re.escape(f"{source}/math/more.jsonl, line 3, field 'answer': no final answer")):
+        prepare_stage(cfg, project)
+    with pytest.raises(FileNotFoundError, match=f"s3://{s3_bucket}/nothing-here: no objects under that prefix"):
+        _ingest(project, f"s3://{s3_bucket}/nothing-here")
+
+
+def test_copied_from_inverts_the_ingest_layout(tmp_path):
+    from milora.data.formats import copied_from
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "f.jsonl").write_text("{}")
+    assert copied_from("s3://bucket/prefix", "sub/a.jsonl") == "s3://bucket/prefix/sub/a.jsonl"
+    assert copied_from("s3://bucket/prefix/", "a.jsonl") == "s3://bucket/prefix/a.jsonl"
+    assert copied_from("s3://bucket/data/a.jsonl", "a.jsonl") == "s3://bucket/data/a.jsonl"  # one object
+    assert copied_from(str(tmp_path / "d"), "x/a.csv") == f"{tmp_path}/d/x/a.csv"
+    assert copied_from(str(tmp_path / "f.jsonl"), "f.jsonl") == str(tmp_path / "f.jsonl")
+    assert copied_from("embedded", "math.jsonl") == "data/raw/math.jsonl"
+    assert copied_from("someorg/some-set", "data.jsonl").startswith("Hub dataset someorg/some-set")
 
 
 def test_prepare_needs_ingest_and_base_first(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -21,8 +22,16 @@ OUTPUTS = ["data/raw", "data/prepared", "models/base", "models/svd_init", "model
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = make_project(tmp_path_factory.mktemp("dvc") / "proj")
-    out = run(["dvc", "repro"], root)
+    out = run(["dvc", "repro"], root, extra_env={"PYTHONHASHSEED": "1"})
     return root, out.stdout + out.stderr
+
+
+def _outs(root: Path) -> dict[str, dict[str, str]]:
+    """The hash dvc.lock records for every output of every stage, but `checkpoints/` (the trainer's run state:
+    its trainer_state.json holds wall times; `persist: true`, never a dependency)."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    return {stage: {o["path"]: o["md5"] for o in entry.get("outs", []) if o["path"] != "checkpoints"}
+            for stage, entry in lock.items()}
 
 
 def _set(root: Path, overrides: dict) -> None:
@@ -39,6 +48,37 @@ def test_full_repro_from_nothing(project):
     assert raw["md5"].endswith(".dir")  # the data version every later stage and MLflow refer to
     eval_metrics = json.loads((root / "metrics/eval.json").read_text())
     assert {"average_accuracy", "perplexity", "forgetting"} <= set(eval_metrics)
+
+
+def test_stages_are_byte_reproducible_and_registration_is_idempotent_across_workspaces(project,
+                                                                                      tmp_path_factory):
+    """Every stage, run again in fresh processes with another PYTHONHASHSEED and in another workspace (another
+    absolute path, git commit and SVD cache directory), writes byte-identical outputs (dvc.lock records the
+    same hash for each of them, metrics, reports and plots included; timings/ are not outputs). Rerunning a
+    stage leaves `dvc status` clean (the issue's `milora run; milora stage svd; dvc status`). The same adapter
+    registered from the second workspace is the first one's version."""
+    root, _ = project
+    other = make_project(tmp_path_factory.mktemp("dvc-elsewhere") / "another-workspace")
+    run(["dvc", "repro"], other, extra_env={"PYTHONHASHSEED": "2"})
+    mine, theirs = _outs(root), _outs(other)
+    assert set(mine) == set(ALL)
+    for stage in ALL:
+        assert theirs[stage] == mine[stage], stage
+    for path in ("models/base.json", "models/adapter/lineage.json", "models/adapter/adapter_config.json"):
+        text = (other / path).read_text()
+        assert str(other) not in text and str(root) not in text, path
+
+    run(["milora", "stage", "svd"], other, extra_env={"PYTHONHASHSEED": "3"})  # cache hits now, new timings
+    assert json.loads((other / "timings" / "svd.json").read_text())["cache_hits"] > 0
+    status = run(["dvc", "status"], other).stdout
+    assert "Data and pipelines are up to date" in status, status
+
+    shared = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path_factory.mktemp('shared-mlflow') / 'mlflow.db'}"}
+    first = json.loads(run(["milora", "register"], root, extra_env=shared).stdout.strip().splitlines()[-1])
+    second = json.loads(run(["milora", "register"], other, extra_env=shared).stdout.strip().splitlines()[-1])
+    assert (first["version"], first["created"], first["reused"]) == ("1", True, False)
+    assert (second["version"], second["created"], second["reused"]) == ("1", False, True)
+    assert second["run_id"] == first["run_id"]
 
 
 def test_second_repro_does_nothing(project):
@@ -75,10 +115,20 @@ def test_code_edits_invalidate_exactly_the_stages_that_run_the_code(project, edi
 
 
 def test_train_params_rerun_train_and_evaluate_only(project):
+    """Also: the learning rate written the way everybody writes it (YAML 1.2 `3e-4`, read by DVC and the
+    stages alike)."""
     root, _ = project
-    _set(root, {"train.learning_rate": 0.001})
+    _set(root, {})
+    params = root / "params.yaml"
+    text, n = re.subn(r"(?m)^(\s+)learning_rate: .*$", r"\1learning_rate: 3e-4", params.read_text())
+    assert n == 1
+    params.write_text(text)
     out = run(["dvc", "repro"], root)
     assert stages_ran(out.stdout) == ["train", "evaluate"]
+    assert yaml.safe_load((root / "dvc.lock").read_text())["stages"]["train"]["params"]["params.yaml"]["train"][
+        "learning_rate"] == 0.0003
+    assert json.loads((root / "models" / "adapter" / "lineage.json").read_text())["params"]["train"][
+        "learning_rate"] == 0.0003
 
 
 def test_adapter_params_rerun_from_svd(project):
@@ -111,12 +161,12 @@ def test_exp_run_with_overrides(project):
     root, _ = project
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "baseline"], root)
-    run(["dvc", "exp", "run", "-S", "adapter.method=pissa", "-S", "adapter.rank=2", "-n", "pissa-r2"], root)
+    run(["dvc", "exp", "run", "-S", "adapter.method=pissa", "-S", "adapter.rank=2", "-S", "train.learning_rate=3e-4",
+         "-n", "pissa-r2"], root)
     shown = run(["dvc", "exp", "show", "--json"], root).stdout
     assert "pissa-r2" in shown
     exps = json.loads(shown)
     found = json.dumps(exps)
-    assert '"pissa"' in found and "average_accuracy" in found
     # What a person compares fits a 120-column terminal (the README's command): the key metrics and the
     # changed params of both runs, with no column folded into `…`.
     table = run(["dvc", "exp", "show", "--no-pager", *EXP_SHOW_ARGS], root, extra_env={"COLUMNS": "120"}).stdout
@@ -124,6 +174,7 @@ def test_exp_run_with_overrides(project):
     assert "…" not in table, table
     for column in ("pissa-r2", "train_loss", "forgetting", "perplexity", "adapter.method", "adapter.rank"):
         assert column in table, table
+    assert '"pissa"' in found and "average_accuracy" in found and '"learning_rate": 0.0003' in found
 
 
 def _wipe_outputs(root: Path) -> None:

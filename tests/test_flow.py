@@ -177,6 +177,28 @@ def test_a_dead_holders_lock_is_detected_stale_and_taken_over(tmp_path):
         assert read_record(tmp_path).flow_run_id == "next"
 
 
+def test_a_busy_workspace_fails_in_under_2_seconds_before_any_server_starts(project):
+    """`milora run` tries the workspace lock before Prefect (whose temporary server takes 10+ s to start)."""
+    from tests.project import env
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(project)], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        t0 = time.monotonic()
+        busy = subprocess.run(["milora", "run", "--root", str(project)], env=env(), capture_output=True, text=True,
+                              timeout=60)
+        elapsed = time.monotonic() - t0
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert busy.returncode == 2, busy.stderr
+    last = busy.stderr.strip().splitlines()[0]
+    assert last.startswith("milora run: error: another run holds the workspace") and f"pid {holder.pid}" in last
+    assert elapsed < 2.0, f"a busy workspace took {elapsed:.1f} s to fail"
+    assert not (project / ".prefect").exists()  # no Prefect server was started
+
+
 def _fake_server(home: Path, detached: bool) -> int:
     """A process that looks like Prefect's temporary server of project `home`: orphaned (its launching
     shell has exited) or the child of this live Python process."""
@@ -420,6 +442,67 @@ def test_stage_task_retries_transient_failures_only(prefect_api, tmp_path):
         assert (root / "attempts" / f"{stage}.txt").read_text() == "1"
 
 
+@pytest.mark.slow
+def test_register_and_push_data_retry_transient_failures_as_configured(prefect_api, tmp_path, monkeypatch):
+    """The retry limit and delays come from the params' `flow` section (`with_retries`, what the flow uses):
+    an MLflow server that is down (register) or an S3 remote that is down (push-data) is retried that often,
+    that far apart, and the step's own message is the failure's last words."""
+    from prefect import flow
+
+    from flows.pipeline import push_data, register, with_retries
+    from milora.pipeline.config import FlowConfig
+    from tests.pipeline_outputs import build_pipeline_outputs
+    from tests.project import run
+    from tests.servers import S3_TEST_ENV, free_port
+
+    # register: the tracking server is unreachable (no retries of its own: connect_retries 0)
+    root = build_pipeline_outputs(tmp_path / "reg").paths.root
+    (root / "params.yaml").write_text("register: {connect_retries: 0}\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead := f"http://127.0.0.1:{free_port()}")
+
+    @flow(name="register-retry-check")
+    def register_flow() -> dict:
+        return with_retries(register, FlowConfig(retries=2, retry_delays=[1, 2]))(str(root))
+
+    t0 = time.monotonic()
+    state = register_flow(return_state=True)
+    assert state.is_failed() and time.monotonic() - t0 >= 3.0  # waited 1 s, then 2 s
+    exc = state.result(raise_on_failure=False)
+    assert isinstance(exc, StageFailed) and exc.kind == "transient" and (exc.attempt, exc.max_attempts) == (3, 3)
+    assert str(exc).startswith("stage 'register' failed (transient failure, retried with backoff; attempt 3 of 3; "
+                               f"exit 1): MLflow tracking server {dead} is unreachable")
+    (task_run,) = _task_runs(state.state_details.flow_run_id)
+    assert task_run.run_count == 3
+
+    # push-data: the DVC remote's S3 endpoint is down (`dvc push` would exit 255, "unexpected error")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    for k, v in S3_TEST_ENV.items():
+        monkeypatch.setenv(k, v)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "make.py").write_text("open('rows.jsonl', 'w').write('{}\\n')\n")
+    (data / "dvc.yaml").write_text("stages:\n  ingest:\n    cmd: python make.py\n    deps: [make.py]\n"
+                                   "    outs: [rows.jsonl]\n")
+    run(["git", "init", "-q"], data)
+    run(["dvc", "init", "-q"], data)
+    run(["dvc", "config", "--local", "core.site_cache_dir", str(data / ".dvc-site-cache")], data)
+    run(["dvc", "repro"], data)
+    run(["dvc", "remote", "add", "--local", "-d", "down", "s3://bucket/dvcstore"], data)
+    run(["dvc", "remote", "modify", "--local", "down", "endpointurl", f"http://127.0.0.1:{free_port()}"], data)
+
+    @flow(name="push-retry-check")
+    def push_flow() -> dict:
+        return with_retries(push_data, FlowConfig(retries=1, retry_delays=[1]))(str(data))
+
+    state = push_flow(return_state=True)
+    assert state.is_failed()
+    exc = state.result(raise_on_failure=False)
+    assert isinstance(exc, StageFailed) and exc.kind == "transient" and (exc.attempt, exc.max_attempts) == (2, 2)
+    assert "dvc push ingest to remote 'down': cannot reach it (EndpointConnectionError" in exc.detail
+    (task_run,) = _task_runs(state.state_details.flow_run_id)
+    assert task_run.run_count == 2
+
+
 # --------------------------------------------------------------------------------------- slow: the pipeline
 # One workspace (a temporary copy of the project, test-sized params, its data source a directory that
 # grows) shared by the tests below, in order: each starts from the state the previous one left, as a
@@ -563,6 +646,74 @@ def test_second_run_skips_every_stage_and_registers_nothing(workspace, prefect_e
     assert report.metrics["eval"] == json.loads((root / "metrics" / "eval.json").read_text())
 
 
+@pytest.mark.slow
+def test_a_params_round_trip_returns_the_registered_version(workspace, prefect_env, prefect_api):
+    """`milora run -S train.seed=2` trains and registers another model; `milora run` with the committed params
+    again produces v1's exact adapter (byte-reproducible stages): registration returns v1, and says so."""
+    root, _ = workspace
+    (v1,) = _versions(root)
+    _milora(root, prefect_env, "run", "-S", "train.seed=2")
+    report = _report(root)
+    assert report.status == "completed" and report.registration["version"] == "2"
+    assert not report.registration.get("reused")
+    out = _milora(root, prefect_env, "run")
+    report = _report(root)
+    outcomes = _outcomes(report)
+    assert report.status == "completed" and outcomes["train"] in ("ran", "restored") and outcomes["register"] == "ran"
+    assert report.registration["version"] == "1" and report.registration["reused"] is True
+    assert "already registered: milora version 1 holds this exact adapter" in out.stdout
+    assert report.message.endswith("already registered as milora v1 (a byte-identical adapter)")
+    assert _flow_run(report.flow_run_id).state.message == report.message
+    assert [v.version for v in _versions(root)] == ["1", "2"]
+
+
+@pytest.mark.slow
+def test_new_rows_in_the_source_rerun_from_prepare_and_register_a_new_version(workspace, prefect_env, prefect_api):
+    root, source = workspace
+    before = _versions(root)
+    _add_rows(source, seed=321)
+    _milora(root, prefect_env, "run")
+    report = _report(root)
+    outcomes = _outcomes(report)
+    assert report.status == "completed" and report.data_changed is True
+    assert outcomes["base"] == outcomes["svd"] == "skipped"  # the data changed, not the base or the adapter init
+    assert all(outcomes[s] == "ran" for s in ("ingest", "prepare", "train", "evaluate", "register"))
+    versions = _versions(root)
+    assert len(versions) == len(before) + 1 and report.registration["version"] == versions[-1].version
+    assert versions[-1].tags["milora.data_hash"] not in {v.tags["milora.data_hash"] for v in before}
+
+
+@pytest.mark.slow
+def test_s3_cache_down_ends_the_run_with_the_stages_own_message_after_retries(workspace, prefect_env, prefect_api,
+                                                                             tmp_path):
+    """The SVD cache's endpoint is down: `svd` fails transiently, is retried (`flow.retries`), and its own message
+    ("cannot reach the S3 endpoint ... AWS_ENDPOINT_URL_S3") is the last line of `milora run`, the flow run's
+    state message and the run summary's."""
+    from tests.servers import S3_TEST_ENV, free_port
+
+    root, _ = workspace
+    dead = f"http://127.0.0.1:{free_port()}"
+    down = {**S3_TEST_ENV, "AWS_ENDPOINT_URL_S3": dead, "MILORA_CACHE_DIR": str(tmp_path / "local-front")}
+    out = _milora(root, prefect_env, "run", "-S", "adapter.rank=3", "-S", "svd.cache=s3://bucket/svd",
+                  "-S", "flow.retries=1", "-S", "flow.retry_delays=[1]", check=False, extra_env=down)
+    assert out.returncode == 1, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("milora run: error: stage 'svd' failed (transient failure, retried with backoff; attempt "
+                           f"2 of 2; exit 1): SVD cache s3://bucket/svd: cannot reach the S3 endpoint {dead}")
+    assert "AWS_ENDPOINT_URL_S3" in last
+    report = _report(root)
+    svd = report.stage("svd")
+    assert (report.status, svd.outcome, svd.attempts) == ("failed", "failed", 2)
+    assert report.message == last.removeprefix("milora run: error: ") and "cannot reach the S3 endpoint" in svd.detail
+    state = _flow_run(report.flow_run_id).state
+    assert state.is_failed() and state.message == report.message
+    (task_run,) = [t for t in _task_runs(report.flow_run_id) if t.name == "svd"]
+    assert task_run.run_count == 2
+    from tests.project import run
+
+    assert run(["git", "status", "--porcelain", "params.yaml"], root).stdout == ""
+
+
 def _stage_processes(root: Path) -> list[int]:
     """Pids of `milora stage` processes working in `root` (Linux /proc)."""
     pids = []
@@ -657,12 +808,12 @@ def test_killed_in_train_resumes_then_fault_at_evaluate_and_retry_skips_train(wo
     assert _flow_run(failed.flow_run_id).state.is_completed()
 
 
-def _add_rows(source: Path) -> None:
+def _add_rows(source: Path, seed: int = 123) -> None:
     """New rows in the data source, as a growing production source gets them."""
     from milora.data.synthetic import math_rows
 
     with (source / "math.jsonl").open("a", encoding="utf-8") as f:
-        for row in math_rows(20, seed=123):
+        for row in math_rows(20, seed=seed):
             f.write(json.dumps(row) + "\n")
 
 

@@ -13,7 +13,7 @@ from milora.pipeline.paths import Paths
 from milora.tracking import registry
 from milora.tracking import runs as tracking
 from tests.mlflow_fixtures import predict_in_fresh_process, reference_generations
-from tests.pipeline_outputs import build_pipeline_outputs, clone_outputs, set_eval_metrics, tree_digest
+from tests.pipeline_outputs import build_pipeline_outputs, clone_outputs, retrained, tree_digest
 from tests.servers import S3_TEST_ENV
 
 pytestmark = pytest.mark.slow
@@ -21,6 +21,8 @@ pytestmark = pytest.mark.slow
 SECRET = S3_TEST_ENV["AWS_SECRET_ACCESS_KEY"]
 URI_PASSWORD = "uri-password-do-not-log"
 PROMPTS = ["question: what is one plus one? answer:", "a tiny model"]
+TOKENS = {"HF_TOKEN": "hf_token-do-not-log-1", "GITHUB_TOKEN": "ghp_token-do-not-log-2",
+          "DB_PASSWORD": "db-password-do-not-log-3", "OPENAI_API_KEY": "sk-api-key-do-not-log-4"}
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +72,7 @@ def test_run_is_logged_with_artifacts_in_s3(project, mlflow_server):
         assert tags[tag], tag
     keys = [k for k in s3_keys(mlflow_server) if reg.run_id in k]
     for suffix in ("adapter/milora.json", "adapter/adapter_model.safetensors", "model/MLmodel",
-                   "model/artifacts/base/model.safetensors", "model/code/milora/adapter.py",
+                   "model/artifacts/base/model.safetensors", "model/code/milora/core/adapter.py",
                    "lora_export/adapter_model.safetensors", "plots/spectrum.png", "plots/train_loss.csv",
                    "lineage/dvc.lock", "eval/predictions.jsonl", "metrics/eval.json"):
         assert any(k.endswith(suffix) for k in keys), suffix
@@ -91,7 +93,7 @@ def test_gate_promotes_better_keeps_worse_and_ties(project):
     assert first.decision.promote
     results = {}
     for label, acc in [("better", 0.6), ("worse", 0.5), ("below_delta", 0.64), ("tie", 0.6)]:
-        set_eval_metrics(project, average_accuracy=acc, perplexity=10 + len(results))  # a new run each time
+        retrained(project, average_accuracy=acc, perplexity=10 + len(results))  # a new model each time
         results[label] = registry.register_run(config, project)
     assert results["better"].decision.promote
     assert not results["worse"].decision.promote and "worse by 0.1" in results["worse"].decision.reason
@@ -102,6 +104,48 @@ def test_gate_promotes_better_keeps_worse_and_ties(project):
     tags = c.get_model_version("srv-gate", "4").tags
     assert (float(tags["milora.gate.challenger_value"]), float(tags["milora.gate.champion_value"])) == (0.64, 0.6)
     assert tags["milora.decision"] == "not_promoted" and tags["milora.decision.reason"]
+
+
+def test_two_registrations_at_once_leave_the_champion_on_the_best(built, tmp_path, mlflow_server):
+    """Two `milora register` processes (parallel workers) register and gate at the same moment against one
+    server (a test fault lines them up right before the gate and makes deciding take 2 s): the gate lock
+    makes them decide one after the other, so the champion ends on the better one and both decisions are
+    recorded, the second against the champion the first left."""
+    import subprocess
+
+    from tests.faults import fault_env
+    from tests.project import env
+
+    champion = clone_outputs(built.root, tmp_path / "champion")
+    assert registry.register_run(cfg("srv-race"), champion).decision.promote  # v1: average_accuracy 0.5
+    roots = {}
+    for name, acc, shift in (("better", 0.9, 1e-3), ("worse", 0.7, 2e-3)):
+        roots[name] = clone_outputs(built.root, tmp_path / name).root
+        retrained(Paths(roots[name]), shift=shift, average_accuracy=acc)
+        (roots[name] / "params.yaml").write_text(
+            "register: {model_name: srv-race, experiment: server-tests, log_lora_export: false}\n")
+    race = fault_env(gate_barrier=(str(tmp_path / "barrier"), 2), gate_delay=2.0)
+    procs = {name: subprocess.Popen(["milora", "register", "--root", str(root), "--params", str(root / "params.yaml")],
+                                    env=env(race), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, root in roots.items()}
+    out = {name: p.communicate(timeout=600) for name, p in procs.items()}
+    for name, p in procs.items():
+        assert p.returncode == 0, out[name][1][-3000:]
+    got = {name: json.loads(o.strip().splitlines()[-1]) for name, (o, _) in out.items()}
+    c = tracking.client(".")
+    best = got["better"]["version"]
+    assert str(c.get_model_version_by_alias("srv-race", "champion").version) == best
+    tags = {name: c.get_model_version("srv-race", g["version"]).tags for name, g in got.items()}
+    assert all("milora.decision" in t for t in tags.values())  # both decisions recorded
+    assert tags["better"]["milora.decision"] == "promoted"
+    if tags["better"]["milora.gate.champion_version"] == got["worse"]["version"]:
+        # the worse one decided first: promoted over v1, then beaten by the better one
+        assert tags["worse"]["milora.decision"] == "promoted" and tags["worse"]["milora.gate.champion_version"] == "1"
+    else:  # the better one first; the worse one was gated against it, not against v1
+        assert tags["better"]["milora.gate.champion_version"] == "1"
+        assert tags["worse"]["milora.decision"] == "not_promoted" and "worse by" in tags["worse"]["milora.decision.reason"]
+        assert tags["worse"]["milora.gate.champion_version"] == best
+    assert "srv-race--champion-gate-lock" not in {m.name for m in c.search_registered_models()}
 
 
 def test_retrying_registration_creates_no_duplicate(project):
@@ -139,11 +183,18 @@ def test_credentials_never_reach_params_tags_artifacts_or_logs(project, mlflow_s
     from mlflow.artifacts import download_artifacts
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url.replace("http://", f"http://milora:{URI_PASSWORD}@"))
+    for name, value in TOKENS.items():  # the user's other secrets, in the environment as usual
+        monkeypatch.setenv(name, value)
     # the data came from a URL with the S3 secret inlined: it is in the adapter's lineage (a pipeline output)
     lineage_file = project.adapter_dir / "lineage.json"
     lineage = json.loads(lineage_file.read_text())
     lineage["params"]["data.source"] = f"https://reader:{SECRET}@data.example/rows.jsonl"
+    lineage["params"]["model.name_or_path"] = f"org/model?token={TOKENS['HF_TOKEN']}"
+    lineage["params"]["data.heldout_text"] = f"/mnt/{TOKENS['DB_PASSWORD']}/heldout.txt"
     lineage_file.write_text(json.dumps(lineage))
+    # ... and in text artifacts: a prediction that echoes an API key, a DVC file naming a token
+    project.predictions.write_text(json.dumps({"prediction": f"use {TOKENS['OPENAI_API_KEY']}"}) + "\n")
+    (project.root / "dvc.lock").write_text((project.root / "dvc.lock").read_text() + f"# {TOKENS['GITHUB_TOKEN']}\n")
     config = cfg("srv-secrets", log_lora_export=True, log_merged=True)
     with caplog.at_level(logging.DEBUG):
         reg = registry.register_run(config, project)
@@ -160,6 +211,6 @@ def test_credentials_never_reach_params_tags_artifacts_or_logs(project, mlflow_s
     blobs = [p.read_bytes() for p in files]
     out, err = capfd.readouterr()
     texts += [caplog.text, out, err, mlflow_server.log_path.read_text(errors="replace")]
-    for secret in (SECRET, URI_PASSWORD):
+    for secret in (SECRET, URI_PASSWORD, *TOKENS.values()):
         assert not any(secret in t for t in texts), secret
         assert not any(secret.encode() in b for b in blobs), secret

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,7 @@ from milora.tracking import registry
 from milora.tracking import runs as tracking
 from milora.tracking.registry import Decision, gate
 from tests.mlflow_fixtures import predict_in_fresh_process, reference_generations, seed_embedded_store
-from tests.pipeline_outputs import build_pipeline_outputs, clone_outputs, set_eval_metrics
+from tests.pipeline_outputs import build_pipeline_outputs, clone_outputs, retrained
 
 PROMPTS = ["question: what is two plus three? answer:", "the quick brown"]
 REQUESTS = [{"prompt": p} for p in PROMPTS]  # raw prompts, as the pyfunc's signature takes them
@@ -125,7 +126,7 @@ def test_champion_moves_only_to_a_better_model(project):
     assert alias(c, "gate-e2e", "champion") == alias(c, "gate-e2e", "challenger") == "1"
 
     def challenger(**metrics):
-        set_eval_metrics(project, **metrics)
+        retrained(project, **metrics)
         reg = registry.register_run(cfg, project)
         assert reg.created and alias(c, "gate-e2e", "challenger") == reg.version
         return reg
@@ -175,22 +176,29 @@ def test_retrying_registration_never_duplicates(project):
 
 
 @pytest.mark.slow
-def test_a_new_flow_run_with_the_same_outputs_registers_no_new_version(project, monkeypatch):
-    """A flow run died between registering and recording it; the next flow run (a new MLflow run, joined by
-    its own flow-run id) has the same outputs: it finds the version by run key instead of adding one."""
+def test_a_new_flow_run_with_the_same_adapter_returns_its_version(project, monkeypatch):
+    """Registration is idempotent by content: the next flow run (or a params round trip, or another workspace)
+    with a byte-identical adapter returns the version that holds it: no new run, model or version. An
+    adapter with other weights is a new version, as always."""
     cfg = validate({"register": {"model_name": "rerun-e2e", "log_lora_export": False}})
     c = tracking.client(project.root)
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "11111111-1111-1111-1111-111111111111")
     first = registry.register_run(cfg, project)
+    assert not first.reused
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "22222222-2222-2222-2222-222222222222")
+    from tests.pipeline_outputs import set_eval_metrics
+
+    set_eval_metrics(project, average_accuracy=0.9)  # another evaluation of the same weights: the same model
     again = registry.register_run(cfg, project)
-    assert again.run_id != first.run_id  # the new flow run has its own MLflow run
-    assert (again.version, again.created) == (first.version, False)
+    assert (again.version, again.run_id, again.created, again.reused) == (first.version, first.run_id, False, True)
+    assert again.decision == first.decision and "already registered" in again.summary
     assert len(versions(c, "rerun-e2e")) == 1
+    assert len(c.search_runs([c.get_experiment_by_name("milora").experiment_id])) == 1
+    assert versions(c, "rerun-e2e")[0].tags[tracking.TAG_MODEL_KEY] == tracking.model_key(project)
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "33333333-3333-3333-3333-333333333333")
-    set_eval_metrics(project, average_accuracy=0.9)  # different outputs: a new version, as always
+    retrained(project, average_accuracy=0.9)  # other weights: a new version
     third = registry.register_run(cfg, project)
-    assert third.created and third.version == "2"
+    assert third.created and not third.reused and third.version == "2"
 
 
 @pytest.mark.slow
@@ -210,7 +218,7 @@ def test_register_cli_and_manual_promotion(project, capsys):
     assert {"merged/model.safetensors", "lora_export/adapter_model.safetensors"} <= {
         a.path for d in ("merged", "lora_export") for a in c.list_artifacts(out["run_id"], d)}
 
-    set_eval_metrics(project, average_accuracy=0.3)
+    retrained(project, average_accuracy=0.3)
     assert main(["register", "--root", str(project.root), "--params", str(params)]) == 0
     capsys.readouterr()
     assert alias(c, "manual-e2e", "champion") == "1" and alias(c, "manual-e2e", "challenger") == "2"
@@ -263,6 +271,36 @@ def test_register_needs_the_trained_outputs(tmp_path):
     cfg = validate({})
     with pytest.raises(FileNotFoundError, match="run the train stage first"):
         registry.register_run(cfg, Paths(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_hub_id_base_loads_from_the_local_hf_cache_at_its_revision_in_a_fresh_process(project, tmp_path):
+    """A base named by Hub id + revision is referenced, not carried, and a fresh process resolves it offline from
+    its HF cache (`HF_HOME/hub/models--org--name/snapshots/<sha>/`): no path of the registering machine."""
+    import shutil
+
+    sha = "89abcdef0123456789abcdef0123456789abcdef"
+    hf_home = tmp_path / "hf-home"
+    repo = hf_home / "hub" / "models--someorg--tiny-base"
+    expected = reference_generations(project, PROMPTS, 4)
+    shutil.copytree(project.base_dir, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    shutil.rmtree(project.base_dir)  # nothing to fall back on: the weights are only in the HF cache
+    identity = {k: v for k, v in json.loads(project.base_json.read_text()).items() if k != "load_path"}
+    identity.update(name_or_path="someorg/tiny-base", revision=sha, embedded=False)
+    project.base_json.write_text(json.dumps(identity))
+    cfg = validate({"model": {"name_or_path": "someorg/tiny-base", "revision": sha},
+                    "register": {"model_name": "hub-e2e", "log_lora_export": False}})
+    reg = registry.register_run(cfg, project)
+    c = tracking.client(project.root)
+    model_dir = Path(c.download_artifacts(reg.run_id, "model", str(tmp_path / "dl")))
+    mlmodel = (model_dir / "MLmodel").read_text()
+    assert "someorg/tiny-base" in mlmodel and sha in mlmodel and "base_load_path" not in mlmodel
+    assert not (model_dir / "artifacts" / "base").exists()
+    got = predict_in_fresh_process(f"models:/hub-e2e/{reg.version}", PROMPTS, 4, tracking.tracking_uri(project.root),
+                                   tmp_path, hf_home=hf_home)
+    assert got == expected
 
 
 @pytest.mark.slow

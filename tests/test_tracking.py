@@ -79,6 +79,17 @@ def test_scrub_removes_secret_environment_values(monkeypatch):
     assert "AKIDEXAMPLE00000" in clean and "https://***@host/x" in clean
 
 
+@pytest.mark.parametrize("name", ["HF_TOKEN", "GITHUB_TOKEN", "hub_api_token", "DB_PASSWORD", "PGPASSWORD",
+                                  "OPENAI_API_KEY", "my_api_key", "MLFLOW_TRACKING_PASSWORD"])
+def test_scrub_removes_token_password_and_api_key_values(monkeypatch, name):
+    value = f"value-of-{name.lower()}-do-not-log"
+    monkeypatch.setenv(name, value)
+    assert tracking.scrub(f"param data.source = https://host/x?key={value}&y=1") == \
+        "param data.source = https://host/x?key=***&y=1"
+    cfg = validate({"data": {"source": f"s3://bucket/{value}/rows"}})
+    assert value not in json.dumps(tracking.run_params(cfg, {}))
+
+
 def test_text_files_holding_a_credential_are_logged_scrubbed(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     src = tmp_path / "adapter"

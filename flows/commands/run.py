@@ -102,16 +102,28 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of `milora run`."""
-    from flows.params import validate_run_config
-    from milora.pipeline.config import parse_sets
+    from flows.params import parse_overrides, validate_run_config
+    from milora.pipeline.config import split_sets
+    from milora.pipeline.lock import WorkspaceLock
 
     root = Path(args.root).expanduser().resolve()
     if not (root / "dvc.yaml").exists():
         raise UserError(f"{root}: no dvc.yaml here; run from the project root or pass --root")
-    overrides = parse_sets(args.set)
+    overrides = split_sets(args.set)  # as typed: the flow parses them (one parser for -S and `overrides`)
+    checked = parse_overrides(overrides)
     if args.model_name:
-        overrides["register.model_name"] = args.model_name
-    validate_run_config(root, args.params, overrides)  # fail in a second, before Prefect starts
+        checked["register.model_name"] = args.model_name
+    validate_run_config(root, args.params, checked)  # fail in a second, before Prefect starts
+    # The workspace lock before any server starts: a busy workspace fails at once (the flow run it starts
+    # finds the lock held by this process and names itself in the lock's record).
+    lock = WorkspaceLock(root, command="milora run").acquire()
+    try:
+        return _run(args, root, overrides)
+    finally:
+        lock.release()
+
+
+def _run(args: argparse.Namespace, root: Path, overrides: dict[str, str]) -> int:
     home = prefect_environment(root)
     if home is not None:
         stop_orphaned_servers(home)
@@ -127,7 +139,8 @@ def main(args: argparse.Namespace) -> int:
     # workspace lock released, params.yaml restored, and the flow run marked as crashed.
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        state = milora_pipeline(overrides=overrides, root=str(root), params=args.params, return_state=True)
+        state = milora_pipeline(overrides=overrides, model_name=args.model_name, root=str(root),
+                                params=args.params, return_state=True)
     except Terminated:
         print("milora run: terminated; run it again (or `prefect flow-run retry`) to resume", file=sys.stderr)
         return 128 + signal.SIGTERM

@@ -76,9 +76,10 @@ def run_one(params: str, shared_root: Path, run_root: Path, overrides: dict[str,
     link_shared(Paths(shared_root), run)
     timings = {s: run_stage(s, params, run_root, overrides).seconds for s in ("svd", "train", "evaluate")}
     out: dict[str, Any] = {}
-    for stage in ("svd", "train", "eval"):
-        m = read_json(run.report(stage))
-        out.update({k: v for k, v in m.items() if isinstance(v, int | float | str | bool) or v is None})
+    for stage in ("svd", "train", "eval"):  # each stage's details and its run facts (timings)
+        for f in (run.report(stage), run.timings(stage)):
+            m = read_json(f) if f.is_file() else {}
+            out.update({k: v for k, v in m.items() if isinstance(v, int | float | str | bool) or v is None})
     out["stage_seconds"] = timings
     return out
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from milora.core import svd
 from milora.core.errors import InvalidInput, MissingInput, Unsupported
-from milora.core.io import atomic_dir
+from milora.core.io import atomic_dir, dump_json
 from milora.core.schema import AdapterConfig
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,28 @@ def merge(peft_model: PeftModel, inplace: bool = False) -> nn.Module:
     return model.merge_and_unload()
 
 
-def to_lora(peft_model: PeftModel, out_dir: str | os.PathLike[str]) -> Path:
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_MODEL_CARD = "README.md"
+
+
+def canonical_peft_dir(out_dir: str | os.PathLike[str], base_name: str | None = None) -> None:
+    """Make what `save_pretrained` wrote into `out_dir` byte-reproducible: `adapter_config.json` as canonical
+    JSON with `target_modules` sorted (PEFT keeps it as a set: its order in the file changes with the
+    process's hash seed, and it means nothing), `base_model_name_or_path` set to `base_name` when given (a
+    name, not the machine's path the base was loaded from), and no generated model card (a template naming
+    that path)."""
+    out = Path(out_dir)
+    path = out / PEFT_CONFIG_FILE
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    if base_name is not None:
+        cfg["base_model_name_or_path"] = base_name
+    path.write_text(dump_json(cfg), encoding="utf-8")
+    (out / PEFT_MODEL_CARD).unlink(missing_ok=True)
+
+
+def to_lora(peft_model: PeftModel, out_dir: str | os.PathLike[str], base_name: str | None = None) -> Path:
     """Write a plain PEFT LoRA adapter (rank 2r) against the original base: `dW = s(B A - B0 A0)`."""
     state = state_of(peft_model)
     cfg = state.config
@@ -230,21 +251,28 @@ def to_lora(peft_model: PeftModel, out_dir: str | os.PathLike[str]) -> Path:
         method="lora", rank=rank, alpha=cfg.scale * rank, dropout=cfg.dropout,
         target_modules=cfg.target_modules, svd_solver=cfg.svd_solver,
     )
-    base_name = peft_model.peft_config[ADAPTER_NAME].base_model_name_or_path
+    recorded_base = peft_model.peft_config[ADAPTER_NAME].base_model_name_or_path
     with atomic_dir(out_dir) as tmp:
-        _lora_config(export, state.fan_in_fan_out, base_name).save_pretrained(tmp)
+        _lora_config(export, state.fan_in_fan_out, base_name or recorded_base).save_pretrained(tmp)
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        canonical_peft_dir(tmp)
     log.info("exported plain LoRA adapter (rank %d) to %s", rank, out_dir)
     return Path(out_dir)
 
 
 def save_adapter(
-    peft_model: PeftModel, out_dir: str | os.PathLike[str], extra: dict[str, Any] | None = None
+    peft_model: PeftModel, out_dir: str | os.PathLike[str], extra: dict[str, Any] | None = None,
+    base_name: str | None = None,
 ) -> Path:
-    """Save a PEFT adapter directory plus the initial factors (never the residual model)."""
+    """Save a PEFT adapter directory plus the initial factors (never the residual model).
+
+    The directory is byte-reproducible: the same adapter gives the same bytes in any process (canonical
+    JSON, sorted lists; see `canonical_peft_dir`). `base_name` names the base in `adapter_config.json`
+    (default: what the base was loaded from)."""
     state = state_of(peft_model)
     with atomic_dir(out_dir) as tmp:
         peft_model.save_pretrained(tmp)
+        canonical_peft_dir(tmp, base_name)
         if state.config.method != "lora":
             init = {}
             for name, (A0, B0) in state.init_factors.items():
@@ -260,7 +288,7 @@ def save_adapter(
             "cache_keys": state.cache_keys,
             **(extra or {}),
         }
-        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        (tmp / STATE_FILE).write_text(dump_json(meta), encoding="utf-8")
     return Path(out_dir)
 
 

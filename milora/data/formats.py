@@ -41,7 +41,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -84,24 +84,30 @@ class RawRow:
     where: str
     index: int
     data: dict[str, Any] | BadRow
+    label: str = ""  # how messages name the file (default: `origin`), e.g. the user's source for a copy
+
+    @property
+    def name(self) -> str:
+        """The file as messages name it."""
+        return self.label or self.origin
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, name: str) -> str:
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise InvalidInput(
-            f"{path}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}, line {line}). "
+            f"{name}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}, line {line}). "
             "Re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
         ) from None
     if not text.strip():
-        raise InvalidInput(f"{path}: the file is empty; put rows in it or remove it from data.source")
+        raise InvalidInput(f"{name}: the file is empty; put rows in it or remove it from data.source")
     return text
 
 
-def _json_rows(path: Path, text: str) -> list[RawRow]:
+def _json_rows(path: Path, text: str, name: str) -> list[RawRow]:
     origin = str(path)
     if text.lstrip().startswith("{") and "\n" in text.strip():  # one pretty-printed object (MATH's layout)?
         try:
@@ -114,9 +120,9 @@ def _json_rows(path: Path, text: str) -> list[RawRow]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise InvalidInput(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+            raise InvalidInput(f"{name}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
         if not isinstance(data, list):
-            raise InvalidInput(f"{path}: expected a JSON array of row objects")
+            raise InvalidInput(f"{name}: expected a JSON array of row objects")
         return [RawRow(origin, f"row {i}", i,
                        obj if isinstance(obj, dict) else BadRow("<row>", "wrong type", f"not a JSON object: {obj!r:.40}"))
                 for i, obj in enumerate(data, 1)]
@@ -134,10 +140,10 @@ def _json_rows(path: Path, text: str) -> list[RawRow]:
     return rows
 
 
-def _csv_rows(path: Path, text: str) -> list[RawRow]:
+def _csv_rows(path: Path, text: str, name: str) -> list[RawRow]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     if not reader.fieldnames:
-        raise InvalidInput(f"{path}: the CSV file has no header row")
+        raise InvalidInput(f"{name}: the CSV file has no header row")
     out = []
     for i, row in enumerate(reader, 1):
         extra = row.pop(None, None)  # type: ignore[call-overload]
@@ -148,33 +154,38 @@ def _csv_rows(path: Path, text: str) -> list[RawRow]:
     return out
 
 
-def _parquet_rows(path: Path) -> list[RawRow]:
+def _parquet_rows(path: Path, name: str) -> list[RawRow]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if path.stat().st_size == 0:
-        raise InvalidInput(f"{path}: the file is empty; put rows in it or remove it from data.source")
+        raise InvalidInput(f"{name}: the file is empty; put rows in it or remove it from data.source")
     try:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise InvalidInput(f"{path}: not a readable Parquet file ({exc})") from None
+        raise InvalidInput(f"{name}: not a readable Parquet file ({exc})") from None
     return [RawRow(str(path), f"row {i}", i, r) for i, r in enumerate(table.to_pylist(), 1)]
 
 
-def read_file(path: str | os.PathLike[str]) -> list[RawRow]:
-    """The rows of one local JSON / JSONL / Parquet / CSV file, in file order (empty files are errors)."""
+def read_file(path: str | os.PathLike[str], label: str | None = None) -> list[RawRow]:
+    """The rows of one local JSON / JSONL / Parquet / CSV file, in file order (empty files are errors).
+
+    `label` is how messages name the file (default: its path), e.g. the user's source of a copy."""
     p = Path(path)
+    name = label or str(p)
     suffix = p.suffix.lower()
     if suffix == ".parquet":
-        rows = _parquet_rows(p)
+        rows = _parquet_rows(p, name)
     elif suffix in (".json", ".jsonl"):
-        rows = _json_rows(p, _read_text(p))
+        rows = _json_rows(p, _read_text(p, name), name)
     elif suffix == ".csv":
-        rows = _csv_rows(p, _read_text(p))
+        rows = _csv_rows(p, _read_text(p, name), name)
     else:
-        raise InvalidInput(f"{p}: unsupported file type '{suffix}'; use one of {', '.join(EXTENSIONS)}")
+        raise InvalidInput(f"{name}: unsupported file type '{suffix}'; use one of {', '.join(EXTENSIONS)}")
     if not rows:
-        raise InvalidInput(f"{p}: the file has no rows")
+        raise InvalidInput(f"{name}: the file has no rows")
+    for r in rows:
+        r.label = label or ""
     return rows
 
 
@@ -190,6 +201,22 @@ def source_files(source: str | os.PathLike[str]) -> list[Path]:
     if not files:
         raise InvalidInput(f"{p}: the directory holds no data files ({', '.join(EXTENSIONS)})")
     return files
+
+
+def copied_from(source: str, rel: str) -> str:
+    """The `data.source` file that the ingest stage copied to `data/raw/<rel>`, as the user would name it:
+    the source file itself, `<source dir>/<rel>`, `s3://bucket/prefix/<rel>`, or a Hub dataset's export."""
+    if source == "embedded":  # generated into data/raw by the ingest stage: the copy is the source
+        return f"data/raw/{rel}"
+    if source.startswith("s3://"):
+        uri = source.rstrip("/")
+        return uri if uri.endswith("/" + rel) else f"{uri}/{rel}"
+    local = Path(os.path.expanduser(source))
+    if local.is_file() or (not local.exists() and local.name == rel):
+        return source
+    if local.is_dir() or _looks_local(source):
+        return os.path.join(source, rel)
+    return f"Hub dataset {source} (exported as data/raw/{rel})"
 
 
 def _looks_local(source: str) -> bool:
@@ -498,7 +525,7 @@ def normalize_rows(raw: Sequence[RawRow], fmt: str, on_bad_rows: str = "fail", t
         return loaded
     origin = raw[0].origin
     if fmt == "auto":
-        fmt = detect_format(_columns(raw), origin)
+        fmt = detect_format(_columns(raw), raw[0].name)
     loaded.formats[origin] = fmt
     loaded.source_rows += len(raw)
     for r in raw:
@@ -508,9 +535,9 @@ def normalize_rows(raw: Sequence[RawRow], fmt: str, on_bad_rows: str = "fail", t
             row = normalize_row(r.data, fmt, tokenizer, require_response)
         except BadRow as exc:
             if on_bad_rows == "fail":
-                raise InvalidInput(f"{r.origin}, {r.where}, {exc}. {_SKIP_HINT}") from None
+                raise InvalidInput(f"{r.name}, {r.where}, {exc}. {_SKIP_HINT}") from None
             loaded.dropped[f"bad row: {exc.field} {exc.kind}"] += 1
-            log.debug("skipping %s, %s: %s", r.origin, r.where, exc)
+            log.debug("skipping %s, %s: %s", r.name, r.where, exc)
             continue
         row.update(id=row_id(row["task"], row["prompt"], row["response"]), n_options=len(row["options"]),
                    source=r.origin, source_row=r.index)
@@ -519,9 +546,13 @@ def normalize_rows(raw: Sequence[RawRow], fmt: str, on_bad_rows: str = "fail", t
 
 
 def read_records(source: str | os.PathLike[str], format: str = "auto", on_bad_rows: str = "fail",
-                 tokenizer: Any = None, split: str = "train", require_response: bool = True) -> Loaded:
+                 tokenizer: Any = None, split: str = "train", require_response: bool = True,
+                 describe: Callable[[Path], str] | None = None) -> Loaded:
     """Load and normalise a file, a directory of files, an `s3://bucket/prefix` or a Hub dataset id (`name`
-    or `name:config`, its `split`). `require_response=False` keeps rows without a target (test sets)."""
+    or `name:config`, its `split`). `require_response=False` keeps rows without a target (test sets).
+
+    `describe(path)` names a local file (or the source itself) in messages: the prepare stage reads the
+    copy in `data/raw` and names the user's `data.source` file instead."""
     if format != "auto" and format not in FORMATS:
         raise InvalidInput(f"unknown data format {format!r}; use one of auto, {', '.join(FORMATS)}")
     src = str(source)
@@ -541,14 +572,15 @@ def read_records(source: str | os.PathLike[str], format: str = "auto", on_bad_ro
                 normalize_rows(raw, format, **opts)  # type: ignore[arg-type]
     elif path.exists():
         for f in source_files(path):
-            normalize_rows(read_file(f), format, **opts)  # type: ignore[arg-type]
+            normalize_rows(read_file(f, describe(f) if describe else None), format, **opts)  # type: ignore[arg-type]
     elif _looks_local(src):
         raise MissingInput(f"data.source {src!r}: no such file or directory")
     else:
         normalize_rows(_hub_rows(src, split), format, **opts)  # type: ignore[arg-type]
     if not loaded.rows:
         reasons = ", ".join(f"{n} {k}" for k, n in sorted(loaded.dropped.items())) or "no rows"
-        raise InvalidInput(f"data.source {src!r}: no usable rows ({reasons})")
+        shown = describe(path) if describe and path.exists() else src
+        raise InvalidInput(f"data.source {shown!r}: no usable rows ({reasons})")
     if loaded.dropped:
         log.warning("skipped %d bad rows of %s: %s", sum(loaded.dropped.values()), src, dict(loaded.dropped))
     return loaded

@@ -101,8 +101,19 @@ def count_parameters(config: Any, trust_remote_code: bool = False) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def external_identity(model_cfg: Any, root: Path = Path(".")) -> dict[str, Any]:
-    """The `models/base.json` record of a local or Hub model (nothing is copied)."""
+def is_hub_id(name_or_path: str, root: Path = Path(".")) -> bool:
+    """Whether `model.name_or_path` names a Hub model (`org/name`) rather than a local directory."""
+    local = Path(os.path.expanduser(name_or_path))
+    return not (local.exists() or (root / local).exists() or _looks_like_path(name_or_path))
+
+
+def external_identity(model_cfg: Any, root: Path = Path(".")) -> tuple[dict[str, Any], Path]:
+    """The `models/base.json` record of a local or Hub model (nothing is copied), and where it loads from here.
+
+    The record names the model the way the user did (`name_or_path`), its revision (a Hub snapshot's commit)
+    and the content hash of its weights, but not the machine's path to them (a Hub cache or a directory
+    elsewhere): the record is a dependency of every later stage, and must not change with the machine or
+    workspace. `load_base` resolves the path again (`resolved_base_path`)."""
     from transformers import AutoConfig
 
     load_path, revision = resolve_model(model_cfg.name_or_path, root, model_cfg.revision, model_cfg.trust_remote_code)
@@ -118,7 +129,6 @@ def external_identity(model_cfg: Any, root: Path = Path(".")) -> dict[str, Any]:
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return {
         "name_or_path": model_cfg.name_or_path,
-        "load_path": str(load_path),
         "revision": revision,
         "content_hash": content_hash(weights),
         "weight_files": [f.name for f in weights],
@@ -128,7 +138,7 @@ def external_identity(model_cfg: Any, root: Path = Path(".")) -> dict[str, Any]:
         "embedded": False,
         "architecture": (config.architectures or [type(config).__name__])[0],
         "model_type": config.model_type,
-    }
+    }, load_path
 
 
 # ----------------------------------------------------------------------------- the embedded base
@@ -174,10 +184,20 @@ def base_info(cfg: Config, paths: Paths) -> dict[str, Any]:
     return info
 
 
+def resolved_base_path(info: dict[str, Any], root: Path, trust_remote_code: bool = False) -> Path:
+    """Where the base a `models/base.json` record describes loads from on this machine: the embedded base's
+    directory under `root` (`load_path`), else `name_or_path` resolved again (a local directory, or a Hub
+    id's snapshot at the recorded revision in the local HF cache, offline)."""
+    if info.get("load_path"):
+        p = Path(info["load_path"])
+        return p if p.is_absolute() else root / p
+    path, _ = resolve_model(info["name_or_path"], root, info.get("revision"), trust_remote_code)
+    return path
+
+
 def base_path(cfg: Config, paths: Paths) -> Path:
     """The directory `from_pretrained` loads the base (and its tokenizer) from."""
-    p = Path(base_info(cfg, paths)["load_path"])
-    return p if p.is_absolute() else paths.root / p
+    return resolved_base_path(base_info(cfg, paths), paths.root, cfg.model.trust_remote_code)
 
 
 def load_tokenizer(cfg: Config, paths: Paths) -> Any:

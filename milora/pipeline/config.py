@@ -2,6 +2,13 @@
 
 Every user-facing mistake (unknown key, out-of-range value, unknown choice) raises `ConfigError`,
 whose message names the key, the value and what is allowed, before any heavy work starts.
+
+One YAML reader for every config value: `params.yaml`, `-S KEY=VALUE` overrides (of `milora run` and
+`milora stage`), string values of the Prefect flow's `overrides` parameter and the DDP launcher's resolved
+params all go through `parse_yaml`, which is exactly what DVC reads params.yaml with (`ruamel.yaml`,
+`YAML(typ="safe")`, YAML 1.2). So `3e-4`, `1e-3` and `.5` are floats, `yes`/`no`/`on`/`off` are strings,
+`012` is 12, and `1_000` is 1000 (the YAML 1.2 core schema has no digit separators, but ruamel.yaml, and so
+DVC, accepts them: we follow what DVC reads, so the stages and `dvc.lock` always agree).
 """
 
 from __future__ import annotations
@@ -13,7 +20,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from milora.core.errors import UserError
@@ -81,6 +87,43 @@ class DataConfig(_Section):
 
 class SvdConfig(_Section):
     cache: str | None = ".svd_cache"
+
+    @field_validator("cache")
+    @classmethod
+    def _cache(cls, v: str | None) -> str | None:
+        if v is None or "://" not in v:
+            return v
+        if not v.startswith("s3://"):
+            raise ValueError("unsupported scheme: use a local directory or s3://bucket/prefix")
+        if not v[len("s3://"):].partition("/")[0]:
+            raise ValueError("names no bucket: use s3://bucket/prefix")
+        return v
+
+
+class FlowConfig(_Section):
+    """How the Prefect flow retries a transient failure (a stage killed by a signal, a server or endpoint
+    down) of a stage, of `push-data` and of `register`; config and data errors and bugs are never retried."""
+
+    retries: int = Field(3, ge=0, le=20)
+    retry_delays: list[float] = Field([10.0, 30.0, 90.0], min_length=1)
+
+    @field_validator("retry_delays", mode="before")
+    @classmethod
+    def _delays(cls, v: Any) -> Any:
+        if isinstance(v, list):  # whole numbers are fine as seconds
+            v = [float(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
+        return v
+
+    @field_validator("retry_delays")
+    @classmethod
+    def _non_negative(cls, v: list[float]) -> list[float]:
+        if any(x < 0 or x > 3600 for x in v):
+            raise ValueError("every delay must be in [0, 3600] seconds")
+        return v
+
+    def delays(self) -> list[float]:
+        """One delay per retry: `retry_delays`, its last value repeated as needed."""
+        return [self.retry_delays[min(i, len(self.retry_delays) - 1)] for i in range(self.retries)]
 
 
 class TrainConfig(_Section):
@@ -246,6 +289,7 @@ class Config(_Section):
     eval: EvalConfig = EvalConfig()
     register: RegisterConfig = RegisterConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    flow: FlowConfig = FlowConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -322,23 +366,57 @@ def validate(data: Mapping[str, Any] | None, source: str = "params.yaml") -> Con
         raise ConfigError("\n".join(lines)) from None
 
 
+def _yaml() -> Any:
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe")  # what DVC reads params.yaml with (dvc.utils.serialize.parse_yaml): YAML 1.2
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text the way DVC does (ruamel.yaml, YAML 1.2 core schema: `3e-4` is a float); raises
+    ruamel's `YAMLError` on bad syntax."""
+    return _yaml().load(text)
+
+
+def dump_params(data: Mapping[str, Any]) -> str:
+    """A params mapping as YAML that `parse_yaml` (and DVC) read back to the same values."""
+    import io
+
+    y = _yaml()
+    y.default_flow_style = False
+    y.sort_base_mapping_type_on_output = False  # keep the sections in params.yaml's order
+    buf = io.StringIO()
+    y.dump(dict(data), buf)
+    return buf.getvalue()
+
+
 def parse_override_value(text: str) -> Any:
-    """Parse a CLI override value (`adapter.rank=16`) as YAML, so numbers and lists keep their type."""
+    """Parse an override value (`-S train.learning_rate=3e-4`, or a string in the flow's `overrides`) as one
+    YAML 1.2 value, exactly as it would read in params.yaml: numbers and lists keep their type; text that is
+    not valid YAML (or is a comment) stays the text. Quote a value to keep it a string (`-S k='"012"'`)."""
+    from ruamel.yaml import YAMLError
+
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        value = parse_yaml(text)
+    except YAMLError:
         return text
+    return text if value is None and text.strip() not in ("", "~", "null", "Null", "NULL") else value
 
 
-def parse_sets(items: list[str]) -> dict[str, Any]:
-    """`["a.b=1", ...]` (the CLI's `-S KEY=VALUE`) -> `{"a.b": 1}`, values parsed by `parse_override_value`."""
-    out: dict[str, Any] = {}
+def split_sets(items: list[str]) -> dict[str, str]:
+    """`["a.b=1", ...]` (the CLI's `-S KEY=VALUE`) -> `{"a.b": "1"}`, the values as typed."""
+    out: dict[str, str] = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like KEY=VALUE (e.g. adapter.rank=16)")
         k, v = item.split("=", 1)
-        out[k.strip()] = parse_override_value(v)
+        out[k.strip()] = v
     return out
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """`["a.b=1", ...]` (the CLI's `-S KEY=VALUE`) -> `{"a.b": 1}`, values parsed by `parse_override_value`."""
+    return {k: parse_override_value(v) for k, v in split_sets(items).items()}
 
 
 def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -365,10 +443,12 @@ def read_params(path: str | os.PathLike[str] = "params.yaml") -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{p}: no such params file (run from the project root, or pass --params)")
+    from ruamel.yaml import YAMLError
+
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        data = parse_yaml(p.read_text(encoding="utf-8"))
+    except YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {' '.join(str(exc).split())}") from None
     return data or {}
 
 

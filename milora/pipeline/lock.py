@@ -147,10 +147,24 @@ class WorkspaceLock:
             self.stale = previous
             log.warning("taking over a stale workspace lock left %s: that process is gone",
                         previous.describe())
-        record = LockRecord(pid=os.getpid(), host=socket.gethostname(), started_at=_now(),
+        self._write_record(_now())
+        return self
+
+    def annotate(self, flow_run_id: str | None = None, command: str | None = None) -> None:
+        """Name the flow run (and command) holding the lock in its record, once known: `milora run` takes the
+        lock before Prefect starts, and the flow run it then starts fills in its id."""
+        if self._fd is None:
+            raise RuntimeError("workspace lock is not held")
+        self.flow_run_id = flow_run_id or self.flow_run_id
+        self.command = command or self.command
+        record = read_record(self.root)
+        started = record.started_at if record is not None and record.pid == os.getpid() else _now()
+        self._write_record(started)
+
+    def _write_record(self, started_at: str) -> None:
+        record = LockRecord(pid=os.getpid(), host=socket.gethostname(), started_at=started_at,
                             flow_run_id=self.flow_run_id, command=self.command)
         atomic_write_text(self.record_path, json.dumps(asdict(record), indent=2) + "\n")
-        return self
 
     def release(self) -> None:
         """Drop the record and the lock (idempotent)."""

@@ -85,9 +85,15 @@ class Paths:
         return self.root / "metrics" / f"{name}.json"
 
     def report(self, name: str) -> Path:
-        """`reports/<name>.json`: a stage's detailed numbers (per matrix, per percentile, counts, timings), a
-        superset of its DVC metrics, logged to MLflow."""
+        """`reports/<name>.json`: a stage's detailed numbers (per matrix, per percentile, counts), a superset of
+        its DVC metrics, logged to MLflow; byte-reproducible (its timings are in `timings/<name>.json`)."""
         return self.root / "reports" / f"{name}.json"
+
+    def timings(self, name: str) -> Path:
+        """`timings/<name>.json`: a stage's run facts (wall times, cache hits, memory), which change on every
+        rerun: not a stage output, so that outputs stay byte-reproducible (dvc.yaml lists them as top-level
+        metrics); logged to MLflow."""
+        return self.root / "timings" / f"{name}.json"
 
     def stage_metrics(self, stage: str) -> Path | None:
         """The DVC metrics file a stage writes, if it writes one."""

@@ -12,6 +12,7 @@ carry timings freely.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -83,13 +84,32 @@ def recorded(step: str, root: str | os.PathLike[str]) -> Iterator[StepResult]:
     result.succeed(time.perf_counter() - t0).save(root)
 
 
-def write_metrics(paths: Paths, name: str, details: Mapping[str, Any], summary: Sequence[str]) -> None:
-    """Write a stage's numbers: all of them to `reports/<name>.json` (MLflow logs every numeric leaf), and the
-    few that people compare across runs (`summary`: dotted keys of `details`, those present) to the DVC
-    metrics file `metrics/<name>.json`, so `dvc metrics show` and `dvc exp show` stay readable."""
-    write_json(paths.report(name), details)
+def write_metrics(paths: Paths, name: str, details: Mapping[str, Any], summary: Sequence[str],
+                  timings: Sequence[str] = ()) -> None:
+    """Write a stage's numbers in three files:
+
+    * `reports/<name>.json`: all of `details` but the run facts (a DVC out: byte-reproducible);
+    * `metrics/<name>.json`: the few numbers people compare across runs (`summary`: dotted keys of
+      `details`, those present), the DVC metrics file of `dvc metrics show` / `dvc exp show`;
+    * `timings/<name>.json`: the run facts (`timings`: dotted keys, each part a shell-style pattern, e.g.
+      `per_matrix.*.seconds` or `*_seconds`): wall times, cache hits, memory. They change on every rerun, so they are not a
+      stage output (DVC lists them as top-level metrics): rerunning a stage on the same inputs leaves its
+      outputs byte-identical and `dvc status` clean.
+
+    MLflow logs every numeric leaf of the report and of the timings."""
+    stable, facts = split_keys(details, timings)
+    write_json(paths.report(name), stable)
+    write_json(paths.metrics(name), pick(stable, summary))
+    if facts:
+        write_json(paths.timings(name), facts)
+    else:
+        paths.timings(name).unlink(missing_ok=True)
+
+
+def pick(details: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """The values of `details` at the dotted `keys` (those present), nested as in `details`."""
     picked: dict[str, Any] = {}
-    for dotted in summary:
+    for dotted in keys:
         node: Any = details
         for part in dotted.split("."):
             node = node.get(part) if isinstance(node, Mapping) else None
@@ -100,7 +120,28 @@ def write_metrics(paths: Paths, name: str, details: Mapping[str, Any], summary: 
         for part in parents:
             target = target.setdefault(part, {})
         target[leaf] = node
-    write_json(paths.metrics(name), picked)
+    return picked
+
+
+def split_keys(details: Mapping[str, Any], patterns: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(`details` without the keys matching the dotted `patterns`, those keys alone), both nested."""
+    def split(node: Mapping[str, Any], pats: list[list[str]]) -> tuple[dict[str, Any], dict[str, Any]]:
+        keep: dict[str, Any] = {}
+        moved: dict[str, Any] = {}
+        for k, v in node.items():
+            here = [p for p in pats if fnmatch.fnmatchcase(k, p[0])]
+            if any(len(p) == 1 for p in here):
+                moved[k] = v
+            elif here and isinstance(v, Mapping):
+                kept, sub = split(v, [p[1:] for p in here if len(p) > 1])
+                keep[k] = kept
+                if sub:
+                    moved[k] = sub
+            else:
+                keep[k] = v
+        return keep, moved
+
+    return split(details, [p.split(".") for p in patterns])
 
 
 def one_line(exc: BaseException) -> str:

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # The numbers of metrics/base.json (DVC metrics, compared across runs); reports/base.json has them all.
 SUMMARY = ["n_params", "heldout.perplexity"]
+# Run facts: timings/base.json, not the byte-reproducible report.
+TIMINGS = ["pretrain.train_seconds", "pretrain.total_seconds"]
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int, max_length: int) -> Any:
@@ -247,11 +249,12 @@ def run(cfg: Config, paths: Paths) -> None:
                  metrics["spectrum"]["trained"]["top10pct_energy"], metrics["spectrum"]["init"]["top10pct_energy"],
                  metrics["pretrain"]["total_seconds"])
     else:
-        identity = external_identity(cfg.model, paths.root)
+        identity, load_path = external_identity(cfg.model, paths.root)
         metrics = {k: identity[k] for k in ("embedded", "n_params", "architecture", "content_hash")}
         # The DAG declares the embedded base's outputs; an external base has only a pointer and, when
         # data.heldout_text is given, that text (the forgetting metric's input).
-        note = f"External base model: weights load from {identity['load_path']} (see models/base.json).\n"
+        note = (f"External base model {cfg.model.name_or_path!r}: its weights load from where models/base.json "
+                "says (no copy here).\n")
         with atomic_dir(paths.base_dir) as d:
             (d / "README.txt").write_text(note, encoding="utf-8")
         heldout = ""
@@ -263,8 +266,8 @@ def run(cfg: Config, paths: Paths) -> None:
             heldout = src.read_text(encoding="utf-8")
         atomic_write_text(paths.heldout_text, heldout)
         atomic_write_text(paths.plot("base_loss.csv"), "step,loss\n")
-        log.info("base: %s -> %s (%s, %.1fM parameters)", cfg.model.name_or_path, identity["load_path"],
+        log.info("base: %s -> %s (%s, %.1fM parameters)", cfg.model.name_or_path, load_path,
                  identity["content_hash"][:19], identity["n_params"] / 1e6)
-    write_metrics(paths, "base", metrics, SUMMARY)
+    write_metrics(paths, "base", metrics, SUMMARY, TIMINGS)
     write_json(paths.base_json, identity)
 

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 # The numbers of metrics/eval.json (DVC metrics, compared across runs); reports/eval.json has them all.
 SUMMARY = ["average_accuracy", "perplexity", "forgetting"]
+# Run facts: timings/eval.json, not the byte-reproducible report.
+TIMINGS = ["*_seconds"]
 
 # ----------------------------------------------------------------------------- model scoring
 
@@ -212,5 +214,5 @@ def run(cfg: Config, paths: Paths) -> None:
     with atomic_dir(paths.suite_predictions_dir) as tmp:
         for r in results:
             atomic_write_text(tmp / f"{r.name}.jsonl", dump_jsonl(r.predictions))
-    write_metrics(paths, "eval", metrics, summary_keys(metrics))
+    write_metrics(paths, "eval", metrics, summary_keys(metrics), TIMINGS)
     log.info("eval: %s", dump_json({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}).strip())

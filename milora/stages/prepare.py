@@ -14,7 +14,7 @@ from typing import Any
 
 from milora.core.errors import MissingInput
 from milora.core.io import atomic_write_text
-from milora.data.formats import ROW_KEYS, read_records
+from milora.data.formats import ROW_KEYS, copied_from, read_records
 from milora.model.base import load_tokenizer
 from milora.model.tokenize import tokenize_pair
 from milora.pipeline.config import Config
@@ -118,7 +118,11 @@ def run(cfg: Config, paths: Paths) -> None:
     if not raw.is_dir():
         raise MissingInput(f"{raw} not found: run `milora stage ingest` first (it copies data.source there)")
     tokenizer = load_tokenizer(cfg, paths)
-    loaded = read_records(raw, d.format, d.on_bad_rows, tokenizer)
+
+    def describe(path: Path) -> str:  # errors name the user's file (and row), not the copy in data/raw
+        return d.source if path == raw else copied_from(d.source, path.relative_to(raw).as_posix())
+
+    loaded = read_records(raw, d.format, d.on_bad_rows, tokenizer, describe=describe)
     rows = loaded.rows
     dropped = Counter(loaded.dropped)
     if d.dedup:
@@ -146,8 +150,7 @@ def run(cfg: Config, paths: Paths) -> None:
     atomic_write_text(out / "eval.jsonl", _jsonl(split.eval))
     if split.capped_dropped:
         dropped["eval cap (rest of an oversized group)"] = split.capped_dropped
-    metrics = {
-        "source": d.source,
+    metrics = {  # a function of data/raw, the tokenizer and the data params only (not of where data.source is)
         "formats": {_short_origin(k, raw): v for k, v in loaded.formats.items()},
         "rows": {"source": loaded.source_rows, "loaded": len(loaded.rows), "kept": len(rows),
                  "train": len(split.train), "eval": len(split.eval)},

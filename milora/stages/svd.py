@@ -21,7 +21,7 @@ import torch
 
 from milora.core import svd
 from milora.core.adapter import init_adapter, resolve_targets, save_adapter, state_of, weight_2d
-from milora.core.io import atomic_write_bytes, atomic_write_text
+from milora.core.io import atomic_write_bytes, atomic_write_text, write_json
 from milora.model.base import load_base
 from milora.pipeline.config import Config
 from milora.pipeline.paths import Paths
@@ -29,8 +29,12 @@ from milora.pipeline.results import write_metrics
 
 log = logging.getLogger(__name__)
 
-# The numbers of metrics/svd.json (DVC metrics, compared across runs); reports/svd.json has them all.
-SUMMARY = ["init_seconds", "cache_hits"]
+# The numbers of metrics/svd.json (DVC metrics, compared across runs); reports/svd.json has them all but the
+# run facts (wall times, cache hits), which go to timings/svd.json.
+SUMMARY: list[str] = []  # what an svd run changes that people compare is its time and cache use: TIMINGS
+TIMINGS = ["init_seconds", "cache_hits", "cache_misses"]
+# Per-matrix run facts: timings/svd_matrices.json (MLflow logs it; not a DVC metric: one column per matrix).
+MATRIX_TIMINGS = "svd_matrices"
 
 
 # Above this many singular values a matrix's spectrum is not computed in full for the plot: the solved
@@ -165,7 +169,7 @@ def run(cfg: Config, paths: Paths) -> None:
         cache = str(paths.root / cache)  # a relative cache directory lives in the project
     peft_model = init_adapter(model, acfg, cache=cache)
     state = state_of(peft_model)
-    save_adapter(peft_model, paths.svd_init_dir)
+    save_adapter(peft_model, paths.svd_init_dir, base_name=cfg.model.name_or_path)
 
     report = state.report
     metrics: dict[str, Any] = {
@@ -177,9 +181,10 @@ def run(cfg: Config, paths: Paths) -> None:
     if report is not None:
         metrics.update(
             init_seconds=round(report.seconds, 4), cache_hits=report.hits, cache_misses=report.misses,
-            per_matrix={m.name: {"seconds": round(m.seconds, 4), "hit": m.hit, "solver": m.solver,
-                                 "shape": list(m.shape)} for m in report.matrices},
+            per_matrix={m.name: {"solver": m.solver, "shape": list(m.shape)} for m in report.matrices},
         )
+        write_json(paths.timings(MATRIX_TIMINGS), {m.name: {"seconds": round(m.seconds, 4), "hit": m.hit}
+                                                   for m in report.matrices})
     else:
         metrics.update(init_seconds=0.0, cache_hits=0, cache_misses=0)
     spectra = {n: known_spectrum(weight_2d(m), state.spectra.get(n),
@@ -189,7 +194,7 @@ def run(cfg: Config, paths: Paths) -> None:
     summaries = [spectrum_summary(sp, acfg.rank) for sp in spectra.values()]
     metrics["spectrum"] = {k: sum(v) / len(v) for k in ("principal_energy", "minor_energy", "top_to_median")
                            if (v := [s[k] for s in summaries if k in s])}
-    write_metrics(paths, "svd", metrics, SUMMARY)
+    write_metrics(paths, "svd", metrics, SUMMARY, TIMINGS)
     atomic_write_text(paths.plot("spectrum.csv"), spectrum_csv(spectra))
     atomic_write_bytes(paths.plot("spectrum.png"), spectrum_png(spectra, acfg.rank, acfg.method))
     log.info("svd: %s adapter r=%d on %d matrices -> %s", acfg.method, acfg.rank, len(state.init_factors),

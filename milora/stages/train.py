@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
@@ -34,14 +33,16 @@ from milora.core.io import atomic_write_text, file_digest, read_json, read_jsonl
 from milora.model.base import load_base
 from milora.model.nll import mean_loss
 from milora.model.tokenize import encode
-from milora.pipeline.config import Config
+from milora.pipeline.config import Config, dump_params
 from milora.pipeline.paths import Paths
 from milora.pipeline.results import write_metrics
 
 log = logging.getLogger(__name__)
 
 # The numbers of metrics/train.json (DVC metrics, compared across runs); reports/train.json has them all.
-SUMMARY = ["train_loss", "train_seconds"]
+SUMMARY = ["train_loss"]
+# Run facts: timings/train.json, not the byte-reproducible report (a resumed run also differs in these).
+TIMINGS = ["train_seconds", "tokens_per_second", "peak_memory_mb", "resumed_from_step"]
 
 FINGERPRINT = "fingerprint.json"
 PROGRESS = "progress.json"
@@ -88,15 +89,6 @@ class ProgressCallback(TrainerCallback):
         if state.is_world_process_zero and logs and "loss" in logs:
             write_json(self.path, {"step": state.global_step, "max_steps": state.max_steps,
                                    "loss": logs["loss"], "time": time.time()})
-
-
-def git_commit(root: Path) -> str | None:
-    """The current git commit of the project, if it is a git checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def _precision(cfg_precision: str) -> dict[str, bool]:
@@ -247,7 +239,7 @@ def launch_distributed(cfg: Config, paths: Paths) -> None:
     re-executing `milora stage train` with the same, already resolved config."""
     params = paths.root / ".milora" / "train_ddp_params.yaml"
     params.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(params, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    atomic_write_text(params, dump_params(cfg.model_dump(mode="json")))
     n = cfg.train.processes
     env = dict(os.environ)
     if not torch.cuda.is_available():  # CPU ranks share the cores
@@ -314,6 +306,9 @@ def run(cfg: Config, paths: Paths) -> None:
     tokens = int(trainer.state.num_input_tokens_seen or 0)
     steps_run = trainer.state.global_step - resumed_step
     svd_meta = read_adapter_meta(paths.svd_init_dir)
+    # What made these weights, and nothing else: this file is part of the adapter (a DVC out the evaluate
+    # stage and the registry depend on), so it holds no git commit, timestamp, path or unrelated param (the
+    # register step tags the MLflow run with the git commit and logs every param).
     lineage = {
         "method": cfg.adapter.method,
         "rank": cfg.adapter.rank,
@@ -321,11 +316,10 @@ def run(cfg: Config, paths: Paths) -> None:
         "base": read_json(paths.base_json),
         "data_hash": file_digest(paths.prepared_dir),
         "svd_cache_keys": svd_meta.get("cache_keys", {}),
-        "git_commit": git_commit(paths.root.resolve()),
-        "params": cfg.flat(),
+        "params": {"adapter": cfg.adapter.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json")},
     }
-    save_adapter(model, paths.adapter_dir, extra={"lineage": {k: lineage[k] for k in
-                                                                      ("method", "rank", "data_hash")}})
+    save_adapter(model, paths.adapter_dir, base_name=cfg.model.name_or_path,
+                 extra={"lineage": {k: lineage[k] for k in ("method", "rank", "data_hash")}})
     write_json(paths.adapter_dir / "lineage.json", lineage)
     metrics = {
         "train_loss": result.training_loss,
@@ -343,7 +337,7 @@ def run(cfg: Config, paths: Paths) -> None:
         "world_size": world,
         "ranks_agree": agree,
     }
-    write_metrics(paths, "train", metrics, SUMMARY)
+    write_metrics(paths, "train", metrics, SUMMARY, TIMINGS)
     atomic_write_text(paths.plot("train_loss.csv"), _loss_csv(trainer.state.log_history))
     log.info("train: %d steps in %.1fs, loss %.4f, eval loss %s -> %s", metrics["steps"], seconds,
              result.training_loss, start_eval, end_eval)

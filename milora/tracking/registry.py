@@ -14,10 +14,20 @@
 Every step is idempotent: a retry finds the same run (by `MLFLOW_RUN_ID`, the Prefect flow run or
 the content key of the outputs), the same logged model (run tag) and the same version (looked up by
 run id), and never re-decides a recorded decision. `promote` records a manual decision the same way.
+
+Registration is idempotent by content: a version carries its adapter's content key (`milora.model_key`,
+`milora.tracking.runs.model_key`); an adapter byte-identical to a registered version (so the same base
+identity and data hash, which its lineage holds) returns that version, whatever produced it (a new flow
+run, a params round trip, another workspace): nothing is logged or registered again.
+
+The gate is serialised per registered model by a lock in the tracking store itself (`gate_lock`), so that
+concurrent registrations (parallel workers sharing one MLflow server) decide one after the other, each
+against the champion the previous one left: the champion ends on the best version that passed its guards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import difflib
 import getpass
@@ -26,14 +36,18 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
+import socket
 import tempfile
-from collections.abc import Mapping
+import time
+import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from milora.core.errors import InvalidInput, MissingInput
+from milora.core.errors import InvalidInput, MissingInput, UnavailableError
 from milora.core.io import write_json
 from milora.pipeline.config import Config, RegisterConfig
 from milora.pipeline.paths import Paths
@@ -285,12 +299,14 @@ def save_pyfunc(dest: str | os.PathLike[str], cfg: Config, paths: Paths, run_id:
             raise MissingInput(f"the embedded base {paths.base_dir} is missing: run the base stage first")
         artifacts["base"] = str(paths.base_dir.resolve())
     else:
-        load_path = identity.get("load_path")
-        model_config.update(
-            base_name_or_path=identity.get("name_or_path") or cfg.model.name_or_path,
-            base_revision=identity.get("revision") or cfg.model.revision,
-            base_load_path=str((paths.root / load_path).resolve()) if load_path else None,
-        )
+        # A reference to the base: a Hub id at its recorded revision resolves through the loading machine's HF
+        # cache (or the Hub); a local directory is also named by its path on this machine.
+        from milora.model.base import is_hub_id, resolved_base_path
+
+        name = identity.get("name_or_path") or cfg.model.name_or_path
+        model_config.update(base_name_or_path=name, base_revision=identity.get("revision") or cfg.model.revision)
+        if not is_hub_id(name, paths.root):
+            model_config["base_load_path"] = str(resolved_base_path(identity, paths.root).resolve())
     with tempfile.TemporaryDirectory(prefix="milora-code-") as tmp:
         code = Path(tmp) / "milora"  # the package the model code imports, carried so it loads anywhere
         shutil.copytree(Path(milora.__file__).resolve().parent, code,
@@ -308,18 +324,14 @@ def _load_base(identity: Mapping[str, Any], cfg: Config, paths: Paths) -> tuple[
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    revision = None
-    if _carries_base(identity):
-        source = str(paths.base_dir)
-    elif identity.get("load_path") and (paths.root / identity["load_path"]).is_dir():
-        source = str(paths.root / identity["load_path"])
-    else:
-        source, revision = identity.get("name_or_path") or cfg.model.name_or_path, identity.get("revision")
-    dt = _dtype_name(identity, cfg)
+    from milora.model.base import resolved_base_path
+
     trust = cfg.model.trust_remote_code
-    model = AutoModelForCausalLM.from_pretrained(source, revision=revision, trust_remote_code=trust,
+    source = str(paths.base_dir if _carries_base(identity) else resolved_base_path(dict(identity), paths.root, trust))
+    dt = _dtype_name(identity, cfg)
+    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust,
                                                  dtype="auto" if dt == "auto" else getattr(torch, dt))
-    return model, AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust)
+    return model, AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
 
 
 def log_model(mlflow_client: MlflowClient, run_id: str, cfg: Config, paths: Paths) -> str:
@@ -368,6 +380,15 @@ class Registration:
     run_id: str
     created: bool
     decision: Decision
+    reused: bool = False  # a byte-identical adapter was already registered: this is that version
+
+    @property
+    def summary(self) -> str:
+        """One line: what registration did."""
+        if self.reused:
+            return (f"already registered: {self.model_name} version {self.version} holds this exact adapter "
+                    "(same weights, base and data); nothing new registered")
+        return f"{self.model_name} version {self.version} ({'new' if self.created else 'already registered'})"
 
     @property
     def model_uri(self) -> str:
@@ -377,7 +398,8 @@ class Registration:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able summary."""
         return {"model_name": self.model_name, "version": self.version, "run_id": self.run_id,
-                "created": self.created, "model_uri": self.model_uri, "decision": asdict(self.decision)}
+                "created": self.created, "reused": self.reused, "model_uri": self.model_uri,
+                "decision": asdict(self.decision)}
 
 
 def _is_missing(exc: Exception) -> bool:
@@ -402,17 +424,93 @@ def versions_of_run(mlflow_client: MlflowClient, name: str, run_id: str) -> list
     return sorted((v for v in found if v.name == name), key=lambda v: int(v.version))
 
 
-def versions_of_key(mlflow_client: MlflowClient, name: str, key: str) -> list[ModelVersion]:
-    """Versions of model `name` registered from outputs with run key `key` (oldest first)."""
+def versions_of_key(mlflow_client: MlflowClient, name: str, key: str,
+                    tag: str = tracking.TAG_RUN_KEY) -> list[ModelVersion]:
+    """Versions of model `name` whose `tag` (default: the run key of their outputs) is `key` (oldest first)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        found = mlflow_client.search_model_versions(f"name='{name}' and tags.`{tracking.TAG_RUN_KEY}` = '{key}'")
+        found = mlflow_client.search_model_versions(f"name='{name}' and tags.`{tag}` = '{key}'")
     except MlflowException as exc:
         if _is_missing(exc):
             return []
         raise
     return sorted(found, key=lambda v: int(v.version))
+
+
+def versions_of_model(mlflow_client: MlflowClient, name: str, model_key: str) -> list[ModelVersion]:
+    """Versions of model `name` holding the adapter with content key `model_key` (oldest first)."""
+    return versions_of_key(mlflow_client, name, model_key, tracking.TAG_MODEL_KEY)
+
+
+# ----------------------------------------------------------------------------- the gate lock
+
+GATE_LOCK_SUFFIX = "--champion-gate-lock"
+TAG_LOCK_HOLDER = "milora.lock.holder"
+TAG_LOCK_EXPIRES = "milora.lock.expires_at"
+GATE_LOCK_WAIT_S = 300.0  # give up waiting for another registration's gate after this long (transient)
+GATE_LOCK_LEASE_S = 600.0  # a holder that died leaves the lock; after this long it is taken over
+
+
+class GateBusy(UnavailableError):
+    """Another registration holds the champion gate of this model for longer than we wait (try again later)."""
+
+
+@contextlib.contextmanager
+def gate_lock(mlflow_client: MlflowClient, name: str, wait_s: float = GATE_LOCK_WAIT_S,
+              lease_s: float = GATE_LOCK_LEASE_S) -> Iterator[None]:
+    """Hold the champion gate of registered model `name`: one registration or promotion at a time, across
+    processes and machines sharing the tracking store.
+
+    The lock is a registered model `<name>--champion-gate-lock` in the tracking store itself: creating a
+    registered model is atomic there (a unique name, in the store's database), so exactly one of several
+    concurrent creators succeeds; the holder deletes it when done. Its tags name the holder and the lease's
+    end: a holder that died (kill -9) is taken over once its lease has run out. Why not a compare-and-set
+    of the alias: MLflow has no conditional alias update, so two gates could both read the old champion and
+    the slower, worse one would win; and a Prefect concurrency limit would not cover `milora register` /
+    `milora promote` run by hand."""
+    from mlflow.exceptions import MlflowException
+
+    lock = f"{name}{GATE_LOCK_SUFFIX}"
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + wait_s
+    waited = False
+    while True:
+        expires = time.time() + lease_s
+        try:
+            mlflow_client.create_registered_model(
+                lock, tags={TAG_LOCK_HOLDER: holder, TAG_LOCK_EXPIRES: f"{expires:.3f}"},
+                description=f"milora: the champion gate of {name!r} is being decided (a lock; deleted when done)")
+            break
+        except MlflowException as exc:
+            if getattr(exc, "error_code", "") not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+        try:
+            tags = mlflow_client.get_registered_model(lock).tags or {}
+        except MlflowException as exc:
+            if _is_missing(exc):
+                continue  # released meanwhile: try again at once
+            raise
+        if float(tags.get(TAG_LOCK_EXPIRES) or 0) < time.time():
+            log.warning("taking over the champion gate of %s: its holder (%s) let the lease run out", name,
+                        tags.get(TAG_LOCK_HOLDER))
+            with contextlib.suppress(MlflowException):
+                mlflow_client.delete_registered_model(lock)
+            continue
+        if time.monotonic() > deadline:
+            raise GateBusy(f"the champion gate of model {name!r} has been held by {tags.get(TAG_LOCK_HOLDER)} for "
+                           f"more than {wait_s:.0f} s; retry later (the pipeline outputs are untouched)")
+        if not waited:
+            log.info("waiting for the champion gate of %s (held by %s)", name, tags.get(TAG_LOCK_HOLDER))
+            waited = True
+        time.sleep(random.uniform(0.2, 0.6))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            current = mlflow_client.get_registered_model(lock).tags or {}
+            if current.get(TAG_LOCK_HOLDER) == holder:
+                mlflow_client.delete_registered_model(lock)
 
 
 def ensure_version(mlflow_client: MlflowClient, name: str, run_id: str, source: str,
@@ -429,6 +527,11 @@ def ensure_version(mlflow_client: MlflowClient, name: str, run_id: str, source: 
     if existing:
         log.info("run %s is already registered as %s version %s", run_id, name, existing[0].version)
         return existing[0], False
+    mkey = tags.get(tracking.TAG_MODEL_KEY)
+    if mkey and (same := versions_of_model(mlflow_client, name, mkey)):
+        log.info("this adapter (model key %s) is already registered as %s version %s (run %s): not registering "
+                 "it again", mkey[:12], name, same[0].version, same[0].run_id)
+        return same[0], False
     key = tags.get(tracking.TAG_RUN_KEY)
     if key and (same := versions_of_key(mlflow_client, name, key)):
         log.info("these outputs (run key %s) are already registered as %s version %s (run %s): not registering "
@@ -467,7 +570,22 @@ def decide(
     source: str = "auto",
     force: bool = False,
 ) -> Decision:
-    """Gate `version` against the current champion, move `champion` if it wins, and record the decision."""
+    """Gate `version` against the current champion, move `champion` if it wins, and record the decision,
+    holding the model's gate lock (`gate_lock`)."""
+    with gate_lock(mlflow_client, name):
+        return _decide(mlflow_client, name, version, challenger_metrics, rc, source, force)
+
+
+def _decide(
+    mlflow_client: MlflowClient,
+    name: str,
+    version: str,
+    challenger_metrics: Mapping[str, Any],
+    rc: RegisterConfig,
+    source: str = "auto",
+    force: bool = False,
+) -> Decision:
+    """`decide`, with the gate lock held by the caller."""
     champ = alias_version(mlflow_client, name, CHAMPION)
     fields = dict(metric=rc.metric, direction=rc.direction, min_delta=rc.min_delta, source=source)
     if champ is not None and str(champ.version) == str(version):
@@ -554,9 +672,47 @@ def register_run(cfg: Config, paths: Paths) -> Registration:
                                        rc.connect_retries) from None
 
 
+def _own_version(mlflow_client: MlflowClient, mv: ModelVersion) -> bool:
+    """Whether `mv` was registered by this very pipeline run (`MLFLOW_RUN_ID`, or a run of this Prefect flow
+    run): then registering is a retry, which goes the whole way again (idempotently) to finish its run."""
+    from mlflow.exceptions import MlflowException
+
+    if not mv.run_id:
+        return False
+    if mv.run_id == os.environ.get(tracking.ENV_RUN_ID, "").strip():
+        return True
+    flow = tracking.prefect_flow_run_id()
+    if not flow:
+        return False
+    try:
+        return mlflow_client.get_run(mv.run_id).data.tags.get(tracking.TAG_PREFECT) == flow
+    except MlflowException:
+        return False
+
+
+def _recorded_or_decide(mlflow_client: MlflowClient, name: str, version: str, metrics: Mapping[str, Any],
+                        rc: RegisterConfig) -> Decision:
+    """The decision recorded on `version`, else the gate's (the caller holds the gate lock)."""
+    recorded = mlflow_client.get_model_version(name, version).tags
+    if TAG_DECISION in recorded:
+        decision = Decision.from_tags(recorded)
+        log.info("%s version %s was already decided: %s", name, version, decision.reason)
+        return decision
+    return _decide(mlflow_client, name, version, metrics, rc)
+
+
 def _register(cfg: Config, paths: Paths, key: str) -> Registration:
     rc = cfg.register
     c = tracking.client(paths.root)
+    mkey = tracking.model_key(paths)
+    same = versions_of_model(c, rc.model_name, mkey)
+    if same and not _own_version(c, same[0]):
+        mv = same[0]
+        with gate_lock(c, rc.model_name):
+            decision = _recorded_or_decide(c, rc.model_name, str(mv.version), version_metrics(c, mv), rc)
+        reg = Registration(rc.model_name, str(mv.version), mv.run_id or "", False, decision, reused=True)
+        log.info("register: %s", reg.summary)
+        return reg
     experiment_id = tracking.ensure_experiment(c, rc.experiment, paths.root)
     lineage = tracking.read_lineage(paths)
     method = lineage.get("method") or cfg.adapter.method
@@ -567,15 +723,14 @@ def _register(cfg: Config, paths: Paths, key: str) -> Registration:
     source = log_model(c, run_id, cfg, paths)
     version_tags = {k: v for k, v in lineage_tags.items() if not k.startswith("mlflow.") and k != "milora.svd_cache_keys"}
     version_tags[tracking.TAG_RUN_KEY] = key
-    mv, created = ensure_version(c, rc.model_name, run_id, source, version_tags)
-    version = str(mv.version)
-    c.set_registered_model_alias(rc.model_name, CHALLENGER, version)
-    recorded = c.get_model_version(rc.model_name, version).tags
-    if TAG_DECISION in recorded:
-        decision = Decision.from_tags(recorded)
-        log.info("%s version %s was already decided: %s", rc.model_name, version, decision.reason)
-    else:
-        decision = decide(c, rc.model_name, version, c.get_run(run_id).data.metrics, rc)
+    version_tags[tracking.TAG_MODEL_KEY] = mkey
+    # Find-or-create the version and decide, holding the gate: two registrations of one model at once decide
+    # one after the other (and two of the same adapter make one version).
+    with gate_lock(c, rc.model_name):
+        mv, created = ensure_version(c, rc.model_name, run_id, source, version_tags)
+        version = str(mv.version)
+        c.set_registered_model_alias(rc.model_name, CHALLENGER, version)
+        decision = _recorded_or_decide(c, rc.model_name, version, version_metrics(c, mv), rc)
     c.set_tag(run_id, "milora.model_version", f"{rc.model_name}/{version}")
     if not os.environ.get(tracking.ENV_RUN_ID) and c.get_run(run_id).info.status == "RUNNING":
         c.set_terminated(run_id, "FINISHED")  # a run joined through MLFLOW_RUN_ID is ended by its owner
@@ -596,10 +751,11 @@ def write_registration(paths: Paths, reg: Registration) -> Path:
 
 def register_stage(cfg: Config, paths: Paths) -> Registration:
     """The `register` step: log + register + gate the outputs under `paths`, then write `metrics/register.json`."""
+    t0 = time.perf_counter()
     reg = register_run(cfg, paths)
     out = write_registration(paths, reg)
-    log.info("register: %s version %s (%s): %s; wrote %s", reg.model_name, reg.version,
-             "new" if reg.created else "already registered", reg.decision.reason, out)
+    log.info("register: %s in %.1fs: %s; wrote %s", reg.summary, time.perf_counter() - t0, reg.decision.reason,
+             out)
     return reg
 
 

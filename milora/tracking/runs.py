@@ -49,6 +49,7 @@ ENV_RUN_ID = "MLFLOW_RUN_ID"
 ENV_PREFECT_FLOW_RUN = "PREFECT__FLOW_RUN_ID"
 TAG = "milora."
 TAG_RUN_KEY = "milora.run_key"
+TAG_MODEL_KEY = "milora.model_key"
 TAG_LOGGED = "milora.logged"
 TAG_PREFECT = "milora.prefect_flow_run_id"
 PREFIXED = ("data", "base", "svd", "train")  # logged as `<name>.<key>`; eval metrics are unprefixed
@@ -268,6 +269,18 @@ def run_key(paths: Paths) -> str:
     return h.hexdigest()
 
 
+def model_key(paths: Paths) -> str:
+    """Content key of the model itself: sha256 over the adapter directory's files (names and bytes). The
+    adapter is byte-reproducible and holds its lineage (base identity with its content hash, data hash), so
+    one key means one model, whichever workspace, flow run or params round trip produced it."""
+    h = hashlib.sha256()
+    adapter = paths.adapter_dir
+    for p in sorted(q for q in adapter.rglob("*") if q.is_file()):
+        h.update(p.relative_to(adapter).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
 def ensure_run(
     mlflow_client: MlflowClient,
     experiment_id: str,
@@ -328,16 +341,18 @@ def numeric_metrics(data: Mapping[str, Any], prefix: str = "") -> dict[str, floa
 
 def collect_metrics(paths: Paths) -> dict[str, float]:
     """Every numeric result of a run, from each stage's `reports/<name>.json` (all its numbers; the DVC
-    metrics file when there is no report): eval unprefixed, the other stages as `<name>.<key>`."""
+    metrics file when there is no report) and `timings/<name>.json` (its run facts): eval unprefixed, the
+    other stages as `<name>.<key>`."""
     out: dict[str, float] = {}
     for stage in (*PREFIXED, "eval"):
         p = paths.report(stage) if paths.report(stage).is_file() else paths.metrics(stage)
-        if not p.is_file():
-            log.info("no %s: skipping its metrics", p)
-            continue
-        data = _read_json_or_none(p)
-        if isinstance(data, Mapping):
-            out.update(numeric_metrics(data, "" if stage == "eval" else f"{stage}."))
+        for f in (p, paths.timings(stage)):
+            if not f.is_file():
+                log.info("no %s: skipping its metrics", f)
+                continue
+            data = _read_json_or_none(f)
+            if isinstance(data, Mapping):
+                out.update(numeric_metrics(data, "" if stage == "eval" else f"{stage}."))
     return out
 
 
@@ -495,6 +510,11 @@ ARTIFACTS: tuple[tuple[str, str], ...] = (
     ("reports/svd.json", "reports"),
     ("reports/train.json", "reports"),
     ("reports/eval.json", "reports"),
+    ("timings/base.json", "timings"),
+    ("timings/svd.json", "timings"),
+    ("timings/svd_matrices.json", "timings"),
+    ("timings/train.json", "timings"),
+    ("timings/eval.json", "timings"),
     ("plots/train_loss.csv", "plots"),
     ("plots/spectrum.png", "plots"),
     ("eval/predictions.jsonl", "eval"),

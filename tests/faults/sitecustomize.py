@@ -3,13 +3,46 @@ directory on PYTHONPATH (`tests.faults.fault_env`) and Python imports it at star
 no hook for it.
 
 * `MILORA_TEST_FAULT=evaluate[,svd]`: those stages raise a bug (`RuntimeError`) instead of running;
-* `MILORA_TEST_KILL_AT_STEP=N`: training SIGKILLs itself once a checkpoint at or after step N is saved.
+* `MILORA_TEST_KILL_AT_STEP=N`: training SIGKILLs itself once a checkpoint at or after step N is saved;
+* `MILORA_TEST_GATE_BARRIER=DIR:N` and `MILORA_TEST_GATE_DELAY=S`: registrations wait for each other (N of
+  them) right before taking the champion gate, and the gate takes S seconds to decide: concurrent
+  registrations then race for the champion alias at the same moment, with a wide window.
 """
 
 import os
 
 _FAULT = os.environ.get("MILORA_TEST_FAULT", "")
 _KILL_AT = os.environ.get("MILORA_TEST_KILL_AT_STEP", "")
+_GATE_BARRIER = os.environ.get("MILORA_TEST_GATE_BARRIER", "")
+_GATE_DELAY = float(os.environ.get("MILORA_TEST_GATE_DELAY", "0") or 0)
+
+if _GATE_BARRIER or _GATE_DELAY:
+    import contextlib
+    import time
+    from pathlib import Path
+
+    import milora.tracking.registry as _registry
+
+    _gate_lock, _gate = _registry.gate_lock, _registry.gate
+
+    @contextlib.contextmanager
+    def _gate_lock_after_barrier(*args, **kwargs):
+        if _GATE_BARRIER:
+            folder, _, n = _GATE_BARRIER.rpartition(":")
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / str(os.getpid())).touch()
+            deadline = time.monotonic() + 300
+            while len(list(Path(folder).iterdir())) < int(n) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        with _gate_lock(*args, **kwargs):
+            yield
+
+    def _slow_gate(*args, **kwargs):
+        time.sleep(_GATE_DELAY)
+        return _gate(*args, **kwargs)
+
+    _registry.gate_lock = _gate_lock_after_barrier
+    _registry.gate = _slow_gate
 
 if _FAULT or _KILL_AT:
     import milora.stages as _stages
