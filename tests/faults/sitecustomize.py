@@ -4,14 +4,17 @@ no hook for it.
 
 * `MILORA_TEST_FAULT=evaluate[,svd]`: those stages raise a bug (`RuntimeError`) instead of running;
 * `MILORA_TEST_KILL_AT_STEP=N`: training SIGKILLs itself once a checkpoint at or after step N is saved.
+* `MILORA_TEST_DUMP_RANKS=DIR`: at the end of training every rank saves its trainable tensors to
+  `DIR/rank<RANK>.safetensors` (so a test compares the ranks tensor by tensor).
 """
 
 import os
 
 _FAULT = os.environ.get("MILORA_TEST_FAULT", "")
 _KILL_AT = os.environ.get("MILORA_TEST_KILL_AT_STEP", "")
+_DUMP = os.environ.get("MILORA_TEST_DUMP_RANKS", "")
 
-if _FAULT or _KILL_AT:
+if _FAULT or _KILL_AT or _DUMP:
     import milora.stages as _stages
 
     _stage_function = _stages.stage_function
@@ -23,7 +26,26 @@ if _FAULT or _KILL_AT:
                 raise RuntimeError(f"fault injected into stage {name!r} by the test (MILORA_TEST_FAULT)")
         if name == "train" and _KILL_AT:
             _kill_training_at(int(_KILL_AT))
+        if name == "train" and _DUMP:
+            _dump_ranks(_DUMP)
         return fn
+
+    def _dump_ranks(directory):
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        import milora.stages.train as train
+
+        agree = train._ranks_agree
+
+        def dumping(model):
+            tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(Path(directory) / f"rank{os.environ.get('RANK', '0')}.safetensors"))
+            return agree(model)
+
+        train._ranks_agree = dumping
 
     def _kill_training_at(step):
         import signal
