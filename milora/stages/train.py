@@ -336,6 +336,7 @@ def run(cfg: Config, paths: Paths) -> None:
         "trainable_params": trainable,
         "total_params": total,
         "peak_memory_mb": round(_peak_memory_mb(), 1),
+        "cpu_threads": torch.get_num_threads(),  # OMP_NUM_THREADS when set (parallel runs sharing a machine)
         "world_size": world,
         "ranks_agree": True,
         "ranks_compared_tensors": sum(1 for p in model.parameters() if p.requires_grad) if world > 1 else 0,

@@ -4,6 +4,8 @@ no hook for it.
 
 * `MILORA_TEST_FAULT=evaluate[,svd]`: those stages raise a bug (`RuntimeError`) instead of running;
 * `MILORA_TEST_KILL_AT_STEP=N`: training SIGKILLs itself once a checkpoint at or after step N is saved.
+* `MILORA_TEST_FAULT_ONCE=DIR`: each armed fault above fires once only (it leaves `DIR/<fault>` behind), so a
+  retry of the same run, with the same environment, gets past it;
 * `MILORA_TEST_DUMP_RANKS=DIR`: at the end of training every rank saves its trainable tensors to
   `DIR/rank<RANK>.safetensors` (so a test compares the ranks tensor by tensor).
 """
@@ -13,6 +15,20 @@ import os
 _FAULT = os.environ.get("MILORA_TEST_FAULT", "")
 _KILL_AT = os.environ.get("MILORA_TEST_KILL_AT_STEP", "")
 _DUMP = os.environ.get("MILORA_TEST_DUMP_RANKS", "")
+_ONCE = os.environ.get("MILORA_TEST_FAULT_ONCE", "")
+
+
+def _fires(fault):
+    """Whether an armed fault fires now (always, or the first time only under MILORA_TEST_FAULT_ONCE)."""
+    if not _ONCE:
+        return True
+    os.makedirs(_ONCE, exist_ok=True)
+    try:
+        os.close(os.open(os.path.join(_ONCE, fault), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True
+
 
 if _FAULT or _KILL_AT or _DUMP:
     import milora.stages as _stages
@@ -21,7 +37,7 @@ if _FAULT or _KILL_AT or _DUMP:
 
     def _faulty_stage_function(name):
         fn = _stage_function(name)
-        if name in _FAULT.split(","):
+        if name in _FAULT.split(",") and _fires(name):
             def fn(cfg, paths):
                 raise RuntimeError(f"fault injected into stage {name!r} by the test (MILORA_TEST_FAULT)")
         if name == "train" and _KILL_AT:
@@ -56,7 +72,7 @@ if _FAULT or _KILL_AT or _DUMP:
 
         class KillAfterCheckpoint(TrainerCallback):
             def on_save(self, args, state, control, **kwargs):
-                if state.global_step >= step:
+                if state.global_step >= step and _fires("kill"):
                     os.kill(os.getpid(), signal.SIGKILL)
 
         class Trainer(train.Trainer):
