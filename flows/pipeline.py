@@ -165,7 +165,7 @@ def run_stage(stage: str, root: str, force: bool = False, progress_id: str | Non
     """`dvc repro --single-item STAGE` in `root`, its output streamed into this task's log.
 
     With `sync` (a worker's workspace with a DVC remote: `flows.workspace`), DVC pulls what the stage needs from
-    the remote (`--pull`: inputs, run cache) and a stage that ran pushes its outputs and run cache.
+    the remote (`--pull`: inputs, run cache) and pushes the stage's outputs and run cache unless it restored them.
     Returns the `StageRun` fields as a dict; raises `StageFailed` (kind transient/user/internal)."""
     rootp = Path(root)
     lo, hi = progress_span
@@ -184,7 +184,7 @@ def run_stage(stage: str, root: str, force: bool = False, progress_id: str | Non
     before = lock_entry(rootp, stage)
     result, attempt, step = _run_step(stage, dvc_command(*args), rootp, on_tick, result_step=stage)
     outcome = repro_outcome(step, before, lock_entry(rootp, stage))
-    if sync and outcome == "ran":
+    if sync and outcome != "restored":  # (a skipped stage too: an earlier attempt may have run it, not pushed)
         get_run_logger().info("$ dvc push --run-cache %s", stage)
         _run_step(f"push {stage}", dvc_command("push", "--run-cache", stage), rootp)
     _set_progress(progress_id, hi, f"{stage}: {outcome}")

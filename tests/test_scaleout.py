@@ -211,3 +211,41 @@ def test_fanout_grid_labels_threads_and_table():
     assert lines[0] == "| trial | overrides | state | average_accuracy | train.cpu_threads | MLflow run |"
     assert lines[2] == "| 0 | adapter.method=lora | Completed | 0.25 | 1 | r0 |"
     assert lines[3] == "| 1 | adapter.method=milora | Failed |  |  |  |"
+
+
+# --------------------------------------------------------------------------------------- worker image
+
+
+def test_the_worker_image_builds_cpu_torch_by_default_then_the_pinned_project():
+    import re
+
+    text = (REPO / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))
+    base = args["BASE_IMAGE"]
+    assert re.fullmatch(r"python:3\.\d+\.\d+-slim-\w+", base), base  # a pinned release, not `latest`
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
+    lock = dict(line.split("==", 1) for line in (REPO / "requirements.lock").read_text().split() if "==" in line)
+    assert args["TORCH_VERSION"] == lock["torch"] and args["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    assert "nvidia/cuda:" in text  # the CUDA build is documented as a build arg
+    steps = [line for line in text.splitlines() if line.startswith(("RUN", "COPY", "CMD", "USER"))]
+    torch_at = next(i for i, s in enumerate(steps) if "torch==${TORCH_VERSION}" in s)
+    copy_at = steps.index("COPY . .")
+    install_at = next(i for i, s in enumerate(steps) if "pip install -c requirements.lock ." in s)
+    assert torch_at < copy_at < install_at  # torch first, then the project with the lock's pins
+    assert "git" in text.split("apt-get install", 1)[1].split("\n")[0]  # the workspaces clone the project
+    assert steps[-1] == 'CMD ["prefect", "worker", "start", "--pool", "milora"]'
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "models", "mlflow/mlflow.db", ".dvc/config.local"} <= set(ignored)
+
+
+def test_the_kubernetes_job_template_declares_every_variable_it_uses():
+    import json
+    import re
+
+    template = json.loads((REPO / "deploy" / "kubernetes-job-template.json").read_text())
+    used = set(re.findall(r"\{\{ (\w+) \}\}", json.dumps(template["job_configuration"])))
+    declared = set(template["variables"]["properties"])
+    assert used <= declared, used - declared
+    container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+    assert container["volumeMounts"] == [{"name": "workspaces", "mountPath": "/workspaces"}]
