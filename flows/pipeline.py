@@ -59,6 +59,7 @@ from flows.dvc import (
 )
 from flows.params import parse_overrides, run_params, validate_run_config
 from flows.report import REGISTERED_FILE, RunReport, read_metrics, registration_line, render_markdown
+from flows.workspace import is_workspace, keep_after_failure, remove_after_success
 from milora.core.errors import UserError
 from milora.core.io import read_json, write_json
 from milora.pipeline.config import FlowConfig
@@ -174,9 +175,11 @@ def _run_step(name: str, cmd: list[str], root: Path, on_tick: Any = None, result
 @task(name="stage", task_run_name="{stage}", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
       retry_condition_fn=retry_transient, cache_policy=NO_CACHE, persist_result=False)
 def run_stage(stage: str, root: str, force: bool = False, progress_id: str | None = None,
-              progress_span: tuple[float, float] = (0.0, 100.0)) -> dict[str, Any]:
+              progress_span: tuple[float, float] = (0.0, 100.0), sync: bool = False) -> dict[str, Any]:
     """`dvc repro --single-item STAGE` in `root`, its output streamed into this task's log.
 
+    With `sync` (a worker's workspace with a DVC remote: `flows.workspace`), DVC pulls what the stage needs from
+    the remote (`--pull`: inputs, run cache) and pushes the stage's outputs and run cache unless it restored them.
     Returns the `StageRun` fields as a dict; raises `StageFailed` (kind transient/user/internal)."""
     rootp = Path(root)
     lo, hi = progress_span
@@ -190,11 +193,14 @@ def run_stage(stage: str, root: str, force: bool = False, progress_id: str | Non
             if frac is not None:
                 _set_progress(progress_id, lo + (hi - lo) * frac, f"train: {100 * frac:.0f}% of the steps")
 
-    args = ["repro", "--single-item", *(["--force"] if force else []), stage]
+    args = ["repro", "--single-item", *(["--force"] if force else []), *(["--pull"] if sync else []), stage]
     get_run_logger().info("$ dvc %s", " ".join(args))
     before = lock_entry(rootp, stage)
     result, attempt, step = _run_step(stage, dvc_command(*args), rootp, on_tick, result_step=stage)
     outcome = repro_outcome(step, before, lock_entry(rootp, stage))
+    if sync and outcome != "restored":  # (a skipped stage too: an earlier attempt may have run it, not pushed)
+        get_run_logger().info("$ dvc push --run-cache %s", stage)
+        _run_step(f"push {stage}", dvc_command("push", "--run-cache", stage), rootp)
     _set_progress(progress_id, hi, f"{stage}: {outcome}")
     get_run_logger().info("stage %s: %s in %.1fs", stage, outcome, result.seconds)
     return {"name": stage, "outcome": outcome, "seconds": round(result.seconds, 3),
@@ -302,7 +308,8 @@ def _publish(report: RunReport, t0: float) -> None:
 
 
 @flow(name=FLOW_NAME, description="MiLoRA fine-tuning: DVC stages ingest..evaluate, then MLflow registration",
-      validate_parameters=True, persist_result=False)
+      validate_parameters=True, persist_result=False, on_completion=[remove_after_success],
+      on_failure=[keep_after_failure], on_crashed=[keep_after_failure])
 def milora_pipeline(overrides: dict[str, Any] | None = None, model_name: str | None = None, root: str = ".",
                     params: str | None = None) -> dict[str, Any]:
     """Run the pipeline in `root` with `overrides` of `params.yaml` keys; return the metrics by stage.
@@ -352,6 +359,7 @@ def milora_pipeline(overrides: dict[str, Any] | None = None, model_name: str | N
         retrying = cfg.flow
         progress = _Progress([*stages, REGISTER])
         pid = str(progress.artifact_id) if progress.artifact_id else None
+        sync = is_workspace(rootp) and default_remote(rootp) is not None  # a worker's workspace (flows.workspace)
         current = stages[0]
         try:  # any failure: record it in the report and the artifact, then fail the flow run with it
             rest = stages
@@ -359,7 +367,7 @@ def milora_pipeline(overrides: dict[str, Any] | None = None, model_name: str | N
                 current = INGEST
                 before = out_hash(rootp, INGEST, DATA_OUT)
                 _record_stage(report, with_retries(run_stage, retrying)(
-                    INGEST, str(rootp), force=True, progress_id=pid, progress_span=progress.span(INGEST)))
+                    INGEST, str(rootp), force=True, progress_id=pid, progress_span=progress.span(INGEST), sync=sync))
                 report.data_version = out_hash(rootp, INGEST, DATA_OUT)
                 report.data_changed = report.data_version != before
                 current = PUSH_DATA
@@ -395,7 +403,7 @@ def milora_pipeline(overrides: dict[str, Any] | None = None, model_name: str | N
                     report.stage(name).outcome = "up to date"
                     continue
                 _record_stage(report, with_retries(run_stage, retrying)(
-                    name, str(rootp), progress_id=pid, progress_span=progress.span(name)))
+                    name, str(rootp), progress_id=pid, progress_span=progress.span(name), sync=sync))
             current = REGISTER
             reg = with_retries(register, retrying)(str(rootp), flow_run_id=fid, progress_id=pid,
                                                    progress_span=progress.span(REGISTER))

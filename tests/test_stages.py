@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from milora.cli.compare import compare, link_shared
@@ -112,9 +113,23 @@ def test_kill_and_resume_equals_uninterrupted(shared, tmp_path):
     assert worst <= 1e-5, f"resumed adapter differs from uninterrupted by {worst}"  # fp32 CPU tolerance
 
 
+def _rank_tensors(directory: Path, world: int) -> list[dict]:
+    return [load_file(str(directory / f"rank{r}.safetensors")) for r in range(world)]
+
+
+def _assert_ranks_equal(ranks: list[dict]) -> None:
+    """Every rank holds the same trainable tensors, compared one by one, exactly."""
+    assert len(ranks) > 1 and ranks[0]
+    for other in ranks[1:]:
+        assert other.keys() == ranks[0].keys()
+        differ = [k for k in ranks[0] if not torch.equal(ranks[0][k], other[k])]
+        assert differ == [], f"ranks differ in {differ}"
+
+
 @pytest.mark.parametrize("launch", ["torchrun", "train.processes"])
 def test_ddp_two_processes_agree(shared, tmp_path, launch):
-    """2 gloo processes on the CPU: by hand under torchrun, or launched by the stage (`train.processes: 2`)."""
+    """2 gloo processes on the CPU: by hand under torchrun, or launched by the stage (`train.processes: 2`).
+    Each rank's trainable tensors are dumped (test hook) and compared tensor by tensor."""
     root = _run_root(shared, tmp_path / "ddp", {"train.max_steps": 6})
     _milora(root, "stage", "svd")
     if launch == "torchrun":
@@ -124,14 +139,70 @@ def test_ddp_two_processes_agree(shared, tmp_path, launch):
     else:
         cmd = [str(BIN / "milora"), "stage", "train", "--root", str(root), "--params", str(root / "params.yaml"),
                "-S", "train.processes=2"]
-    p = subprocess.run(cmd, env=env({"OMP_NUM_THREADS": "1"}), capture_output=True, text=True, timeout=900)
+    dump = tmp_path / "ranks"
+    p = subprocess.run(cmd, env=env({"OMP_NUM_THREADS": "1", **fault_env(), "MILORA_TEST_DUMP_RANKS": str(dump)}),
+                       capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-6000:]
     train = json.loads(Paths(root).report("train").read_text())
     assert train["world_size"] == 2 and train["ranks_agree"] is True
     assert train["eval_loss_end"] < train["eval_loss_start"], train
+    ranks = _rank_tensors(dump, 2)
+    _assert_ranks_equal(ranks)
+    assert train["ranks_compared_tensors"] == len(ranks[0])
     init = load_file(str(Paths(root).svd_init_dir / "adapter_model.safetensors"))
     trained = _adapter_weights(root)
+    assert len(trained) == len(ranks[0])  # the saved adapter is those tensors
     assert max((trained[k] - init[k]).abs().max().item() for k in trained) > 1e-4  # the ranks really trained
+
+
+NODE = ("import sys\nfrom milora.stages import run_stage\n"
+        "for stage in sys.argv[2:]:\n    run_stage(stage, sys.argv[1] + '/params.yaml', sys.argv[1])\n")
+
+
+def _nodes(roots: list[Path], *stages: str, dump: Path) -> None:
+    """Run `stages` (each launching itself under torchrun) on every node at once, as a cluster's job would."""
+    extra = {"OMP_NUM_THREADS": "1", **fault_env(), "MILORA_TEST_DUMP_RANKS": str(dump)}
+    procs = [subprocess.Popen([sys.executable, "-c", NODE, str(root), *stages], env=env(extra),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for root in roots]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-6000:]
+
+
+def test_two_nodes_train_like_one_process_on_the_same_global_batch(shared, tmp_path):
+    """Two torchrun agents on 127.0.0.1 (`train.nnodes: 2`, c10d rendezvous, gloo), each node in its own
+    workspace: the svd stage splits the matrices across the nodes through the shared cache, and training ends
+    with the adapter one process trains on the same global batch (2 nodes x batch 4 == batch 4 x 2 accumulation
+    steps), compared tensor by tensor."""
+    budget = {"train.max_steps": 4, "train.save_steps": 2, "train.batch_size": 4, "adapter.dropout": 0.0}
+    single = _run_root(shared, tmp_path / "single", {**budget, "train.gradient_accumulation_steps": 2})
+    for stage in ("svd", "train"):
+        run_stage(stage, single / "params.yaml", single)
+
+    cache, port = tmp_path / "node-cache", free_port()
+    nodes = [_run_root(shared, tmp_path / f"node{k}", {
+        **budget, "svd.cache": str(cache), "train.nnodes": 2, "train.node_rank": k,
+        "train.rdzv_endpoint": f"127.0.0.1:{port}"}) for k in (0, 1)]
+    dump = tmp_path / "ranks"
+    _nodes(nodes, "svd", "train", dump=dump)
+    svd = [json.loads(Paths(n).report("svd").read_text()) for n in nodes]
+    matrices = svd[0]["matrices"]
+    # each matrix decomposed once, by one of the nodes (c10d ranks the nodes in the order they join)
+    assert sorted(s["cache_misses"] for s in svd) == [matrices // 2, (matrices + 1) // 2]
+    assert all(s["cache_hits"] + s["cache_misses"] == matrices for s in svd)
+    init = [load_file(str(Paths(r).svd_init_dir / "adapter_model.safetensors")) for r in (single, *nodes)]
+    _assert_ranks_equal(init)  # the same initial adapter everywhere
+
+    reports = [json.loads(Paths(n).report("train").read_text()) for n in nodes]
+    assert all(r["world_size"] == 2 and r["ranks_agree"] for r in reports)
+    _assert_ranks_equal(_rank_tensors(dump, 2))
+    assert all(sorted(Paths(n).checkpoints_dir.glob("checkpoint-*")) for n in nodes)  # each node can resume
+    want = _adapter_weights(single)
+    for node in nodes:
+        got = _adapter_weights(node)
+        assert got.keys() == want.keys()
+        worst = max((got[k] - want[k]).abs().max().item() for k in want)
+        assert worst <= 1e-5, f"two-node adapter differs from one process by {worst}"
 
 
 def test_compare_has_all_three_methods(shared, tmp_path):

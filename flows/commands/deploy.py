@@ -1,13 +1,20 @@
-"""`milora deploy`: serve the `milora-pipeline` flow as the `nightly-retrain` deployment (foreground).
+"""`milora deploy`: serve the `milora-pipeline` flow as the `nightly-retrain` deployment (foreground), or, with
+`--pool NAME`, register the deployments of `prefect.yaml` with a work pool for workers to run.
 
-The deployment runs the flow on a cron schedule (`schedule.cron` / `schedule.timezone` of params.yaml
+Local mode: the deployment runs the flow on a cron schedule (`schedule.cron` / `schedule.timezone` of params.yaml
 unless `--cron` / `--timezone` say otherwise) against this project root, and accepts ad-hoc runs:
 
     prefect deployment run 'milora-pipeline/nightly-retrain' --params '{"overrides": {"adapter.rank": 4}}'
 
-It needs a Prefect server (`PREFECT_API_URL`, e.g. `prefect server start` on http://127.0.0.1:4200/api).
 The command keeps running and executes the deployment's runs in subprocesses, one at a time; stop it
 with Ctrl-C (the schedule is paused on shutdown and resumes when it is served again).
+
+Pool mode (`--pool NAME`): `prefect deploy --all --no-prompt --pool NAME` in the project (a git checkout), the
+pool created as a `process` pool if it does not exist; `nightly-retrain` gets the schedule of params.yaml (or
+`--cron` / `--timezone`), `on-demand` none; the command returns, and `prefect worker start --pool NAME` on any
+machine runs the deployments' runs, each in its own workspace at the deployed commit (`flows.workspace`).
+
+Both need a Prefect server (`PREFECT_API_URL`, e.g. `prefect server start` on http://127.0.0.1:4200/api).
 """
 
 from __future__ import annotations
@@ -20,8 +27,9 @@ from typing import Any
 
 from milora.core.errors import UserError
 
-HELP = "serve the scheduled nightly-retrain deployment of the pipeline flow"
+HELP = "serve the scheduled nightly-retrain deployment, or deploy prefect.yaml's deployments to a work pool"
 DEFAULT_NAME = "nightly-retrain"
+PREFECT_FILE = "prefect.yaml"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                    help="default override for every run of the deployment (repeatable)")
     p.add_argument("--model-name", default=None, help="MLflow registered model name for the runs")
+    p.add_argument("--pool", default=None, metavar="NAME",
+                   help=f"deploy the deployments of {PREFECT_FILE} to this work pool (a process pool is created if "
+                        "missing) for `prefect worker start --pool NAME`, instead of serving here")
 
 
 def _api_url() -> str | None:
@@ -100,6 +111,8 @@ def main(args: argparse.Namespace) -> int:
         tz = args.timezone or cfg.schedule.timezone
         schedules = [schedule(cron, tz)]
     check_server(api)
+    if args.pool:
+        return deploy_to_pool(root, args, overrides)
     parameters: dict = {"root": str(root)}
     if overrides:
         parameters["overrides"] = overrides
@@ -111,4 +124,68 @@ def main(args: argparse.Namespace) -> int:
     milora_pipeline.serve(name=args.name, schedules=schedules, parameters=parameters, limit=1,
                           tags=["milora"], entrypoint_type=EntrypointType.MODULE_PATH,
                           description=f"Scheduled MiLoRA retraining of {root}")
+    return 0
+
+
+def ensure_pool(name: str) -> bool:
+    """Create work pool `name` as a `process` pool unless it exists; True when it was created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+            return False
+        except ObjectNotFound:
+            pass
+        try:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+        except ObjectAlreadyExists:  # created meanwhile
+            return False
+    return True
+
+
+def deploy_to_pool(root: Path, args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    """`prefect deploy --name D --pool NAME --no-prompt` in `root` for each deployment D of prefect.yaml, with the
+    schedule, params file and default parameters of this command; the pool is created if missing.
+
+    (One `prefect deploy` per deployment: with `--all`, Prefect ignores command-line options such as `--pool`.)"""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    prefect_file = root / PREFECT_FILE
+    if not prefect_file.exists():
+        raise UserError(f"{root}: no {PREFECT_FILE} here; --pool deploys the deployments it declares")
+    if args.no_schedule or args.name != DEFAULT_NAME:
+        raise UserError("--pool deploys the deployments of prefect.yaml as declared there (nightly-retrain with "
+                        "the schedule, on-demand without): --name and --no-schedule apply to the local mode only")
+    names = [d["name"] for d in (yaml.safe_load(prefect_file.read_text(encoding="utf-8")) or {}).get("deployments")
+             or [] if isinstance(d, dict) and d.get("name")]
+    if not names:
+        raise UserError(f"{prefect_file}: no named deployments")
+    if ensure_pool(args.pool):
+        print(f"created work pool {args.pool!r} (type process)")
+    env = dict(os.environ)
+    for var, value in (("MILORA_PARAMS", args.params), ("MILORA_CRON", args.cron), ("MILORA_TIMEZONE", args.timezone)):
+        if value:
+            env[var] = value
+    parameters: dict[str, Any] = {}
+    if overrides:
+        parameters["overrides"] = overrides
+    if args.params:
+        parameters["params"] = args.params
+    if args.model_name:
+        parameters["model_name"] = args.model_name
+    for name in names:
+        cmd = [sys.executable, "-m", "prefect", "deploy", "--name", name, "--pool", args.pool, "--no-prompt",
+               *(["--params", json.dumps(parameters)] if parameters else [])]
+        rc = subprocess.run(cmd, cwd=root, env=env).returncode
+        if rc != 0:
+            raise UserError(f"prefect deploy of {name!r} failed (exit {rc}); see its output above")
+    print(f"deployed {', '.join(names)} to work pool {args.pool!r}; run them with `prefect worker start --pool "
+          f"{args.pool}` on the machines that should (each run works in its own workspace; see README)")
     return 0

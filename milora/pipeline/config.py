@@ -141,6 +141,30 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     processes: int = Field(1, ge=1, le=1024)  # DDP processes on this node (the stage launches torchrun itself)
+    nnodes: int = Field(1, ge=1, le=4096)  # nodes of a multi-node run (each node runs the stage; torchrun rendezvous)
+    node_rank: int = Field(0, ge=0)  # this node's rank (the `static` rendezvous orders nodes by it)
+    rdzv_endpoint: str | None = None  # host:port of the rendezvous, reachable from every node (nnodes > 1)
+    rdzv_backend: Literal["c10d", "static"] = "c10d"  # torchrun rendezvous: c10d (elastic) | static (node_rank)
+
+    @model_validator(mode="after")
+    def _nodes(self) -> TrainConfig:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"train.nnodes = {self.nnodes} needs train.rdzv_endpoint (host:port of the "
+                             "rendezvous, reachable from every node, e.g. node0.cluster:29400)")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"train.node_rank = {self.node_rank} must be below train.nnodes = {self.nnodes}")
+        if self.rdzv_endpoint is not None:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"train.rdzv_endpoint = {self.rdzv_endpoint!r} is not host:port "
+                                 "(e.g. node0.cluster:29400)")
+        return self
+
+
+# Keys of `train` that say where and how a run is launched, not what is trained: they stay out of the training
+# fingerprint, the adapter's lineage and the DVC params of the train stage (nnodes and processes stay in: they
+# change the effective batch).
+LAUNCH_KEYS = ("node_rank", "rdzv_endpoint", "rdzv_backend")
 
 
 class SuiteConfig(_Section):
@@ -347,10 +371,10 @@ def _describe(err: dict[str, Any], source: str) -> str:
     if etype == "literal_error":
         allowed = err.get("ctx", {}).get("expected", "")
         return f"{source}: {key} = {value!r} is not allowed; expected one of {allowed}"
-    msg = err.get("msg", "invalid value")
-    if key == "<root>":
-        return f"{source}: {msg.removeprefix('Value error, ')}"
-    return f"{source}: {key} = {value!r}: {msg.removeprefix('Value error, ')}"
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    if key == "<root>" or msg.startswith(key + "."):  # a section's own check names its keys itself
+        return f"{source}: {msg}"
+    return f"{source}: {key} = {value!r}: {msg}"
 
 
 def validate(data: Mapping[str, Any] | None, source: str = "params.yaml") -> Config:

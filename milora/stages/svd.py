@@ -26,6 +26,7 @@ from milora.model.base import load_base
 from milora.pipeline.config import Config
 from milora.pipeline.paths import Paths
 from milora.pipeline.results import write_metrics
+from milora.stages.distributed import check_own_workspaces, is_local_main, launch, process_group, wants_launch
 
 log = logging.getLogger(__name__)
 
@@ -160,14 +161,28 @@ def spectrum_png(spectra: dict[str, Spectrum], rank: int, method: str) -> bytes:
 
 
 def run(cfg: Config, paths: Paths) -> None:
-    """Initialise the adapter (through the cache), save it, and write the SVD metrics and plots."""
+    """Initialise the adapter (through the cache), save it, and write the SVD metrics and plots.
+
+    With `train.processes > 1` or `train.nnodes > 1` the stage runs under torchrun like `train`, and the ranks
+    of all nodes split the matrices through the shared `svd.cache`; each node's local rank 0 writes its outputs."""
+    if wants_launch(cfg):
+        launch(cfg, paths, "svd")
+        return
+    with process_group():
+        check_own_workspaces(paths.root)
+        _init(cfg, paths)
+
+
+def _init(cfg: Config, paths: Paths) -> None:
     model, _ = load_base(cfg, paths)
     acfg = cfg.adapter
     targets = resolve_targets(model, acfg)  # rank vs shapes and target names fail here, before any SVD
     cache = cfg.svd.cache
     if cache and "://" not in cache and not Path(cache).expanduser().is_absolute():
         cache = str(paths.root / cache)  # a relative cache directory lives in the project
-    peft_model = init_adapter(model, acfg, cache=cache)
+    peft_model = init_adapter(model, acfg, cache=cache, progress=is_local_main())
+    if not is_local_main():
+        return
     state = state_of(peft_model)
     save_adapter(peft_model, paths.svd_init_dir, base_name=cfg.model.name_or_path)
 

@@ -4,7 +4,8 @@ Reads the untrained adapter from the `svd` stage (so the SVD is never redone her
 LoRA factors (response tokens only), checkpoints every `train.save_steps` into `checkpoints/` (kept
 across re-runs: a killed run resumes from the last checkpoint, with optimizer, scheduler, RNG and data
 order restored) and writes the trained adapter, its lineage, `metrics/train.json` and the loss curve.
-Runs unchanged under `torchrun` / `accelerate launch` (DDP; gloo on CPU).
+Runs unchanged under `torchrun` / `accelerate launch` (DDP; gloo on CPU), and launches itself under torchrun for
+`train.processes > 1` or `train.nnodes > 1` (`milora.stages.distributed`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import logging
 import os
 import resource
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,6 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from milora.core.adapter import load_adapter, read_adapter_meta, save_adapter
 from milora.core.errors import InvalidInput
@@ -33,9 +31,17 @@ from milora.core.io import atomic_write_text, file_digest, read_json, read_jsonl
 from milora.model.base import load_base
 from milora.model.nll import mean_loss
 from milora.model.tokenize import encode
-from milora.pipeline.config import Config, dump_params
+from milora.pipeline.config import LAUNCH_KEYS, Config
 from milora.pipeline.paths import Paths
 from milora.pipeline.results import write_metrics
+from milora.stages.distributed import (
+    check_own_workspaces,
+    is_local_main,
+    launch,
+    multi_node,
+    same_on_every_rank,
+    wants_launch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +92,7 @@ class ProgressCallback(TrainerCallback):
         self.path = path
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D102
-        if state.is_world_process_zero and logs and "loss" in logs:
+        if state.is_local_process_zero and logs and "loss" in logs:
             write_json(self.path, {"step": state.global_step, "max_steps": state.max_steps,
                                    "loss": logs["loss"], "time": time.time()})
 
@@ -123,6 +129,7 @@ def training_arguments(cfg: Any, output_dir: Path) -> TrainingArguments:
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=2,
+        save_on_each_node=multi_node(),  # every node resumes from its own checkpoints
         eval_strategy="no",
         report_to="none",
         gradient_checkpointing=t.gradient_checkpointing,
@@ -140,7 +147,7 @@ def training_arguments(cfg: Any, output_dir: Path) -> TrainingArguments:
 def _fingerprint(cfg: Config, paths: Paths) -> dict[str, Any]:
     """What the checkpoints depend on: train params, the initial adapter, the data and the base."""
     return {
-        "train": cfg.train.model_dump(mode="json"),
+        "train": cfg.train.model_dump(mode="json", exclude=set(LAUNCH_KEYS)),
         "svd_init": file_digest(paths.svd_init_dir),
         "data": file_digest(paths.prepared_dir / "train.jsonl"),
         "base": json.loads(paths.base_json.read_text()).get("content_hash"),
@@ -148,18 +155,17 @@ def _fingerprint(cfg: Config, paths: Paths) -> dict[str, Any]:
 
 
 def _last_complete_checkpoint(ckpt: Path, is_main: bool) -> str | None:
-    """The newest checkpoint that was fully written; a half-written one (killed while saving) is removed."""
-    while True:
-        last = get_last_checkpoint(str(ckpt))
-        if last is None:
-            return None
-        p = Path(last)
+    """The newest checkpoint that was fully written; a half-written one (killed while saving) is skipped, and
+    removed by the main process."""
+    steps = sorted((p for p in ckpt.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for p in steps:
         if (p / "trainer_state.json").exists() and any(p.glob("adapter_model.*")) and (p / "optimizer.pt").exists():
-            return last
-        if not is_main:
-            return None
-        log.warning("checkpoint %s is incomplete (killed while saving?): removing it", p)
-        shutil.rmtree(p)
+            return str(p)
+        if is_main:
+            log.warning("checkpoint %s is incomplete (killed while saving?): removing it", p)
+            shutil.rmtree(p)
+    return None
 
 
 def _resume_point(cfg: Config, paths: Paths, is_main: bool) -> str | None:
@@ -200,21 +206,27 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _ranks_agree(model: torch.nn.Module) -> tuple[int, bool]:
-    """World size, and whether every DDP rank ends with the same trainable weights."""
+def _ranks_agree(model: torch.nn.Module) -> tuple[int, list[str]]:
+    """World size, and the trainable tensors on which some DDP rank differs from rank 0 (compared exactly,
+    tensor by tensor: rank 0 broadcasts each one and every rank checks its own against it)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return 1, True
-    vec = torch.cat([p.detach().float().flatten().cpu() for p in model.parameters() if p.requires_grad])
-    digest = torch.tensor([vec.sum().item(), vec.abs().sum().item(), (vec * vec).sum().item()], dtype=torch.float64)
-    gathered = [torch.zeros_like(digest) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, digest)
-    return dist.get_world_size(), all(torch.equal(g, gathered[0]) for g in gathered)
+        return 1, []
+    differ = []
+    for name, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
+        mine = p.detach().contiguous()
+        ref = mine.clone()
+        dist.broadcast(ref, src=0)
+        if not torch.equal(mine, ref):
+            differ.append(name)
+    gathered: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, differ)
+    return dist.get_world_size(), sorted({n for names in gathered for n in (names or [])})
 
 
 def _eval_loss(model: torch.nn.Module, encoded: list[dict[str, Any]], batch_size: int, is_main: bool) -> float | None:
-    """Token-weighted eval loss of the (unwrapped) model in eval mode; computed by the main process only."""
+    """Token-weighted eval loss of the (unwrapped) model in eval mode; computed by each node's main process only."""
     if not encoded or not is_main:
         return None
     was_training = model.training
@@ -234,28 +246,10 @@ def encode_rows(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> 
     return out
 
 
-def launch_distributed(cfg: Config, paths: Paths) -> None:
-    """Run this stage in `train.processes` DDP processes: torchrun (standalone rendezvous on this node)
-    re-executing `milora stage train` with the same, already resolved config."""
-    params = paths.root / ".milora" / "train_ddp_params.yaml"
-    params.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(params, dump_params(cfg.model_dump(mode="json")))
-    n = cfg.train.processes
-    env = dict(os.environ)
-    if not torch.cuda.is_available():  # CPU ranks share the cores
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-           "-m", "milora.cli", "stage", "train", "--params", str(params), "--root", str(paths.root)]
-    log.info("train: launching %d DDP processes: %s", n, " ".join(cmd))
-    rc = subprocess.run(cmd, env=env).returncode
-    if rc != 0:
-        raise RuntimeError(f"the {n} DDP training processes failed (torchrun exit status {rc}); see their log above")
-
-
 def run(cfg: Config, paths: Paths) -> None:
     """Train the adapter from `models/svd_init`, resuming from `checkpoints/` when possible."""
-    if cfg.train.processes > 1 and "WORLD_SIZE" not in os.environ:
-        launch_distributed(cfg, paths)
+    if wants_launch(cfg):
+        launch(cfg, paths, "train")
         return
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_base(cfg, paths)
@@ -270,9 +264,10 @@ def run(cfg: Config, paths: Paths) -> None:
     eval_encoded = encode_rows(tokenizer, eval_rows, cfg.data.max_length)
 
     args = training_arguments(cfg, paths.checkpoints_dir)
-    is_main = args.process_index == 0
+    is_main = is_local_main()  # writes this node's checkpoints and outputs (one node: global rank 0)
     paths.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    resume = _resume_point(cfg, paths, is_main)
+    check_own_workspaces(paths.root)
+    resume = same_on_every_rank(_resume_point(cfg, paths, is_main), "the checkpoint to resume from")
     if args.world_size > 1:
         torch.distributed.barrier()
     callbacks: list[TrainerCallback] = [ProgressCallback(paths.checkpoints_dir / PROGRESS)]
@@ -295,10 +290,11 @@ def run(cfg: Config, paths: Paths) -> None:
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
     end_eval = _eval_loss(model, eval_encoded, cfg.eval.batch_size, is_main)
-    world, agree = _ranks_agree(model)
-    if not agree:
-        raise RuntimeError("DDP ranks ended with different adapter weights")
-    if not trainer.is_world_process_zero():
+    world, differ = _ranks_agree(model)
+    if differ:
+        raise RuntimeError(f"DDP ranks ended with different adapter weights in {len(differ)} tensor(s): "
+                           f"{', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}")
+    if not is_main:
         return
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -316,7 +312,8 @@ def run(cfg: Config, paths: Paths) -> None:
         "base": read_json(paths.base_json),
         "data_hash": file_digest(paths.prepared_dir),
         "svd_cache_keys": svd_meta.get("cache_keys", {}),
-        "params": {"adapter": cfg.adapter.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json")},
+        "params": {"adapter": cfg.adapter.model_dump(mode="json"),  # not the launch layout: same adapter
+                   "train": {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in LAUNCH_KEYS}},
     }
     save_adapter(model, paths.adapter_dir, base_name=cfg.model.name_or_path,
                  extra={"lineage": {k: lineage[k] for k in ("method", "rank", "data_hash")}})
@@ -334,8 +331,10 @@ def run(cfg: Config, paths: Paths) -> None:
         "trainable_params": trainable,
         "total_params": total,
         "peak_memory_mb": round(_peak_memory_mb(), 1),
+        "cpu_threads": torch.get_num_threads(),  # OMP_NUM_THREADS when set (parallel runs sharing a machine)
         "world_size": world,
-        "ranks_agree": agree,
+        "ranks_agree": True,
+        "ranks_compared_tensors": sum(1 for p in model.parameters() if p.requires_grad) if world > 1 else 0,
     }
     write_metrics(paths, "train", metrics, SUMMARY, TIMINGS)
     atomic_write_text(paths.plot("train_loss.csv"), _loss_csv(trainer.state.log_history))

@@ -6,13 +6,20 @@ no hook for it.
 * `MILORA_TEST_KILL_AT_STEP=N`: training SIGKILLs itself once a checkpoint at or after step N is saved;
 * `MILORA_TEST_GATE_BARRIER=DIR:N` and `MILORA_TEST_GATE_DELAY=S`: registrations wait for each other (N of
   them) right before taking the champion gate, and the gate takes S seconds to decide: concurrent
-  registrations then race for the champion alias at the same moment, with a wide window.
+  registrations then race for the champion alias at the same moment, with a wide window;
+* `MILORA_TEST_FAULT_ONCE=DIR`: each armed fault above fires once only (it leaves `DIR/<fault>` behind), so a
+  retry of the same run, with the same environment, gets past it;
+* `MILORA_TEST_DUMP_RANKS=DIR`: at the end of training every rank saves its trainable tensors to
+  `DIR/rank<RANK>.safetensors` (so a test compares the ranks tensor by tensor).
 """
 
 import os
 
 _FAULT = os.environ.get("MILORA_TEST_FAULT", "")
 _KILL_AT = os.environ.get("MILORA_TEST_KILL_AT_STEP", "")
+_DUMP = os.environ.get("MILORA_TEST_DUMP_RANKS", "")
+_ONCE = os.environ.get("MILORA_TEST_FAULT_ONCE", "")
+
 _GATE_BARRIER = os.environ.get("MILORA_TEST_GATE_BARRIER", "")
 _GATE_DELAY = float(os.environ.get("MILORA_TEST_GATE_DELAY", "0") or 0)
 
@@ -44,19 +51,51 @@ if _GATE_BARRIER or _GATE_DELAY:
     _registry.gate_lock = _gate_lock_after_barrier
     _registry.gate = _slow_gate
 
-if _FAULT or _KILL_AT:
+
+def _fires(fault):
+    """Whether an armed fault fires now (always, or the first time only under MILORA_TEST_FAULT_ONCE)."""
+    if not _ONCE:
+        return True
+    os.makedirs(_ONCE, exist_ok=True)
+    try:
+        os.close(os.open(os.path.join(_ONCE, fault), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True
+
+
+if _FAULT or _KILL_AT or _DUMP:
     import milora.stages as _stages
 
     _stage_function = _stages.stage_function
 
     def _faulty_stage_function(name):
         fn = _stage_function(name)
-        if name in _FAULT.split(","):
+        if name in _FAULT.split(",") and _fires(name):
             def fn(cfg, paths):
                 raise RuntimeError(f"fault injected into stage {name!r} by the test (MILORA_TEST_FAULT)")
         if name == "train" and _KILL_AT:
             _kill_training_at(int(_KILL_AT))
+        if name == "train" and _DUMP:
+            _dump_ranks(_DUMP)
         return fn
+
+    def _dump_ranks(directory):
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        import milora.stages.train as train
+
+        agree = train._ranks_agree
+
+        def dumping(model):
+            tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(Path(directory) / f"rank{os.environ.get('RANK', '0')}.safetensors"))
+            return agree(model)
+
+        train._ranks_agree = dumping
 
     def _kill_training_at(step):
         import signal
@@ -67,7 +106,7 @@ if _FAULT or _KILL_AT:
 
         class KillAfterCheckpoint(TrainerCallback):
             def on_save(self, args, state, control, **kwargs):
-                if state.global_step >= step:
+                if state.global_step >= step and _fires("kill"):
                     os.kill(os.getpid(), signal.SIGKILL)
 
         class Trainer(train.Trainer):
