@@ -258,6 +258,8 @@ def save_pyfunc(dest: str | os.PathLike[str], cfg: Config, paths: Paths, run_id:
             base_name_or_path=identity.get("name_or_path") or cfg.model.name_or_path,
             base_revision=identity.get("revision") or cfg.model.revision,
             base_load_path=str((paths.root / load_path).resolve()) if load_path else None,
+            base_content_hash=identity.get("content_hash"),  # the pyfunc refuses a base whose weights differ
+            verify_base_hash=True,  # (False at load time skips that check)
         )
     signature = ModelSignature(
         inputs=Schema([ColSpec("string")]),

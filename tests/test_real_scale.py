@@ -1,0 +1,141 @@
+"""Real scale, at test size: the Llama-shaped model builder (benchmarks/llama_shaped.py), and an external bf16
+base through every stage, registered by reference and reloaded in a fresh process that refuses a changed base."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from milora.core import svd
+from milora.pipeline.config import validate
+from milora.pipeline.paths import Paths
+from milora.stages import run_stage
+from tests.mlflow_fixtures import predict_in_fresh_process, seed_embedded_store
+from tests.project import write_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(name: str):  # noqa: ANN202 - the benchmark script as a module
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+llama_shaped = _bench("llama_shaped")
+
+
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory) -> Path:
+    """A 1-layer Llama-shaped bf16 model with hidden 384 (the smallest side `auto` solves with `gram`)."""
+    out = tmp_path_factory.mktemp("ext") / "llama-shaped"
+    llama_shaped.build(out, layers=1, hidden=svd.AUTO_MIN_SIDE, intermediate=1024, heads=4, vocab=1200,
+                       bpe_vocab=800, max_position=512, progress=False)
+    return out
+
+
+def test_builder_writes_a_sharded_bf16_llama_with_a_matching_tokenizer(small_llama):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(small_llama)
+    tok = AutoTokenizer.from_pretrained(small_llama)
+    assert len(tok) == config.vocab_size == 1200 and not config.tie_word_embeddings
+    index = json.loads((small_llama / "model.safetensors.index.json").read_text())
+    shards = sorted(small_llama.glob("model-*.safetensors"))
+    assert len(shards) == 3 and set(index["weight_map"].values()) == {p.name for p in shards}
+    layer = load_file(str(shards[1]))
+    assert all(t.dtype == torch.bfloat16 for t in layer.values())
+    # seeded per tensor: the same arguments give the same bytes
+    again = llama_shaped.layer_tensors(0, svd.AUTO_MIN_SIDE, 1024, 0, "cpu")
+    assert all(torch.equal(layer[k], again[k]) for k in layer)
+    assert tok.decode(tok("question: what is 12 plus 3?")["input_ids"], skip_special_tokens=True).strip() \
+        == "question: what is 12 plus 3?"
+
+
+@pytest.mark.parametrize("kind", ["q_proj", "v_proj", "up_proj", "down_proj"])
+def test_builder_spectra_look_trained(small_llama, kind):
+    """Heavy top, Marchenko-Pastur bulk, and a near-degenerate small end, in the stored bf16 weights."""
+    from safetensors.torch import load_file
+
+    group = "self_attn" if kind in llama_shaped.ATTN else "mlp"
+    shard = sorted(small_llama.glob("model-*.safetensors"))[1]
+    W = load_file(str(shard))[f"model.layers.0.{group}.{kind}.weight"]
+    s = torch.linalg.svdvals(W.double())
+    k = s.numel()
+    median = float(s[k // 2])
+    assert float(W.float().pow(2).mean().sqrt()) == pytest.approx(llama_shaped.RMS, rel=0.01)
+    assert float(s[0]) / median > (12 if kind == "q_proj" else 5)  # a heavy top
+    assert float(s[: k // 10].square().sum() / s.square().sum()) > 0.3  # energy concentrated there
+    cluster = s[-(k // 32):]  # the small end: near-degenerate (within ~2 % + the bf16 noise) ...
+    assert float(cluster[-1] / cluster[0]) > 0.95
+    assert float(cluster[-1]) < 0.15 * median  # ... far below the bulk
+    # the stored spectrum is the prescribed one, up to bf16 rounding
+    prescribed = torch.from_numpy(llama_shaped.spectrum(kind, *W.shape).copy())
+    assert torch.allclose(s, prescribed, rtol=0.02, atol=2e-3 * median)
+
+
+@pytest.mark.slow
+def test_external_bf16_base_end_to_end_registered_by_reference(small_llama, tmp_path, monkeypatch):
+    """base (identity, no copy) -> prepare (its tokenizer) -> svd (gram on bf16) -> train -> evaluate ->
+    register by reference; the pyfunc reloads the base by path in a fresh process, and refuses a changed base."""
+    from mlflow.pyfunc import load_model
+
+    from milora.tracking import registry
+    from milora.tracking import runs as tracking
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "PREFECT__FLOW_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    ext = tmp_path / "base-copy"  # a copy: the test changes its weights at the end
+    import shutil
+
+    shutil.copytree(small_llama, ext)
+    root = tmp_path / "proj"
+    root.mkdir()
+    overrides = {"model.name_or_path": str(ext), "model.dtype": "bfloat16", "adapter.rank": 8,
+                 "adapter.svd_solver": "auto", "train.max_steps": 2, "train.save_steps": 2, "data.max_length": 128,
+                 "eval.max_examples": 2, "eval.max_new_tokens": 4, "register.model_name": "ext-e2e",
+                 "register.log_lora_export": False}
+    write_params(root, overrides)
+    for stage in ("ingest", "base", "prepare", "svd", "train", "evaluate"):
+        run_stage(stage, root / "params.yaml", root)
+    paths = Paths(root)
+    identity = json.loads(paths.base_json.read_text())
+    assert identity["embedded"] is False and identity["dtype"] == "bfloat16"
+    assert not list(paths.base_dir.glob("*.safetensors"))  # no copy of the weights
+    report = json.loads(paths.report("svd").read_text())
+    assert {m["solver"] for m in report["per_matrix"].values()} == {"gram"}
+
+    seed_embedded_store(root)
+    cfg = validate(json.loads(json.dumps(__import__("yaml").safe_load((root / "params.yaml").read_text()))))
+    reg = registry.register_run(cfg, paths)
+    uri = tracking.tracking_uri(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model_uri = f"models:/ext-e2e/{reg.version}"
+    model = load_model(model_uri)
+    mc = model.model_config
+    assert mc["base_content_hash"] == identity["content_hash"] and mc["base_load_path"] == str(ext.resolve())
+    local = Path(model._model_impl.context.artifacts["adapter"]).parent.parent
+    assert not list(local.rglob("model-*.safetensors"))  # the model carries the adapter, not the base
+    prompts = ["question: what is two plus three? answer:"]
+    first = model.predict(prompts, params={"max_new_tokens": 3})
+    assert predict_in_fresh_process(model_uri, prompts, 3, uri, tmp_path) == first
+
+    # a base whose weights changed (same path, same names) is refused, naming both hashes
+    shard = sorted(ext.glob("model-*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="refusing to load it onto a different base") as err:
+        load_model(model_uri)
+    assert identity["content_hash"] in str(err.value)
+    model = load_model(model_uri, model_config={"verify_base_hash": False})  # the explicit opt-out
+    assert len(model.predict(prompts, params={"max_new_tokens": 2})) == 1
