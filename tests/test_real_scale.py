@@ -112,7 +112,7 @@ def test_external_bf16_base_end_to_end_registered_by_reference(small_llama, tmp_
     assert identity["embedded"] is False and identity["dtype"] == "bfloat16"
     assert not list(paths.base_dir.glob("*.safetensors"))  # no copy of the weights
     report = json.loads(paths.report("svd").read_text())
-    assert {m["solver"] for m in report["per_matrix"].values()} == {"gram"}
+    assert {(m["solver"], m["device"]) for m in report["per_matrix"].values()} == {("gram", "cpu")}
 
     seed_embedded_store(root)
     cfg = validate(json.loads(json.dumps(__import__("yaml").safe_load((root / "params.yaml").read_text()))))
@@ -139,3 +139,55 @@ def test_external_bf16_base_end_to_end_registered_by_reference(small_llama, tmp_
     assert identity["content_hash"] in str(err.value)
     model = load_model(model_uri, model_config={"verify_base_hash": False})  # the explicit opt-out
     assert len(model.predict(prompts, params={"max_new_tokens": 2})) == 1
+
+
+def _large_fp_tensors(min_numel: int) -> int:
+    """Live fp32/fp64 tensors of at least `min_numel` elements (the copies an SVD init makes)."""
+    import gc
+
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and not o.is_meta
+               and o.dtype in (torch.float32, torch.float64) and o.numel() >= min_numel)
+
+
+def test_svd_init_streams_the_matrices_of_a_bf16_model(monkeypatch):
+    """The fast solvers see one matrix at a time, converted while it is solved: when each solve starts, no
+    fp32/fp64 copy of any weight is alive (not the model in fp32, nor the previous matrix's copy)."""
+    import importlib
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import milora
+
+    factors_module = importlib.import_module("milora.core.svd.factors")  # (the package exports a `factors` too)
+
+    torch.manual_seed(0)
+    side = svd.AUTO_MIN_SIDE  # gram on every target
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=side, intermediate_size=2 * side,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                         max_position_embeddings=32)).to(torch.bfloat16)
+    seen: list[tuple[int, str, torch.dtype]] = []
+    real = factors_module.solve
+
+    def watched(W, rank, side_, solver, info=None):  # noqa: ANN001, ANN202
+        seen.append((_large_fp_tensors(side * side), solver, W.dtype))
+        return real(W, rank, side_, solver, info)
+
+    monkeypatch.setattr(factors_module, "solve", watched)
+    cfg = milora.AdapterConfig(method="milora", rank=8, target_modules=["q_proj", "up_proj", "down_proj"])
+    peft_model = milora.init_adapter(model, cfg, progress=False)
+    assert len(seen) == 6 and all(s == (0, "gram", torch.bfloat16) for s in seen), seen
+    report = milora.core.adapter.state_of(peft_model).report
+    assert {m.device for m in report.matrices} == {"cpu"}  # where each solve ran, in the report
+
+
+def test_solve_device_puts_large_matrices_on_the_gpu_when_there_is_one(monkeypatch):
+    from milora.core.svd.solvers import solve_device
+
+    cpu = torch.device("cpu")
+    big, small = (svd.AUTO_MIN_SIDE, 4096), (64, 4096)
+    assert solve_device(None, big, cpu) == cpu or torch.cuda.is_available()
+    assert solve_device("cpu", big, cpu) == cpu
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert solve_device(None, big, cpu).type == "cuda" and solve_device("auto", big, cpu).type == "cuda"
+    assert solve_device(None, small, cpu) == cpu  # small ones stay: a GPU launch costs more than they do
+    assert solve_device("cpu", big, cpu) == cpu  # an explicit device wins

@@ -178,7 +178,7 @@ def run(cfg: Config, paths: Paths) -> None:
         metrics.update(
             init_seconds=round(report.seconds, 4), cache_hits=report.hits, cache_misses=report.misses,
             per_matrix={m.name: {"seconds": round(m.seconds, 4), "hit": m.hit, "solver": m.solver,
-                                 "shape": list(m.shape)} for m in report.matrices},
+                                 "device": m.device, "shape": list(m.shape)} for m in report.matrices},
         )
     else:
         metrics.update(init_seconds=0.0, cache_hits=0, cache_misses=0)
