@@ -191,3 +191,16 @@ def test_solve_device_puts_large_matrices_on_the_gpu_when_there_is_one(monkeypat
     assert solve_device(None, big, cpu).type == "cuda" and solve_device("auto", big, cpu).type == "cuda"
     assert solve_device(None, small, cpu) == cpu  # small ones stay: a GPU launch costs more than they do
     assert solve_device("cpu", big, cpu) == cpu  # an explicit device wins
+
+
+@pytest.mark.parametrize("rank", [8, 16])
+def test_gram_on_a_near_degenerate_small_end_meets_the_energy_bar(rank):
+    """The builder's clustered small end (k/16 values within 2 %): the Krylov stopping rule must not take a
+    rate from two steps (it stopped at 3 blocks with 3e-3 excess); the bar is 1e-3 of the minor energy."""
+    W = llama_shaped.projection("q_proj", 1376, 512, seed=11).to(torch.float32)
+    ref = torch.linalg.svdvals(W.double())
+    info: dict = {}
+    t = svd.solve(W, rank, "minor", "gram", info=info)
+    exact = float(ref[-rank:].square().sum())
+    assert info["path"] == "chol32" and "fallback" not in info
+    assert (svd.captured_energy(W, t.Vh) - exact) / exact <= 1e-3
