@@ -204,3 +204,32 @@ def test_gram_on_a_near_degenerate_small_end_meets_the_energy_bar(rank):
     exact = float(ref[-rank:].square().sum())
     assert info["path"] == "chol32" and "fallback" not in info
     assert (svd.captured_energy(W, t.Vh) - exact) / exact <= 1e-3
+
+
+def test_residual_is_written_into_the_loaded_weights_own_storage(small_llama, tmp_path):
+    """`from_pretrained` leaves the weights in the safetensors memory maps; the residual must go into that
+    storage (else the mapped original stays resident beside it: two copies of every target matrix), for
+    init_adapter and load_adapter alike, with the same values as before."""
+    from transformers import AutoModelForCausalLM
+
+    import milora
+    from milora.core.adapter import residual, state_of
+
+    def load():  # noqa: ANN202
+        return AutoModelForCausalLM.from_pretrained(small_llama, dtype=torch.bfloat16)
+
+    base = load()
+    weight = base.model.layers[0].mlp.up_proj.weight
+    ptr, original = weight.data_ptr(), weight.detach().clone()
+    cfg = milora.AdapterConfig(method="milora", rank=8, target_modules=["q_proj", "up_proj"])
+    model = milora.init_adapter(base, cfg, progress=False)
+    assert weight.data_ptr() == ptr
+    A0, B0 = state_of(model).init_factors["model.layers.0.mlp.up_proj"]
+    assert torch.equal(weight, residual(original, A0, B0, cfg.scale, False))
+    milora.save_adapter(model, tmp_path / "adapter")
+    fresh = load()
+    w2 = fresh.model.layers[0].mlp.up_proj.weight
+    ptr2 = w2.data_ptr()
+    reloaded = milora.load_adapter(fresh, tmp_path / "adapter")
+    assert w2.data_ptr() == ptr2 and torch.equal(w2, weight)
+    assert reloaded is not None
