@@ -256,9 +256,12 @@ def spectra_table(shapes: list[tuple[int, int]], ranks: list[int]) -> tuple[list
     return rows, misses
 
 
-def peft_layer_table(model_dir: Path | None, rank: int) -> list[str]:
+LAYER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def peft_layer_table(model_dir: Path | None, rank: int, targets: list[str]) -> list[str]:
     """One Llama-2-7B-shaped decoder layer (bf16, trained-like spectra): `milora.init_adapter` (auto) vs
-    PEFT's own `init_lora_weights="pissa"` and `"mica"` (full SVD per matrix) on its 7 projections."""
+    PEFT's own `init_lora_weights="pissa"` and `"mica"` (full SVD per matrix) on its projections `targets`."""
     import copy
 
     import llama_shaped
@@ -271,7 +274,6 @@ def peft_layer_table(model_dir: Path | None, rank: int) -> list[str]:
         model_dir = Path(tempfile.mkdtemp(prefix="llama-shaped-1l-"))
         llama_shaped.build(model_dir, layers=1, progress=False)
     base = AutoModelForCausalLM.from_pretrained(model_dir, num_hidden_layers=1, dtype=torch.bfloat16).eval()
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     times = {}
     model = copy.deepcopy(base)
     acfg = milora.AdapterConfig(method="milora", rank=rank, target_modules=targets, svd_solver="auto")
@@ -303,7 +305,8 @@ def spectra_main(args: argparse.Namespace) -> int:
     else:
         shapes, ranks = [(4096, 4096), (11008, 4096), (4096, 11008)], [32, 64]
     rows, misses = spectra_table(shapes, ranks)
-    peft_rows = [] if args.quick else peft_layer_table(args.model_dir, 32)
+    targets = args.peft_targets.split(",")
+    peft_rows = [] if args.quick else peft_layer_table(args.model_dir, 32, targets)
     load1 = os.getloadavg()[0]
     minutes = (time.perf_counter() - t0) / 60
     verdict = ("every row >= 8x at excess <= 1e-3" if not misses else
@@ -322,10 +325,11 @@ the section above (V side / U side, bar 1e-3). Result: {verdict}.
 """
     if peft_rows:
         text += f"""
-**PEFT's own inits on one Llama-2-7B-shaped layer** (bf16, the 7 projections of layer 0 of
-`benchmarks/llama_shaped.py`'s model, r = 32): PEFT `pissa` and `mica` run a full fp32 SVD per matrix.
+**PEFT's own inits on one Llama-2-7B-shaped layer** (bf16, layer 0 of `benchmarks/llama_shaped.py`'s
+model, r = 32, {', '.join(targets)}{'' if len(targets) == 7 else f': {len(targets)} of its 7 projections, one of each shape, for time'}):
+PEFT `pissa` and `mica` run a full fp32 SVD per matrix, as is (a wide `down_proj` too).
 
-| init of one layer (7 matrices) | time | vs MiLoRA |
+| init of one layer's {', '.join(targets)} | time | vs MiLoRA |
 |---|---:|---:|
 {chr(10).join(peft_rows)}
 """
@@ -343,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="side-by-side rounds (full SVD, then the fast solvers) per shape; default 3")
     p.add_argument("--spectra", action="store_true",
                    help="only the 'every spectrum' section: MP / power-law / clustered spectra and PEFT's per-layer init")
+    p.add_argument("--peft-targets", default=",".join(LAYER_TARGETS),
+                   help="the layer's projections PEFT's per-layer inits are timed on (default: all 7)")
     p.add_argument("--model-dir", type=Path, default=None,
                    help="a benchmarks/llama_shaped.py model for the per-layer comparison (default: build one layer)")
     args = p.parse_args(argv)
