@@ -223,11 +223,13 @@ def spectrum_matrix(kind: str, m: int, n: int) -> torch.Tensor:
     return llama_shaped.projection("q_proj", m, n, seed=11).to(torch.float32).contiguous()
 
 
-def spectra_table(shapes: list[tuple[int, int]], ranks: list[int]) -> tuple[list[str], list[str]]:
+def spectra_table(shapes: list[tuple[int, int]], ranks: list[int], kinds: list[str]) -> tuple[list[str], list[str]]:
     """One round per shape and spectrum: full fp32 SVD vs `gram` (minor) at each rank, with the excess over an
     fp64 reference (singular values only). Returns the rows and the rows below the target."""
     rows, misses = [], []
     for label, kind in SPECTRA.items():
+        if kind not in kinds:
+            continue
         refs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         for m, n in shapes:
             key = (max(m, n), min(m, n))
@@ -304,7 +306,9 @@ def spectra_main(args: argparse.Namespace) -> int:
         shapes, ranks = [(512, 512), (1376, 512), (512, 1376)], [8, 16]
     else:
         shapes, ranks = [(4096, 4096), (11008, 4096), (4096, 11008)], [32, 64]
-    rows, misses = spectra_table(shapes, ranks)
+    if args.no_wide:
+        shapes = [s for s in shapes if s[0] >= s[1]]
+    rows, misses = spectra_table(shapes, ranks, args.kinds.split(","))
     targets = args.peft_targets.split(",")
     peft_rows = [] if args.quick else peft_layer_table(args.model_dir, 32, targets)
     load1 = os.getloadavg()[0]
@@ -347,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="side-by-side rounds (full SVD, then the fast solvers) per shape; default 3")
     p.add_argument("--spectra", action="store_true",
                    help="only the 'every spectrum' section: MP / power-law / clustered spectra and PEFT's per-layer init")
+    p.add_argument("--kinds", default=",".join(SPECTRA.values()), help="spectra to run: mp, power1, clustered")
+    p.add_argument("--no-wide", action="store_true", help="skip the wide orientation (its full SVD is the slowest)")
     p.add_argument("--peft-targets", default=",".join(LAYER_TARGETS),
                    help="the layer's projections PEFT's per-layer inits are timed on (default: all 7)")
     p.add_argument("--model-dir", type=Path, default=None,
