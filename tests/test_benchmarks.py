@@ -36,3 +36,15 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path):
         p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, timeout=120,
                            env={**__import__("os").environ, "PYTHON": sys.executable})
         assert p.returncode == 0 and "no CUDA device here: skipping" in p.stdout
+
+
+@pytest.mark.slow
+def test_svd_init_spectra_quick(tmp_path):
+    """The "every spectrum" table at small shapes (the Llama-2-7B-shaped run is the benchmark's job)."""
+    out = tmp_path / "bench.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "svd_init.py"), "--spectra", "--quick", "--kinds",
+                    "power1,clustered", "--no-wide", "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    text = out.read_text()
+    assert "## SVD initialisation on every spectrum" in text
+    assert "| power law sigma_i = i^-1 + noise | 1376x512 | 8 |" in text and "| clustered small end" in text

@@ -233,3 +233,25 @@ def test_residual_is_written_into_the_loaded_weights_own_storage(small_llama, tm
     reloaded = milora.load_adapter(fresh, tmp_path / "adapter")
     assert w2.data_ptr() == ptr2 and torch.equal(w2, weight)
     assert reloaded is not None
+
+
+def test_a_tied_target_weight_is_replaced_not_written_in_place():
+    """A weight two modules share (tied head and embeddings) gets a new residual tensor: the embeddings keep
+    the original, and the wrapped model still equals the base at step 0."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import milora
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+                                         tie_word_embeddings=True)).eval()
+    embed = model.model.embed_tokens.weight.detach().clone()
+    ids = torch.randint(0, 96, (2, 8))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    cfg = milora.AdapterConfig(method="milora", rank=4, dropout=0.0, target_modules=["lm_head", "q_proj"])
+    peft_model = milora.init_adapter(model, cfg, progress=False)
+    assert torch.equal(peft_model.base_model.model.model.embed_tokens.weight, embed)
+    with torch.no_grad():
+        assert torch.allclose(peft_model(input_ids=ids).logits, before, atol=1e-4)
