@@ -14,7 +14,11 @@ model and runs it at load time. The model directory carries everything it needs 
   `milora.load_adapter`, which rebuilds the residual weights on the original base;
 * `artifacts["base"]`: the base model and tokenizer in HF format (safetensors), when the base was
   carried whole (the embedded tiny base); otherwise `model_config["base_name_or_path"]` and
-  `model_config["base_revision"]` name it, resolved through the local HF cache or a path;
+  `model_config["base_revision"]` name it, resolved through the local HF cache or a path, and its
+  weight files must hash to `model_config["base_content_hash"]` (the base the adapter was trained on):
+  a different base is refused, since the adapter's residual is only right on its own base
+  (`model_config={"verify_base_hash": False}` at load time skips the check, and its cost: reading the
+  weight files once, ~1 s per GB);
 * the `milora` package itself, through `code_paths`, so a plain MLflow + torch + transformers + peft
   environment can load it.
 
@@ -78,6 +82,25 @@ def requests_of(model_input: Any) -> list[dict[str, Any]]:
     return out
 
 
+def verified_base(source: str, revision: str | None, expected: str, trust_remote_code: bool = False) -> str:
+    """The local directory of the referenced base (a path, or a Hub id + revision through the HF cache),
+    after checking that its weight files hash to `expected`; raises ValueError naming both hashes if not."""
+    from pathlib import Path
+
+    from milora.model.base import content_hash, resolve_model, weight_files
+
+    path, _ = resolve_model(source, Path("."), revision, trust_remote_code)
+    found = content_hash(weight_files(path))
+    if found != expected:
+        raise ValueError(
+            f"the base model at {path} has content hash {found}, but this adapter was trained on the base with "
+            f"content hash {expected}: refusing to load it onto a different base. Point the model at the original "
+            "base weights (model_config base_load_path / base_name_or_path + base_revision), or pass "
+            'model_config={"verify_base_hash": False} to load it anyway.'
+        )
+    return str(path)
+
+
 class MiloraGenerator(PythonModel):
     """The base model plus the MiLoRA adapter, generating greedily as the evaluate stage does."""
 
@@ -100,6 +123,8 @@ class MiloraGenerator(PythonModel):
         else:
             source, revision = cfg["base_name_or_path"], cfg.get("base_revision")
         trust = bool(cfg.get("trust_remote_code", False))
+        if "base" not in artifacts and cfg.get("base_content_hash") and cfg.get("verify_base_hash", True):
+            source, revision = verified_base(source, revision, cfg["base_content_hash"], trust), None
         dtype = getattr(torch, str(cfg.get("dtype") or "float32"))
         device = str(cfg.get("device") or "auto")
         if device == "auto":

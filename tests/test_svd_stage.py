@@ -72,3 +72,28 @@ def test_known_spectrum_agrees_with_the_full_svd():
     assert s["minor_energy"] == pytest.approx(exact["minor_energy"], rel=1e-3)
     assert s["principal_energy"] == pytest.approx(exact["principal_energy"], rel=5e-2)
     assert "top_to_median" not in s and "top_to_median" in exact
+
+
+@pytest.mark.parametrize("method", ["milora", "pissa"])
+def test_spectrum_summary_is_of_the_base_weights_not_the_residual(tmp_path, method):
+    """The init replaces each weight by its residual (in place); the plot and the summary describe the weights
+    the SVD was of: the principal (PiSSA) or minor (MiLoRA) band's share of the *original* energy."""
+    from safetensors.torch import load_file
+
+    _wide_base(tmp_path / "wide-base")
+    root = tmp_path / "proj"
+    root.mkdir()
+    write_params(root, {"model.name_or_path": str(tmp_path / "wide-base"), "adapter.method": method,
+                        "adapter.rank": 8, "adapter.svd_solver": "auto",
+                        "adapter.target_modules": ["q_proj"]})
+    for stage in ("base", "svd"):
+        run_stage(stage, root / "params.yaml", root)
+    W = load_file(str(tmp_path / "wide-base" / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
+    s = torch.linalg.svdvals(W.double()).square()
+    band = s[:8] if method == "pissa" else s[-8:]
+    report = json.loads(Paths(root).report("svd").read_text())
+    key = "principal_energy" if method == "pissa" else "minor_energy"
+    assert report["spectrum"][key] == pytest.approx(float(band.sum() / s.sum()), rel=1e-3)
+    rows = list(csv.DictReader(io.StringIO(Paths(root).plot("spectrum.csv").read_text())))
+    top = max(float(r["singular_value"]) for r in rows)
+    assert top == pytest.approx(float(s[0].sqrt()), rel=2e-2)  # the original top, not the residual's

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,12 +116,45 @@ def weight_2d(module: nn.Module) -> Tensor:
 
 
 def residual(weight: Tensor, A0: Tensor, B0: Tensor, scale: float, fan_in_fan_out: bool) -> Tensor:
-    """`W - scale * B0 @ A0` in fp32 (fp64 for fp64 weights), returned in the weight's dtype and layout."""
+    """`W - scale * B0 @ A0` in fp32 (fp64 for fp64 weights), returned in the weight's dtype and layout.
+
+    Two work-precision matrices in flight (the copy of `W` and the product), the subtraction in place.
+    """
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    W = (weight.T if fan_in_fan_out else weight).to(work)
-    delta = (B0.to(W.device, work) @ A0.to(W.device, work)) * scale
-    R = (W - delta).to(weight.dtype)
+    R = (weight.T if fan_in_fan_out else weight).to(work, copy=True)
+    delta = B0.to(R.device, work) @ A0.to(R.device, work)
+    delta.mul_(scale)
+    R.sub_(delta)  # = W - delta, bit for bit
+    del delta
+    R = R.to(weight.dtype)
     return (R.T if fan_in_fan_out else R).contiguous()
+
+
+def _shared_storage(model: nn.Module) -> Set[int]:
+    """Data pointers of parameters that more than one module holds (tied weights): never written in place."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[p.data_ptr()] = seen.get(p.data_ptr(), 0) + 1
+    return {ptr for ptr, n in seen.items() if n > 1}
+
+
+def _set_residual(module: nn.Module, A0: Tensor, B0: Tensor, scale: float, fan_in_fan_out: bool,
+                  shared: Set[int] = frozenset()) -> None:
+    """Replace the frozen weight by its residual *in its own storage*.
+
+    Not `weight.data = residual`: `from_pretrained` leaves the weights in the safetensors files' memory
+    maps, whose pages stay resident after the tensor is replaced, so every target matrix would then be
+    held twice (the mapped original and the new residual: ~2x the model's bytes in the svd, train and
+    evaluate stages). Written in place, a mapped page becomes the residual's (copy on write of a private
+    map) and the model stays one copy. A weight in `shared` (tied to another module) becomes a parameter
+    of its own, so the other module keeps the original.
+    """
+    weight = module.weight
+    R = residual(weight, A0, B0, scale, fan_in_fan_out)
+    if weight.data_ptr() in shared:
+        module.weight = nn.Parameter(R, requires_grad=weight.requires_grad)
+    else:
+        weight.data.copy_(R)
 
 
 def _lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
@@ -167,6 +200,7 @@ def init_adapter(model: nn.Module, config: AdapterConfig, cache: Any = None, pro
         state.spectra = {n: t.spectrum for n, t in trips.items() if t.spectrum is not None}
 
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    shared = _shared_storage(model)
     peft_model = get_peft_model(model, _lora_config(config, fifo, base_name), autocast_adapter_dtype=True)
     layers = _lora_layers(peft_model)
     for name, layer in layers.items():
@@ -177,8 +211,7 @@ def init_adapter(model: nn.Module, config: AdapterConfig, cache: Any = None, pro
             with torch.no_grad():
                 A_param.copy_(A0)
                 B_param.copy_(B0)
-                base = layer.get_base_layer()
-                base.weight.data = residual(base.weight.data, A_param.float(), B_param.float(), config.scale, fifo)
+                _set_residual(layer.get_base_layer(), A_param.float(), B_param.float(), config.scale, fifo, shared)
         state.init_factors[name] = (A_param.detach().float().cpu().clone(), B_param.detach().float().cpu().clone())
     peft_model.milora_state = state
     log.info("%s adapter: rank %d, alpha %g on %d modules", config.method, config.rank, config.alpha, len(layers))
@@ -319,12 +352,13 @@ def load_adapter(
     if missing:
         raise InvalidInput(f"{adapter_dir}: the base has no module(s) {missing[:5]}: is it the adapter's base model?")
     if config.method != "lora":
+        shared = _shared_storage(original_base)
         init = load_file(str(Path(adapter_dir) / INIT_FILE))
         for name in meta["modules"]:
             A0, B0 = init[f"{name}.A0"], init[f"{name}.B0"]
             mod = targets[name]
             with torch.no_grad():
-                mod.weight.data = residual(mod.weight.data, A0, B0, config.scale, fifo)
+                _set_residual(mod, A0, B0, config.scale, fifo, shared)
             state.init_factors[name] = (A0, B0)
     peft_model = PeftModel.from_pretrained(original_base, str(adapter_dir), is_trainable=is_trainable)
     if config.method == "lora":

@@ -73,16 +73,23 @@ def known_spectrum(weight: torch.Tensor, full: torch.Tensor | None = None, solve
         full = torch.linalg.svdvals(W)
     if full is not None:
         return Spectrum(torch.arange(size), full.double(), size, energy)
-    known: dict[int, float] = {}
     with torch.random.fork_rng(devices=[]):  # deterministic, and the caller's RNG stream is left alone
         torch.manual_seed(0)  # oversampled 2x with 4 power iterations: the top values to ~1 % on flat spectra
         top = torch.svd_lowrank(W, q=min(size, 2 * SKETCH), niter=4)[1][:SKETCH]
-    known.update(enumerate(top.double().tolist()))
-    if solved is not None:  # exact values of the solved side win over the sketch
-        start = size - solved.numel() if side == "minor" else 0
-        known.update((start + i, v) for i, v in enumerate(solved.double().tolist()))
+    sketch = Spectrum(torch.arange(top.numel()), top.double(), size, energy)
+    return sketch if solved is None else with_solved(sketch, solved, side)
+
+
+def with_solved(sp: Spectrum, solved: torch.Tensor, side: str | None) -> Spectrum:
+    """`sp` with the `solved` singular values (exact, descending) in place at the `side` end: they win over
+    a sketch's values at the same positions."""
+    if sp.complete:
+        return sp
+    known = dict(zip(sp.index.tolist(), sp.values.tolist(), strict=True))
+    start = sp.size - solved.numel() if side == "minor" else 0
+    known.update((start + i, v) for i, v in enumerate(solved.double().tolist()))
     index = torch.tensor(sorted(known))
-    return Spectrum(index, torch.tensor([known[i] for i in index.tolist()], dtype=torch.float64), size, energy)
+    return Spectrum(index, torch.tensor([known[i] for i in index.tolist()], dtype=torch.float64), sp.size, sp.energy)
 
 
 def solved_values(A0: torch.Tensor, B0: torch.Tensor, scale: float) -> torch.Tensor:
@@ -177,6 +184,9 @@ def _init(cfg: Config, paths: Paths) -> None:
     model, _ = load_base(cfg, paths)
     acfg = cfg.adapter
     targets = resolve_targets(model, acfg)  # rank vs shapes and target names fail here, before any SVD
+    # What is known of each weight's spectrum before the init replaces it by its residual (in place): the
+    # full spectrum of a small matrix, else the energy and a sketch of the top (one matrix at a time).
+    before = {n: known_spectrum(weight_2d(m)) for n, m in targets.items()}
     cache = cfg.svd.cache
     if cache and "://" not in cache and not Path(cache).expanduser().is_absolute():
         cache = str(paths.root / cache)  # a relative cache directory lives in the project
@@ -196,16 +206,22 @@ def _init(cfg: Config, paths: Paths) -> None:
     if report is not None:
         metrics.update(
             init_seconds=round(report.seconds, 4), cache_hits=report.hits, cache_misses=report.misses,
-            per_matrix={m.name: {"solver": m.solver, "shape": list(m.shape)} for m in report.matrices},
+            per_matrix={m.name: {"solver": m.solver, "device": m.device, "shape": list(m.shape)}
+                        for m in report.matrices},
         )
         write_json(paths.timings(MATRIX_TIMINGS), {m.name: {"seconds": round(m.seconds, 4), "hit": m.hit}
                                                    for m in report.matrices})
     else:
         metrics.update(init_seconds=0.0, cache_hits=0, cache_misses=0)
-    spectra = {n: known_spectrum(weight_2d(m), state.spectra.get(n),
-                                 solved_values(*state.init_factors[n], acfg.scale) if n in state.init_factors
-                                 and acfg.side else None, acfg.side)
-               for n, m in targets.items()}
+    spectra = {}
+    for n, sp in before.items():
+        if n in state.spectra:  # a full solver's spectrum
+            full = state.spectra[n].double()
+            spectra[n] = Spectrum(torch.arange(full.numel()), full, sp.size, sp.energy)
+        elif acfg.side and n in state.init_factors:
+            spectra[n] = with_solved(sp, solved_values(*state.init_factors[n], acfg.scale), acfg.side)
+        else:
+            spectra[n] = sp
     summaries = [spectrum_summary(sp, acfg.rank) for sp in spectra.values()]
     metrics["spectrum"] = {k: sum(v) / len(v) for k in ("principal_energy", "minor_energy", "top_to_median")
                            if (v := [s[k] for s in summaries if k in s])}

@@ -307,6 +307,8 @@ def save_pyfunc(dest: str | os.PathLike[str], cfg: Config, paths: Paths, run_id:
         model_config.update(base_name_or_path=name, base_revision=identity.get("revision") or cfg.model.revision)
         if not is_hub_id(name, paths.root):
             model_config["base_load_path"] = str(resolved_base_path(identity, paths.root).resolve())
+        model_config.update(base_content_hash=identity.get("content_hash"),  # the pyfunc refuses other weights
+                            verify_base_hash=True)  # (False at load time skips that check)
     with tempfile.TemporaryDirectory(prefix="milora-code-") as tmp:
         code = Path(tmp) / "milora"  # the package the model code imports, carried so it loads anywhere
         shutil.copytree(Path(milora.__file__).resolve().parent, code,

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from milora.core.svd.solvers import resolve_solver, solve
+from milora.core.svd.solvers import resolve_solver, solve, solve_device
 from milora.core.svd.types import InitReport, MatrixReport, Side, TripletCache, Triplets
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,14 @@ def compute_factors(
     solver: str = "auto",
     cache: TripletCache | None = None,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Triplets], InitReport]:
     """Factors (A, B) for every named 2-D weight (`out x in`), via the cache when one is given.
+
+    The weights are solved one at a time, each converted (to fp32/fp64, and moved to `device`) only while
+    it is solved: memory holds the model as it is plus one matrix in flight. `device`: where to solve
+    (`None`/"auto": `solve_device`'s choice, the GPU for large matrices when there is one); the triplets
+    and factors come back on the CPU.
 
     Under `torch.distributed` with a cache shared by the ranks (a shared directory or S3), rank `i`
     decomposes the matrices with index `% world_size == i`, stores them, waits at a barrier, then reads
@@ -65,7 +71,7 @@ def compute_factors(
     bar = tqdm(total=len(items), desc=f"SVD init ({side})", unit="matrix", disable=not progress, leave=False)
 
     def one(i: int, expect_hit: bool) -> None:
-        done[i] = _decompose(*items[i], rank, side, solver, cache, expect_hit)
+        done[i] = _decompose(*items[i], rank, side, solver, cache, expect_hit, device)
         bar.update(1)
 
     for i in mine:
@@ -97,14 +103,16 @@ def _dist_info() -> tuple[int, int]:
 
 
 def _decompose(
-    name: str, W: Tensor, rank: int, side: Side, solver: str, cache: TripletCache | None, expect_hit: bool
+    name: str, W: Tensor, rank: int, side: Side, solver: str, cache: TripletCache | None, expect_hit: bool,
+    device: str | torch.device | None = None,
 ) -> tuple[Triplets, MatrixReport]:
     """The `rank` triplets of one matrix (from the cache, or solved and stored) and its report line."""
     t0 = time.perf_counter()
     concrete = resolve_solver(solver, side, tuple(W.shape), rank)
+    where = solve_device(device, tuple(W.shape), W.device)
 
     def compute() -> Triplets:
-        return solve(W, rank, side, concrete)
+        return solve(W.to(where), rank, side, concrete).cpu()
 
     if cache is None:
         t, key, hit = compute(), None, False
@@ -119,5 +127,5 @@ def _decompose(
         if expect_hit:
             log.warning("%s: not in the cache after the barrier (is svd.cache shared by all ranks?): "
                         "decomposed here", name)
-        log.info("%s %s: %s solver %.2fs", name, tuple(W.shape), t.solver, dt)
-    return t, MatrixReport(name, tuple(W.shape), dt, hit, key, t.solver)
+        log.info("%s %s: %s solver on %s %.2fs", name, tuple(W.shape), t.solver, where.type, dt)
+    return t, MatrixReport(name, tuple(W.shape), dt, hit, key, t.solver, None if hit else where.type)

@@ -73,7 +73,10 @@ def _converged(history: list[float], tol: float, noise: float) -> bool:
     The rate is the geometric mean of the last `RATE_WINDOW` step ratios, about a restart cycle: progress
     is uneven within a cycle (the first block after a thick restart gains least), so a single step's
     ratio swings both ways. Capped at 0.99: a slowly converging sequence (a flat minor end) must not
-    look converged early.
+    look converged early. Nor is a rate taken from fewer than a full window: on a near-degenerate
+    small end the first steps (entering the cluster) gain much and the next ones little, and a rate from
+    two steps stopped the iteration at 3 blocks with 1e-2 excess (measured: docs/benchmarks.md, "every
+    spectrum"); a change at rounding level still ends it at once.
     """
     if len(history) < 3:
         return False
@@ -81,6 +84,8 @@ def _converged(history: list[float], tol: float, noise: float) -> bool:
     d = [abs(h[i] - h[i + 1]) for i in range(len(h) - 1)]
     if d[-1] <= noise:
         return True
+    if len(history) < RATE_WINDOW + 2:
+        return False
     rho = min((d[-1] / d[0]) ** (1 / (len(d) - 1)) if d[0] > 0 else 1.0, 0.99)
     return d[-1] * rho / (1.0 - rho) <= tol * abs(history[-1])
 

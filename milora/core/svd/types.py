@@ -10,7 +10,7 @@ from torch import Tensor
 
 from milora.core.schema import SOLVERS, Side  # noqa: F401 - the engine's names for the one schema's lists
 
-SOLVER_VERSION = 8  # bump when a solver's output for the same input changes: old cache entries then miss
+SOLVER_VERSION = 9  # bump when a solver's output for the same input changes: old cache entries then miss
 SEED = 0x5EED  # the solvers' private generators: deterministic, and the global RNG is left alone
 
 
@@ -36,6 +36,13 @@ class Triplets:
         sl = slice(self.S.numel() - rank, None) if side == "minor" else slice(0, rank)
         return Triplets(self.U[:, sl], self.S[sl], self.Vh[sl, :], self.spectrum, self.solver)
 
+    def cpu(self) -> Triplets:
+        """These triplets on the CPU (where the cache and the factors keep them)."""
+        if self.U.device.type == "cpu":
+            return self
+        spectrum = None if self.spectrum is None else self.spectrum.cpu()
+        return Triplets(self.U.cpu(), self.S.cpu(), self.Vh.cpu(), spectrum, self.solver)
+
 
 @dataclass
 class MatrixReport:
@@ -47,6 +54,7 @@ class MatrixReport:
     hit: bool
     key: str | None = None
     solver: str = ""
+    device: str | None = None  # where the solve ran ("cpu", "cuda"); None for a cache hit
 
 
 @dataclass
