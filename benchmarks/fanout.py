@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,20 +33,11 @@ def _load() -> str:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def one_setting(workers: int, base: Path, env: dict[str, str]) -> dict:
     """Deploy a fresh project copy to its own pool, start `workers` workers, time the fan-out of the grid."""
     from tests.project import env as project_env
     from tests.project import make_project, run
+    from tests.servers import stop_group
 
     tag = f"bench-{workers}"
     root = base / tag / "proj"
@@ -73,7 +63,7 @@ def one_setting(workers: int, base: Path, env: dict[str, str]) -> dict:
         rows = json.loads(out.read_text())
     finally:
         for p in procs:
-            _stop(p)
+            stop_group(p)
     durations = [(_ts(r["end"]) - _ts(r["start"])) for r in rows if r.get("start") and r.get("end")]
     return {"workers": workers, "threads": threads, "trials": len(rows),
             "completed": sum(r["state"] == "Completed" for r in rows), "seconds": seconds,

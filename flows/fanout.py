@@ -127,6 +127,8 @@ def _adopt(mlflow_client: Any, experiment: str, parent: str, row: dict[str, Any]
     """Find the trial's MLflow run (by its Prefect flow-run id), make it a child of the sweep, read its metrics."""
     from milora.tracking.runs import TAG_PREFECT, ensure_experiment
 
+    if not row.get("flow_run_id"):
+        return
     exp = ensure_experiment(mlflow_client, experiment)
     found = mlflow_client.search_runs([exp], filter_string=f"tags.`{TAG_PREFECT}` = '{row['flow_run_id']}'",
                                       max_results=1)
@@ -165,18 +167,21 @@ def milora_fanout(trials: list[dict[str, Any]], deployment: str = DEPLOYMENT, ma
                 deployment, limit, threads or "default", parent)
     t0 = time.perf_counter()
     queue = list(enumerate(trials))
-    running, rows = [], []
+    running: dict[Any, tuple[int, dict[str, Any]]] = {}
+    rows = []
 
     def submit() -> None:
         index, overrides = queue.pop(0)
-        running.append(trial.submit(index, deployment, dict(overrides), model_name, threads))
+        running[trial.submit(index, deployment, dict(overrides), model_name, threads)] = (index, dict(overrides))
 
     while queue and len(running) < limit:
         submit()
     while running:
-        done = next(as_completed(running))
-        running.remove(done)
-        row = done.result()
+        done = next(as_completed(list(running)))
+        index, overrides = running.pop(done)
+        row = done.result(raise_on_failure=False)
+        if isinstance(row, BaseException):  # the trial could not even be submitted or followed
+            row = {"trial": index, "overrides": overrides, "state": "Failed", "message": str(row)}
         logger.info("trial %d (%s): %s", row["trial"], label(row["overrides"]), row["state"])
         _adopt(mlflow_client, experiment, parent, row)
         rows.append(row)

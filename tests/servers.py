@@ -64,17 +64,23 @@ class ServerProcess:
 
     def stop(self) -> None:
         """Terminate the process group (kill after 10 s)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        import signal
+        if self.proc is not None:
+            stop_group(self.proc, 10)
 
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(10)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+
+def stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM the process group of `proc` (started with `start_new_session=True`), SIGKILL after `grace` seconds."""
+    import signal
+
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
 
 
 def start_moto(log_dir: Path) -> ServerProcess:

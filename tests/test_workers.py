@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from tests.faults import SITE
 from tests.prefect_fixtures import PREFECT_ENV
 from tests.project import env as project_env
 from tests.project import make_project, run
+from tests.servers import stop_group
 from tests.test_flow import _flow_run, _flow_run_id, _log_contains, _task_runs
 
 pytestmark = pytest.mark.slow
@@ -48,19 +48,6 @@ class Cluster:
 
     def prefect(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return run(["prefect", *args], self.root, check=check, extra_env=self.env)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +75,7 @@ def cluster(prefect_server, mlflow_server, tmp_path_factory):
         yield c
     finally:
         for w in c.workers:
-            _stop(w)
+            stop_group(w)
 
 
 def _deployment_run(c: Cluster, name: str, overrides: dict, job_env: dict | None = None) -> str:

@@ -113,18 +113,18 @@ def main(args: argparse.Namespace) -> int:
     check_server(api)
     if args.pool:
         return deploy_to_pool(root, args, overrides)
-    parameters: dict = {"root": str(root)}
-    if overrides:
-        parameters["overrides"] = overrides
-    if args.params:
-        parameters["params"] = args.params
-    if args.model_name:
-        parameters["model_name"] = args.model_name
+    parameters = {"root": str(root), **run_parameters(args, overrides)}
     # Module entrypoint: the runs import `flows.pipeline` from the installed package, whatever the cwd.
     milora_pipeline.serve(name=args.name, schedules=schedules, parameters=parameters, limit=1,
                           tags=["milora"], entrypoint_type=EntrypointType.MODULE_PATH,
                           description=f"Scheduled MiLoRA retraining of {root}")
     return 0
+
+
+def run_parameters(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The deployments' default flow parameters from this command's -S, --params and --model-name."""
+    given = {"overrides": overrides, "params": args.params, "model_name": args.model_name}
+    return {k: v for k, v in given.items() if v}
 
 
 def ensure_pool(name: str) -> bool:
@@ -173,13 +173,7 @@ def deploy_to_pool(root: Path, args: argparse.Namespace, overrides: dict[str, An
     for var, value in (("MILORA_PARAMS", args.params), ("MILORA_CRON", args.cron), ("MILORA_TIMEZONE", args.timezone)):
         if value:
             env[var] = value
-    parameters: dict[str, Any] = {}
-    if overrides:
-        parameters["overrides"] = overrides
-    if args.params:
-        parameters["params"] = args.params
-    if args.model_name:
-        parameters["model_name"] = args.model_name
+    parameters = run_parameters(args, overrides)
     for name in names:
         cmd = [sys.executable, "-m", "prefect", "deploy", "--name", name, "--pool", args.pool, "--no-prompt",
                *(["--params", json.dumps(parameters)] if parameters else [])]
