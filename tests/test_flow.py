@@ -342,6 +342,18 @@ def test_summary_and_report_round_trip(tmp_path):
     assert "MLflow model: models:/milora/3" in text and "see .prefect" in text
 
 
+def test_a_reused_version_is_said_so_in_the_summary_and_the_message(tmp_path):
+    from flows.pipeline import registration_line_short, registration_summary
+    from flows.report import registration_line
+
+    reg = registration_summary({"model_name": "m", "version": "1", "run_id": "r", "created": False, "reused": True,
+                                "decision": {"promote": True, "reason": "no champion yet"}}, tmp_path)
+    assert registration_line(reg) == ("already registered: m version 1 holds this exact adapter (same weights, base "
+                                      "and data); nothing new registered; its champion gate decision: promoted to "
+                                      "champion (no champion yet)")
+    assert registration_line_short(reg) == "already registered as m v1 (a byte-identical adapter)"
+
+
 def test_registration_summary_reads_the_register_steps_result(tmp_path):
     from flows.pipeline import registration_summary
 
@@ -664,7 +676,7 @@ def test_a_params_round_trip_returns_the_registered_version(workspace, prefect_e
     assert "already registered: milora version 1 holds this exact adapter" in out.stdout
     assert report.message.endswith("already registered as milora v1 (a byte-identical adapter)")
     assert _flow_run(report.flow_run_id).state.message == report.message
-    assert [v.version for v in _versions(root)] == ["1", "2"]
+    assert [str(v.version) for v in _versions(root)] == ["1", "2"]
 
 
 @pytest.mark.slow
@@ -679,7 +691,7 @@ def test_new_rows_in_the_source_rerun_from_prepare_and_register_a_new_version(wo
     assert outcomes["base"] == outcomes["svd"] == "skipped"  # the data changed, not the base or the adapter init
     assert all(outcomes[s] == "ran" for s in ("ingest", "prepare", "train", "evaluate", "register"))
     versions = _versions(root)
-    assert len(versions) == len(before) + 1 and report.registration["version"] == versions[-1].version
+    assert len(versions) == len(before) + 1 and report.registration["version"] == str(versions[-1].version)
     assert versions[-1].tags["milora.data_hash"] not in {v.tags["milora.data_hash"] for v in before}
 
 

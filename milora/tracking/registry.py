@@ -571,40 +571,28 @@ def decide(
     rc: RegisterConfig,
     source: str = "auto",
     force: bool = False,
+    locked: bool = False,
 ) -> Decision:
     """Gate `version` against the current champion, move `champion` if it wins, and record the decision,
-    holding the model's gate lock (`gate_lock`)."""
-    with gate_lock(mlflow_client, name):
-        return _decide(mlflow_client, name, version, challenger_metrics, rc, source, force)
-
-
-def _decide(
-    mlflow_client: MlflowClient,
-    name: str,
-    version: str,
-    challenger_metrics: Mapping[str, Any],
-    rc: RegisterConfig,
-    source: str = "auto",
-    force: bool = False,
-) -> Decision:
-    """`decide`, with the gate lock held by the caller."""
-    champ = alias_version(mlflow_client, name, CHAMPION)
-    fields = dict(metric=rc.metric, direction=rc.direction, min_delta=rc.min_delta, source=source)
-    if champ is not None and str(champ.version) == str(version):
-        value = _num(challenger_metrics.get(rc.metric))
-        d = Decision(True, f"version {version} is already the champion", challenger_value=value,
-                     champion_value=value, champion_version=str(version), **fields)
-    else:
-        champ_metrics = version_metrics(mlflow_client, champ) if champ is not None else None
-        d = replace(gate(challenger_metrics, champ_metrics, rc, str(champ.version) if champ else None), source=source)
-        if force and not d.promote:
-            d = replace(d, promote=True, forced=True, reason=f"forced by hand; the gate said: {d.reason}")
-        if d.promote:
-            mlflow_client.set_registered_model_alias(name, CHAMPION, str(version))
-    record(mlflow_client, name, str(version), d)
-    log.info("%s version %s: %s (%s)", name, version, "promoted to champion" if d.promote else "not promoted",
-             d.reason)
-    return d
+    holding the model's gate lock (`gate_lock`; `locked`: the caller holds it already)."""
+    with contextlib.nullcontext() if locked else gate_lock(mlflow_client, name):
+        champ = alias_version(mlflow_client, name, CHAMPION)
+        fields = dict(metric=rc.metric, direction=rc.direction, min_delta=rc.min_delta, source=source)
+        if champ is not None and str(champ.version) == str(version):
+            value = _num(challenger_metrics.get(rc.metric))
+            d = Decision(True, f"version {version} is already the champion", challenger_value=value,
+                         champion_value=value, champion_version=str(version), **fields)
+        else:
+            champ_metrics = version_metrics(mlflow_client, champ) if champ is not None else None
+            d = replace(gate(challenger_metrics, champ_metrics, rc, str(champ.version) if champ else None), source=source)
+            if force and not d.promote:
+                d = replace(d, promote=True, forced=True, reason=f"forced by hand; the gate said: {d.reason}")
+            if d.promote:
+                mlflow_client.set_registered_model_alias(name, CHAMPION, str(version))
+        record(mlflow_client, name, str(version), d)
+        log.info("%s version %s: %s (%s)", name, version, "promoted to champion" if d.promote else "not promoted",
+                 d.reason)
+        return d
 
 
 def record(mlflow_client: MlflowClient, name: str, version: str, d: Decision) -> None:
@@ -700,7 +688,7 @@ def _recorded_or_decide(mlflow_client: MlflowClient, name: str, version: str, me
         decision = Decision.from_tags(recorded)
         log.info("%s version %s was already decided: %s", name, version, decision.reason)
         return decision
-    return _decide(mlflow_client, name, version, metrics, rc)
+    return decide(mlflow_client, name, version, metrics, rc, locked=True)
 
 
 def _register(cfg: Config, paths: Paths, key: str) -> Registration:
