@@ -253,8 +253,9 @@ def test_embedded_base_beats_an_untrained_twin_on_heldout_text_by_a_wide_margin(
     cfg = validate(TINY)
     model, tok = load_base(cfg, paths)
     docs = paths.heldout_text.read_text(encoding="utf-8").splitlines()
-    trained, n_tokens = heldout_nll(model, tok, docs)
-    untrained, _ = heldout_nll(build_model(cfg.model.embedded, len(tok), tok), tok, docs)
+    length = cfg.model.embedded.max_position_embeddings  # as the base stage scores it
+    trained, n_tokens = heldout_nll(model, tok, docs, length, 32)
+    untrained, _ = heldout_nll(build_model(cfg.model.embedded, len(tok), tok), tok, docs, length, 32)
     assert n_tokens > 1000
     assert untrained > math.log(len(tok)) - 0.5  # a random model is about uniform
     assert trained < untrained - 2.5  # more than 12x lower perplexity
