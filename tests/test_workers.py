@@ -194,7 +194,8 @@ def test_fanout_of_a_grid_on_two_workers(cluster, prefect_api, tmp_path):
     c = cluster
     out = tmp_path / "fanout.json"
     p = subprocess.run([sys.executable, "-m", "flows.fanout", "--grid", "adapter.method=lora,milora", "--grid",
-                        "train.seed=0,1", "-S", "train.max_steps=4", "-S", "eval.max_examples=4", "--max-parallel",
+                        "train.seed=0,1", "-S", "train.max_steps=4", "-S", "eval.max_examples=4", "-S",
+                        "register.log_lora_export=false", "--max-parallel",
                         "2", "--threads", "1", "--model-name", "milora-sweep", "--out", str(out)],
                        cwd=tmp_path, env=project_env(c.env), capture_output=True, text=True, timeout=1500)
     assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
