@@ -98,7 +98,7 @@ def _touch(path: Path) -> bytes:
     ("milora/core/svd.py", {"svd", "train", "evaluate"}),  # the SVD engine: everything that runs it
     ("milora/stages/evaluate.py", {"evaluate"}),  # the evaluation code: evaluate only
     ("milora/model/scoring.py", {"evaluate"}),
-    ("milora/data/formats.py", {"ingest", "prepare"}),
+    ("milora/data/formats.py", {"ingest", "prepare", "evaluate"}),  # evaluate reads the benchmark suites
 ])
 def test_code_edits_invalidate_exactly_the_stages_that_run_the_code(project, edited, changed):
     root, _ = project
@@ -125,8 +125,8 @@ def test_train_params_rerun_train_and_evaluate_only(project):
     params.write_text(text)
     out = run(["dvc", "repro"], root)
     assert stages_ran(out.stdout) == ["train", "evaluate"]
-    assert yaml.safe_load((root / "dvc.lock").read_text())["stages"]["train"]["params"]["params.yaml"]["train"][
-        "learning_rate"] == 0.0003
+    assert yaml.safe_load((root / "dvc.lock").read_text())["stages"]["train"]["params"]["params.yaml"][
+        "train.learning_rate"] == 0.0003
     assert json.loads((root / "models" / "adapter" / "lineage.json").read_text())["params"]["train"][
         "learning_rate"] == 0.0003
 

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 # The numbers of metrics/eval.json (DVC metrics, compared across runs); reports/eval.json has them all.
 SUMMARY = ["average_accuracy", "perplexity", "forgetting"]
 # Run facts: timings/eval.json, not the byte-reproducible report.
-TIMINGS = ["*_seconds"]
+TIMINGS = ["*_seconds", "suites.*.seconds"]
 
 # ----------------------------------------------------------------------------- model scoring
 
