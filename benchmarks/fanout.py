@@ -99,10 +99,12 @@ registration in MLflow included).
 |---:|---:|---:|---:|---:|---|
 {chr(10).join(rows)}
 
-**1 worker / 2 workers: {ratio:.2f}x** (wall time of the same 6 trials). A trial is mostly fixed costs that
-do not shrink with threads (process starts and imports for each stage, DVC hashing and pushes, MLflow
-logging), so two trials side by side on 2 cores overlap well; the compute itself (train, evaluate) is
-what the two workers share.
+**1 worker / 2 workers: {ratio:.2f}x** (wall time of the same 6 trials). Side by side, each trial takes longer (the two
+share the cores) but two run at once; much of a trial is fixed cost that does not shrink with threads
+(a process start and imports per stage, DVC hashing, pulls and pushes, MLflow logging). With 1 worker the
+second seed of each method restores the `svd` stage from the run cache the first seed left (the seed only
+changes `train`), which 2 workers running both seeds at once cannot: this favours 1 worker a little. The
+machine was shared with other jobs (load averages in the table).
 """
 
 
