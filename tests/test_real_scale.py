@@ -128,7 +128,7 @@ def test_external_bf16_base_end_to_end_registered_by_reference(small_llama, tmp_
     local = Path(model._model_impl.context.artifacts["adapter"]).parent.parent
     assert not list(local.rglob("model-*.safetensors"))  # the model carries the adapter, not the base
     prompts = ["question: what is two plus three? answer:"]
-    first = model.predict(prompts, params={"max_new_tokens": 3})
+    first = model.predict([{"prompt": p} for p in prompts], params={"max_new_tokens": 3})
     assert predict_in_fresh_process(model_uri, prompts, 3, uri, tmp_path) == first
 
     # a base whose weights changed (same path, same names) is refused, naming both hashes
@@ -140,7 +140,7 @@ def test_external_bf16_base_end_to_end_registered_by_reference(small_llama, tmp_
         load_model(model_uri)
     assert identity["content_hash"] in str(err.value)
     model = load_model(model_uri, model_config={"verify_base_hash": False})  # the explicit opt-out
-    assert len(model.predict(prompts, params={"max_new_tokens": 2})) == 1
+    assert len(model.predict([{"prompt": p} for p in prompts], params={"max_new_tokens": 2})) == 1
 
 
 def _large_fp_tensors(min_numel: int) -> int:
