@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from milora.model.base import content_hash, weight_files
 from milora.pipeline.config import RegisterConfig, validate
 from milora.pipeline.paths import Paths
 from milora.tracking import registry
@@ -288,7 +289,8 @@ def test_a_hub_id_base_loads_from_the_local_hf_cache_at_its_revision_in_a_fresh_
     (repo / "refs" / "main").write_text(sha)
     shutil.rmtree(project.base_dir)  # nothing to fall back on: the weights are only in the HF cache
     identity = {k: v for k, v in json.loads(project.base_json.read_text()).items() if k != "load_path"}
-    identity.update(name_or_path="someorg/tiny-base", revision=sha, embedded=False)
+    identity.update(name_or_path="someorg/tiny-base", revision=sha, embedded=False,  # as the base stage records
+                    content_hash=content_hash(weight_files(repo / "snapshots" / sha)))
     project.base_json.write_text(json.dumps(identity))
     cfg = validate({"model": {"name_or_path": "someorg/tiny-base", "revision": sha},
                     "register": {"model_name": "hub-e2e", "log_lora_export": False}})
@@ -313,7 +315,8 @@ def test_external_base_is_referenced_not_carried(project, tmp_path):
     expected = reference_generations(project, PROMPTS, 4)
     shutil.move(project.base_dir, external)
     identity = json.loads(project.base_json.read_text())
-    identity.update(name_or_path=str(external), load_path=str(external), embedded=False, revision="abc123")
+    identity.update(name_or_path=str(external), load_path=str(external), embedded=False, revision="abc123",
+                    content_hash=content_hash(weight_files(external)))  # as the base stage records it
     project.base_json.write_text(json.dumps(identity))
 
     model_dir = registry.save_pyfunc(tmp_path / "model", validate({}), project)
