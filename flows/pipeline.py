@@ -62,7 +62,7 @@ from flows.report import REGISTERED_FILE, RunReport, read_metrics, registration_
 from flows.workspace import is_workspace, keep_after_failure, remove_after_success
 from milora.core.errors import UserError
 from milora.core.io import read_json, write_json
-from milora.pipeline.config import FlowConfig
+from milora.pipeline.config import Config, FlowConfig
 from milora.pipeline.lock import WorkspaceBusy, WorkspaceLock, held_lock
 from milora.pipeline.paths import Paths
 from milora.pipeline.results import TOKEN_ENV, StepResult, read_result
@@ -321,7 +321,6 @@ def milora_pipeline(overrides: dict[str, Any] | None = None, model_name: str | N
         params: a params file to start from instead of `params.yaml` (relative to `root`).
     """
     t0 = time.perf_counter()
-    logger = get_run_logger()
     rootp = Path(root).expanduser().resolve()
     # Validate before anything runs: a bad key or value fails here, with no task run at all. String values
     # are read as YAML 1.2, as `-S` values and params.yaml are (`"3e-4"` is 0.0003).
@@ -333,8 +332,32 @@ def milora_pipeline(overrides: dict[str, Any] | None = None, model_name: str | N
         stages = stage_order(rootp)
     except UserError as exc:
         return _failed(exc)
-    fid = runtime_flow_run.id
-    report = RunReport(root=str(rootp), flow_run_id=fid, flow_run_name=runtime_flow_run.name,
+    report = _new_report(rootp, stages, overrides, params)
+    get_run_logger().info("workspace %s; stages %s; overrides %s", rootp, " -> ".join(stages),
+                          overrides or "none")
+    try:
+        holding = _hold_workspace(rootp, report.flow_run_id)
+    except WorkspaceBusy as exc:
+        return _failed(exc)
+    with holding, run_params(rootp, params, overrides) as cfg:
+        run = _PipelineRun(rootp, report, cfg, _Progress([*stages, REGISTER]),
+                           sync=is_workspace(rootp) and default_remote(rootp) is not None)
+        try:  # any failure: record it in the report and the artifact, then fail the flow run with it
+            run.execute(stages)
+        except BaseException as exc:
+            _record_failure(report, run.current, exc)
+            report.status, report.message = "failed", str(exc)
+            _publish(report, t0)
+            if isinstance(exc, (StageFailed, UserError)):
+                return _failed(exc)  # its message says it all: no traceback in the logs
+            raise
+    _publish(report, t0)
+    return Completed(message=report.message, data=report.metrics)  # the message shows in the Prefect UI
+
+
+def _new_report(root: Path, stages: list[str], overrides: dict[str, Any], params: str | None) -> RunReport:
+    """The run's report, listing every step it will take in order (ingest is followed by push-data)."""
+    report = RunReport(root=str(root), flow_run_id=runtime_flow_run.id, flow_run_name=runtime_flow_run.name,
                        flow_run_url=runtime_flow_run.ui_url, overrides=overrides,
                        params_file=str(params or "params.yaml"),
                        started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -343,92 +366,105 @@ def milora_pipeline(overrides: dict[str, Any] | None = None, model_name: str | N
         if name == INGEST:
             report.stage(PUSH_DATA)
     report.stage(REGISTER)
-    logger.info("workspace %s; stages %s; overrides %s", rootp, " -> ".join(stages), overrides or "none")
+    return report
 
-    lock = held_lock(rootp)  # `milora run` takes it before starting Prefect
+
+def _hold_workspace(root: Path, flow_run_id: str) -> contextlib.AbstractContextManager[Any]:
+    """The workspace lock for the run: the one `milora run` already holds (annotated with this flow run), or a
+    new one taken here (raises `WorkspaceBusy`)."""
+    lock = held_lock(root)  # `milora run` takes it before starting Prefect
     if lock is not None:
-        lock.annotate(flow_run_id=fid)
-        holding: Any = contextlib.nullcontext()
-    else:
-        lock = holding = WorkspaceLock(rootp, flow_run_id=fid, command=f"flow {FLOW_NAME}")
-        try:
-            lock.acquire()
-        except WorkspaceBusy as exc:
-            return _failed(exc)
-    with holding, run_params(rootp, params, overrides) as cfg:
-        retrying = cfg.flow
-        progress = _Progress([*stages, REGISTER])
-        pid = str(progress.artifact_id) if progress.artifact_id else None
-        sync = is_workspace(rootp) and default_remote(rootp) is not None  # a worker's workspace (flows.workspace)
-        current = stages[0]
-        try:  # any failure: record it in the report and the artifact, then fail the flow run with it
-            rest = stages
-            if INGEST in stages:
-                current = INGEST
-                before = out_hash(rootp, INGEST, DATA_OUT)
-                _record_stage(report, with_retries(run_stage, retrying)(
-                    INGEST, str(rootp), force=True, progress_id=pid, progress_span=progress.span(INGEST), sync=sync))
-                report.data_version = out_hash(rootp, INGEST, DATA_OUT)
-                report.data_changed = report.data_version != before
-                current = PUSH_DATA
-                pushed = with_retries(push_data, retrying)(str(rootp))
-                s = report.stage(PUSH_DATA)
-                s.outcome = "ran" if pushed["remote"] else "no remote"
-                s.seconds, s.attempts = pushed["seconds"], pushed["attempts"]
-                rest = [s for s in stages if s != INGEST]
-            current = "dvc status"
-            pending = dvc_status(rootp)
-            # What was last registered from this workspace: the whole pipeline state (dvc.lock: data
-            # version, params, code and outputs of every stage) and the model name.
-            last = _read_registered(rootp) or {}
-            if not pending and last.get("lock") == lock_digest(rootp) \
-                    and last.get("model_name") == cfg.register.model_name:
-                for name in rest:
-                    report.stage(name).outcome = "up to date"
-                report.stage(REGISTER).outcome = "already registered"
-                report.registration = {
-                    **(last.get("registration") or {}), "skipped": True,
-                    "reason": f"{NOTHING_TO_RETRAIN}: data and params unchanged since {last.get('model_name')} "
-                              f"version {last.get('version')} was registered"}
-                report.status, report.message = NOTHING_TO_RETRAIN, (
-                    f"{NOTHING_TO_RETRAIN}: data version {report.data_version} and params unchanged since "
-                    f"the last registered run")
-                _set_progress(pid, 100.0, NOTHING_TO_RETRAIN)
-                logger.info(report.message)
-                _publish(report, t0)
-                return Completed(message=report.message, data=report.metrics)
-            for name in rest:
-                current = name
-                if not pending:
-                    report.stage(name).outcome = "up to date"
-                    continue
-                _record_stage(report, with_retries(run_stage, retrying)(
-                    name, str(rootp), progress_id=pid, progress_span=progress.span(name), sync=sync))
-            current = REGISTER
-            reg = with_retries(register, retrying)(str(rootp), flow_run_id=fid, progress_id=pid,
-                                                   progress_span=progress.span(REGISTER))
-            s = report.stage(REGISTER)
-            s.outcome, s.seconds, s.attempts = "ran", reg["seconds"], reg["attempts"]
-            report.registration = reg["decision"]
-            write_json(rootp / REGISTERED_FILE, {
-                "lock": lock_digest(rootp), "model_name": cfg.register.model_name,
-                "version": report.registration.get("version"), "data_version": report.data_version,
-                "flow_run_id": fid, "registered_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "registration": report.registration})
-            report.status = "completed"
-            ran = report.ran
-            report.message = (f"ran {', '.join(ran)}" if ran else "every stage was up to date") + \
-                f"; {registration_line_short(report.registration)}"
-            _set_progress(pid, 100.0, "done")
-        except BaseException as exc:
-            _record_failure(report, current, exc)
-            report.status, report.message = "failed", str(exc)
-            _publish(report, t0)
-            if isinstance(exc, (StageFailed, UserError)):
-                return _failed(exc)  # its message says it all: no traceback in the logs
-            raise
-    _publish(report, t0)
-    return Completed(message=report.message, data=report.metrics)  # the message shows in the Prefect UI
+        lock.annotate(flow_run_id=flow_run_id)
+        return contextlib.nullcontext()
+    lock = WorkspaceLock(root, flow_run_id=flow_run_id, command=f"flow {FLOW_NAME}")
+    lock.acquire()
+    return lock
+
+
+class _PipelineRun:
+    """One run's steps in order: forced ingest and push of the data version, the stages DVC finds out of date,
+    then registration, each a retrying task recorded in the report; `current` names the step in progress."""
+
+    def __init__(self, root: Path, report: RunReport, cfg: Config, progress: _Progress, sync: bool):
+        self.root, self.report, self.cfg, self.progress, self.sync = root, report, cfg, progress, sync
+        self.pid = str(progress.artifact_id) if progress.artifact_id else None
+        self.current = progress.steps[0]
+
+    def execute(self, stages: list[str]) -> None:
+        rest = stages
+        if INGEST in stages:
+            self.ingest()
+            rest = [s for s in stages if s != INGEST]
+        self.current = "dvc status"
+        pending = dvc_status(self.root)
+        if not pending and self.already_registered(rest):
+            return
+        for name in rest:
+            self.current = name
+            if pending:
+                self.stage(name)
+            else:
+                self.report.stage(name).outcome = "up to date"
+        self.register()
+
+    def stage(self, name: str, force: bool = False) -> None:
+        _record_stage(self.report, with_retries(run_stage, self.cfg.flow)(
+            name, str(self.root), force=force, progress_id=self.pid, progress_span=self.progress.span(name),
+            sync=self.sync))
+
+    def ingest(self) -> None:
+        """Version the data source's current contents (forced), then push that version to the DVC remote."""
+        self.current = INGEST
+        before = out_hash(self.root, INGEST, DATA_OUT)
+        self.stage(INGEST, force=True)
+        self.report.data_version = out_hash(self.root, INGEST, DATA_OUT)
+        self.report.data_changed = self.report.data_version != before
+        self.current = PUSH_DATA
+        pushed = with_retries(push_data, self.cfg.flow)(str(self.root))
+        s = self.report.stage(PUSH_DATA)
+        s.outcome = "ran" if pushed["remote"] else "no remote"
+        s.seconds, s.attempts = pushed["seconds"], pushed["attempts"]
+
+    def already_registered(self, rest: list[str]) -> bool:
+        """With every stage up to date: whether this whole pipeline state (dvc.lock: data version, params, code
+        and outputs of every stage) was last registered from this workspace under this model name; if so the
+        run ends here as "nothing to retrain"."""
+        last = _read_registered(self.root) or {}
+        if last.get("lock") != lock_digest(self.root) or last.get("model_name") != self.cfg.register.model_name:
+            return False
+        report = self.report
+        for name in rest:
+            report.stage(name).outcome = "up to date"
+        report.stage(REGISTER).outcome = "already registered"
+        report.registration = {
+            **(last.get("registration") or {}), "skipped": True,
+            "reason": f"{NOTHING_TO_RETRAIN}: data and params unchanged since {last.get('model_name')} "
+                      f"version {last.get('version')} was registered"}
+        report.status, report.message = NOTHING_TO_RETRAIN, (
+            f"{NOTHING_TO_RETRAIN}: data version {report.data_version} and params unchanged since "
+            f"the last registered run")
+        _set_progress(self.pid, 100.0, NOTHING_TO_RETRAIN)
+        get_run_logger().info(report.message)
+        return True
+
+    def register(self) -> None:
+        """`milora register`, then remember the registered pipeline state in `REGISTERED_FILE`."""
+        self.current, report = REGISTER, self.report
+        reg = with_retries(register, self.cfg.flow)(str(self.root), flow_run_id=report.flow_run_id,
+                                                    progress_id=self.pid, progress_span=self.progress.span(REGISTER))
+        s = report.stage(REGISTER)
+        s.outcome, s.seconds, s.attempts = "ran", reg["seconds"], reg["attempts"]
+        report.registration = reg["decision"]
+        write_json(self.root / REGISTERED_FILE, {
+            "lock": lock_digest(self.root), "model_name": self.cfg.register.model_name,
+            "version": report.registration.get("version"), "data_version": report.data_version,
+            "flow_run_id": report.flow_run_id, "registered_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "registration": report.registration})
+        report.status = "completed"
+        ran = report.ran
+        report.message = (f"ran {', '.join(ran)}" if ran else "every stage was up to date") + \
+            f"; {registration_line_short(report.registration)}"
+        _set_progress(self.pid, 100.0, "done")
 
 
 def _failed(exc: BaseException) -> State:

@@ -15,7 +15,7 @@ from tests.project import make_project, run, stages_ran, stages_skipped, write_p
 pytestmark = pytest.mark.slow
 ALL = ["ingest", "base", "prepare", "svd", "train", "evaluate"]
 # The README's view for comparing experiments: what changed, without timings, cache counters and data hashes.
-EXP_SHOW_ARGS = ["--only-changed", "--drop", "Created|models/|data/|.*_seconds|cache_|tokens_per_second|peak_memory_mb|resumed_from_step"]
+EXP_SHOW_ARGS = ["--only-changed", "--drop", "Created|models/|data/|.*seconds|cache_|tokens_per_second|peak_memory_mb|resumed_from_step"]
 OUTPUTS = ["data/raw", "data/prepared", "models/base", "models/svd_init", "models/adapter"]
 
 

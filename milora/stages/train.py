@@ -52,7 +52,7 @@ TIMINGS = ["train_seconds", "tokens_per_second", "peak_memory_mb", "resumed_from
 
 FINGERPRINT = "fingerprint.json"
 PROGRESS = "progress.json"
-# Fault injection for resume tests: SIGKILL this process right after the checkpoint of step N is saved.
+START_EVAL = "start_eval.json"
 
 
 class EncodedDataset(Dataset):
@@ -182,8 +182,6 @@ def _resume_point(cfg: Config, paths: Paths, is_main: bool) -> str | None:
         if ckpt.exists() and any(ckpt.iterdir()):
             log.info("checkpoints in %s belong to another configuration: starting fresh", ckpt)
             shutil.rmtree(ckpt)
-        from milora.core.io import write_json
-
         write_json(fp_path, want)
     return None
 
@@ -256,12 +254,7 @@ def run(cfg: Config, paths: Paths) -> None:
     model = load_adapter(model, paths.svd_init_dir, is_trainable=True)
     if cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()
-    train_rows = read_jsonl(paths.prepared_dir / "train.jsonl")
-    eval_rows = read_jsonl(paths.prepared_dir / "eval.jsonl")
-    if not train_rows:
-        raise InvalidInput(f"{paths.prepared_dir / 'train.jsonl'} has no rows: nothing to train on")
-    train_ds = EncodedDataset(encode_rows(tokenizer, train_rows, cfg.data.max_length))
-    eval_encoded = encode_rows(tokenizer, eval_rows, cfg.data.max_length)
+    train_ds, eval_encoded = _datasets(cfg, paths, tokenizer)
 
     args = training_arguments(cfg, paths.checkpoints_dir)
     is_main = is_local_main()  # writes this node's checkpoints and outputs (one node: global rank 0)
@@ -270,74 +263,108 @@ def run(cfg: Config, paths: Paths) -> None:
     resume = same_on_every_rank(_resume_point(cfg, paths, is_main), "the checkpoint to resume from")
     if args.world_size > 1:
         torch.distributed.barrier()
-    callbacks: list[TrainerCallback] = [ProgressCallback(paths.checkpoints_dir / PROGRESS)]
     # No `trainer.evaluate()` before `train()`: it prepares the model for evaluation, and accelerate then
     # refuses to prepare it again, so DDP would never wrap it and the ranks would train unsynchronised.
     trainer = Trainer(
-        model=model, args=args, train_dataset=train_ds,
-        data_collator=PadCollator(tokenizer.pad_token_id), callbacks=callbacks,
+        model=model, args=args, train_dataset=train_ds, data_collator=PadCollator(tokenizer.pad_token_id),
+        callbacks=[ProgressCallback(paths.checkpoints_dir / PROGRESS)],
     )
-    start_file = paths.checkpoints_dir / "start_eval.json"
-    if resume is None:
-        start_eval = _eval_loss(model, eval_encoded, cfg.eval.batch_size, is_main)
-        if is_main:
-            write_json(start_file, {"eval_loss": start_eval})
-    else:
-        start_eval = read_json(start_file)["eval_loss"] if start_file.exists() else None
+    start_eval = _start_eval_loss(model, eval_encoded, cfg, paths, resume, is_main)
 
     t0 = time.perf_counter()
     resumed_step = int(Path(resume).name.split("-")[-1]) if resume else 0
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
     end_eval = _eval_loss(model, eval_encoded, cfg.eval.batch_size, is_main)
-    world, differ = _ranks_agree(model)
-    if differ:
-        raise RuntimeError(f"DDP ranks ended with different adapter weights in {len(differ)} tensor(s): "
-                           f"{', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}")
+    world = _check_ranks_agree(model)
     if not is_main:
         return
 
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    tokens = int(trainer.state.num_input_tokens_seen or 0)
-    steps_run = trainer.state.global_step - resumed_step
-    svd_meta = read_adapter_meta(paths.svd_init_dir)
-    # What made these weights, and nothing else: this file is part of the adapter (a DVC out the evaluate
-    # stage and the registry depend on), so it holds no git commit, timestamp, path or unrelated param (the
-    # register step tags the MLflow run with the git commit and logs every param).
-    lineage = {
-        "method": cfg.adapter.method,
-        "rank": cfg.adapter.rank,
-        "alpha": cfg.adapter.alpha,
-        "base": read_json(paths.base_json),
-        "data_hash": file_digest(paths.prepared_dir),
-        "svd_cache_keys": svd_meta.get("cache_keys", {}),
-        "params": {"adapter": cfg.adapter.model_dump(mode="json"),  # not the launch layout: same adapter
-                   "train": {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in LAUNCH_KEYS}},
-    }
-    save_adapter(model, paths.adapter_dir, base_name=cfg.model.name_or_path,
-                 extra={"lineage": {k: lineage[k] for k in ("method", "rank", "data_hash")}})
-    write_json(paths.adapter_dir / "lineage.json", lineage)
+    _save_trained_adapter(cfg, paths, model)
     metrics = {
         "train_loss": result.training_loss,
-        "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
         "eval_loss_start": start_eval,
         "eval_loss_end": end_eval,
-        "steps": trainer.state.global_step,
         "resumed_from_step": resumed_step,
-        "tokens_seen": tokens,
         "train_seconds": round(seconds, 3),
-        "tokens_per_second": round(tokens * steps_run / max(trainer.state.global_step, 1) / max(seconds, 1e-9), 2),
-        "trainable_params": trainable,
-        "total_params": total,
-        "peak_memory_mb": round(_peak_memory_mb(), 1),
-        "cpu_threads": torch.get_num_threads(),  # OMP_NUM_THREADS when set (parallel runs sharing a machine)
-        "world_size": world,
-        "ranks_agree": True,
-        "ranks_compared_tensors": sum(1 for p in model.parameters() if p.requires_grad) if world > 1 else 0,
+        **_run_numbers(trainer, model, resumed_step, seconds, world),
     }
     write_metrics(paths, "train", metrics, SUMMARY, TIMINGS)
     atomic_write_text(paths.plot("train_loss.csv"), _loss_csv(trainer.state.log_history))
     log.info("train: %d steps in %.1fs, loss %.4f, eval loss %s -> %s", metrics["steps"], seconds,
              result.training_loss, start_eval, end_eval)
 
+
+def _datasets(cfg: Config, paths: Paths, tokenizer: Any) -> tuple[EncodedDataset, list[dict[str, Any]]]:
+    """The encoded training set and eval rows from `data/prepared`; an empty training set is a user error."""
+    train_rows = read_jsonl(paths.prepared_dir / "train.jsonl")
+    eval_rows = read_jsonl(paths.prepared_dir / "eval.jsonl")
+    if not train_rows:
+        raise InvalidInput(f"{paths.prepared_dir / 'train.jsonl'} has no rows: nothing to train on")
+    return (EncodedDataset(encode_rows(tokenizer, train_rows, cfg.data.max_length)),
+            encode_rows(tokenizer, eval_rows, cfg.data.max_length))
+
+
+def _start_eval_loss(model: torch.nn.Module, encoded: list[dict[str, Any]], cfg: Config, paths: Paths,
+                     resume: str | None, is_main: bool) -> float | None:
+    """The eval loss before training: measured on a fresh start (and kept in `checkpoints/`), read back when
+    resuming (the model no longer is at its start)."""
+    start_file = paths.checkpoints_dir / START_EVAL
+    if resume is not None:
+        return read_json(start_file)["eval_loss"] if start_file.exists() else None
+    loss = _eval_loss(model, encoded, cfg.eval.batch_size, is_main)
+    if is_main:
+        write_json(start_file, {"eval_loss": loss})
+    return loss
+
+
+def _check_ranks_agree(model: torch.nn.Module) -> int:
+    """The world size, after checking every DDP rank ended with the same trainable weights (a bug if not)."""
+    world, differ = _ranks_agree(model)
+    if differ:
+        raise RuntimeError(f"DDP ranks ended with different adapter weights in {len(differ)} tensor(s): "
+                           f"{', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}")
+    return world
+
+
+def _save_trained_adapter(cfg: Config, paths: Paths, model: torch.nn.Module) -> None:
+    """`models/adapter`: the trained adapter and its lineage.
+
+    What made these weights, and nothing else: the lineage is part of the adapter (a DVC out the evaluate
+    stage and the registry depend on), so it holds no git commit, timestamp, path or unrelated param (the
+    register step tags the MLflow run with the git commit and logs every param)."""
+    lineage = {
+        "method": cfg.adapter.method,
+        "rank": cfg.adapter.rank,
+        "alpha": cfg.adapter.alpha,
+        "base": read_json(paths.base_json),
+        "data_hash": file_digest(paths.prepared_dir),
+        "svd_cache_keys": read_adapter_meta(paths.svd_init_dir).get("cache_keys", {}),
+        "params": {"adapter": cfg.adapter.model_dump(mode="json"),  # not the launch layout: same adapter
+                   "train": {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in LAUNCH_KEYS}},
+    }
+    save_adapter(model, paths.adapter_dir, base_name=cfg.model.name_or_path,
+                 extra={"lineage": {k: lineage[k] for k in ("method", "rank", "data_hash")}})
+    write_json(paths.adapter_dir / "lineage.json", lineage)
+
+
+def _run_numbers(trainer: Trainer, model: torch.nn.Module, resumed_step: int, seconds: float,
+                 world: int) -> dict[str, Any]:
+    """Steps, tokens, throughput, sizes and the DDP layout of the finished training."""
+    state = trainer.state
+    tokens = int(state.num_input_tokens_seen or 0)
+    steps_run = state.global_step - resumed_step
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return {
+        "final_loss": next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None),
+        "steps": state.global_step,
+        "tokens_seen": tokens,
+        "tokens_per_second": round(tokens * steps_run / max(state.global_step, 1) / max(seconds, 1e-9), 2),
+        "trainable_params": sum(p.numel() for p in trainable),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "peak_memory_mb": round(_peak_memory_mb(), 1),
+        "cpu_threads": torch.get_num_threads(),  # OMP_NUM_THREADS when set (parallel runs sharing a machine)
+        "world_size": world,
+        "ranks_agree": True,
+        "ranks_compared_tensors": len(trainable) if world > 1 else 0,
+    }
