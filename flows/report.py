@@ -217,13 +217,22 @@ def render_markdown(report: RunReport) -> str:
                        ("Champion version", "champion_version")):
         if reg.get(key) is not None:
             lines.append(f"* {label}: {_fmt(reg[key])}")
-    if reg.get("model_uri"):
-        lines.append(f"* Model: `{reg['model_uri']}`")
-    if reg.get("run_url"):
-        lines.append(f"* MLflow run: [{reg.get('run_id', 'run')}]({reg['run_url']})")
-    elif reg.get("run_id"):
-        lines.append(f"* MLflow run: `{reg['run_id']}` in `{reg.get('tracking_uri', 'the MLflow store')}`")
+    lines += [f"* {label}: {text}" for label, text in _registration_refs(
+        reg, code=lambda t: f"`{t}`", link=lambda text, url: f"[{text}]({url})")]
     return "\n".join(lines) + "\n"
+
+
+def _registration_refs(reg: dict[str, Any], code: Any, link: Any) -> list[tuple[str, str]]:
+    """(label, text) of the registered model's URI and its MLflow run (a link, else its id in its store), with
+    `code(text)` and `link(text, url)` formatting them for the output at hand."""
+    refs = []
+    if reg.get("model_uri"):
+        refs.append(("MLflow model", code(reg["model_uri"])))
+    if reg.get("run_url"):
+        refs.append(("MLflow run", link(reg.get("run_id", "run"), reg["run_url"])))
+    elif reg.get("run_id"):
+        refs.append(("MLflow run", f"{code(reg['run_id'])} in {code(reg.get('tracking_uri') or 'the MLflow store')}"))
+    return refs
 
 
 def render_summary(report: RunReport, adapter_dir: str | None = None, runs_hint: str | None = None) -> str:
@@ -258,15 +267,10 @@ def render_summary(report: RunReport, adapter_dir: str | None = None, runs_hint:
         out.append(f"  adapter: {adapter_dir}")
     reg = report.registration or {}
     out.append(f"  {registration_line(reg)}")
-    if reg.get("model_uri"):
-        out.append(f"  MLflow model: {reg['model_uri']}")
-    if reg.get("run_url"):
-        out.append(f"  MLflow run: {reg['run_url']}")
-    elif reg.get("run_id"):
-        uri = reg.get("tracking_uri") or ""
-        out.append(f"  MLflow run: {reg['run_id']}" + (f" in {uri}" if uri else ""))
-        if uri.startswith("sqlite:"):
-            out.append(f"  browse MLflow: mlflow ui --backend-store-uri {uri}")
+    out += [f"  {label}: {text}" for label, text in _registration_refs(reg, code=str, link=lambda text, url: url)]
+    uri = reg.get("tracking_uri") or ""
+    if not reg.get("run_url") and reg.get("run_id") and uri.startswith("sqlite:"):
+        out.append(f"  browse MLflow: mlflow ui --backend-store-uri {uri}")
     if report.flow_run_url or runs_hint:
         out += ["", "runs:"]
         if report.flow_run_url:

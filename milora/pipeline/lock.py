@@ -46,13 +46,14 @@ class WorkspaceBusy(UserError):
 
 @dataclass(frozen=True)
 class LockRecord:
-    """Who holds (or last held) the workspace."""
+    """Who holds (or last held) the workspace: process `pid` on `host` since `started_at` (local time, ISO
+    8601), running `command` (e.g. `milora run`), for Prefect flow run `flow_run_id` once it is known."""
 
     pid: int
     host: str
     started_at: str
-    flow_run_id: str | None = None
     command: str | None = None
+    flow_run_id: str | None = None
 
     def describe(self) -> str:
         """`since <time> (pid P on host H, flow run F)`."""
