@@ -28,7 +28,7 @@ run: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not slow"
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m slow --durations=30
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
