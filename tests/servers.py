@@ -65,22 +65,26 @@ class ServerProcess:
     def stop(self) -> None:
         """Terminate the process group (kill after 10 s)."""
         if self.proc is not None:
-            stop_group(self.proc, 10)
+            stop_group(self.proc, grace=10)
 
 
-def stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
-    """SIGTERM the process group of `proc` (started with `start_new_session=True`), SIGKILL after `grace` seconds."""
+def stop_group(*procs: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM the process groups of `procs` (started with `start_new_session=True`) all at once, SIGKILL those
+    still running `grace` seconds later."""
     import signal
 
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(grace)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
+    running = [p for p in procs if p.poll() is None]
+    for p in running:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+            os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in running:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
 
 
 def start_moto(log_dir: Path) -> ServerProcess:

@@ -74,8 +74,7 @@ def cluster(prefect_server, mlflow_server, tmp_path_factory):
                 cwd=base, env=project_env(env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         yield c
     finally:
-        for w in c.workers:
-            stop_group(w)
+        stop_group(*c.workers, grace=10)  # a worker still polling has nothing to finish
 
 
 def _deployment_run(c: Cluster, name: str, overrides: dict, job_env: dict | None = None) -> str:
@@ -194,14 +193,13 @@ def test_fanout_of_a_grid_on_two_workers(cluster, prefect_api, tmp_path):
     c = cluster
     out = tmp_path / "fanout.json"
     p = subprocess.run([sys.executable, "-m", "flows.fanout", "--grid", "adapter.method=lora,milora", "--grid",
-                        "train.seed=0,1", "-S", "train.max_steps=4", "-S", "eval.max_examples=4", "-S",
+                        "train.seed=1", "-S", "train.max_steps=4", "-S", "eval.max_examples=4", "-S",
                         "register.log_lora_export=false", "--max-parallel",
                         "2", "--threads", "1", "--model-name", "milora-sweep", "--out", str(out)],
                        cwd=tmp_path, env=project_env(c.env), capture_output=True, text=True, timeout=1500)
     assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
     rows = json.loads(out.read_text())
-    assert [(r["overrides"]["adapter.method"], r["overrides"]["train.seed"]) for r in rows] == \
-        [("lora", 0), ("lora", 1), ("milora", 0), ("milora", 1)]
+    assert [(r["overrides"]["adapter.method"], r["overrides"]["train.seed"]) for r in rows] == [("lora", 1), ("milora", 1)]
     assert all(r["state"] == "Completed" and r["run_id"] for r in rows)
     assert all(r["metrics"]["train.cpu_threads"] == 1 for r in rows)  # each trial set its threads
     assert "| trial | overrides | state | average_accuracy |" in p.stdout
@@ -216,9 +214,9 @@ def test_fanout_of_a_grid_on_two_workers(cluster, prefect_api, tmp_path):
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(r.info.run_id for r in children) == sorted(r["run_id"] for r in rows)
-    assert parent.data.metrics["trials_completed"] == 4
+    assert parent.data.metrics["trials_completed"] == 2
     table = Path(client.download_artifacts(parent.info.run_id, "fanout.md", str(tmp_path))).read_text()
-    assert table.count("| Completed |") == 4
+    assert table.count("| Completed |") == 2
 
 
 def test_milora_deploy_to_another_pool(cluster, prefect_api):
