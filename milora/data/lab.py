@@ -1,0 +1,243 @@
+"""The comparison lab's data (`data.embedded.profile: lab`): tasks a small pretrained model can solve, with
+splits that keep validation and test knowledge out of the fine-tuning set.
+
+The lab world is the embedded world with more people (`LAB_PEOPLE`, invented names past the fixed list);
+the base is pretrained on its corpus (`milora.data.synthetic.pretraining_corpus` over `world("lab")`).
+Its entities are split by a seeded hash into train / val / test: every person and every capital belongs to
+one split, and the fine-tuning files name only train entities (their questions, and the reversal skill
+rows, which use no names at all). So:
+
+* knowledge (`knowledge_val`, `knowledge_test`): 4-option questions about facts of val / test entities,
+  stated only in the pretraining corpus; the fine-tuning set teaches the question format on train facts;
+* skill (`skill_val`, `skill_test`): reverse a list of 4 words, learnt from the fine-tuning rows alone (the
+  corpus never reverses anything); 4 candidate orders (the answer, the unchanged list, two other orders);
+* cloze (`cloze_test`): the test facts in the corpus's own phrasing ("Mira's favourite colour is _"), the
+  same 4 options, scored before and after fine-tuning (retention of pretraining knowledge).
+
+Every eval row is `{"id", "prompt", "options", "answer", "raw"}`: `options` are candidate continuations
+(the gold one is `options[answer]`), scored by log-likelihood; `raw` prompts are plain text (the cloze),
+the others go through the fine-tuning prompt template.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from milora.data import synthetic
+from milora.data.synthetic import COLOURS, ITEMS, JOBS, PETS, Fact, Person, World
+
+LAB = "lab"
+LAB_PEOPLE = 64
+LAB_WORLD_SEED = 20260211
+SPLITS = ("train", "val", "test")
+SPLIT_SHARES = (0.5, 0.25, 0.25)  # of the people and of the countries
+N_OPTIONS = 4
+SKILL_WORDS = tuple(dict.fromkeys((*COLOURS, *PETS, *JOBS, *(i[:-1] for i in ITEMS))))
+SKILL_LENGTH = 4
+KNOWLEDGE_VARIANTS = 3  # training questions per train fact (other options, other order)
+
+_CLOZE = {"colour": "{p}'s favourite colour is", "pet": "{p} has a pet", "job": "{p} works as a",
+          "home": "{p} lives in", "capital": "The capital of {c} is"}
+
+
+def build_lab_world(n_people: int = LAB_PEOPLE, seed: int = LAB_WORLD_SEED) -> World:
+    """The embedded world's countries, with `n_people` people: the fixed names, then invented ones."""
+    base = synthetic.WORLD
+    rng = random.Random(seed)
+    taken = {*synthetic.FIRST_NAMES, *base.countries, *(k for _, k in base.capitals)}
+    names = list(synthetic.FIRST_NAMES[:n_people])
+    while len(names) < n_people:
+        names.append(synthetic._invented_name(rng, 2, taken))
+    people = tuple(Person(n, rng.choice(COLOURS), rng.choice(PETS), rng.choice(JOBS), rng.choice(base.countries))
+                   for n in names)
+    return World(people=people, capitals=base.capitals)
+
+
+LAB_WORLD = build_lab_world()
+
+
+def world(profile: str) -> World:
+    """The world a data profile's corpus and tasks are about."""
+    return LAB_WORLD if profile == LAB else synthetic.WORLD
+
+
+def _split_of(key: str, seed: int) -> str:
+    u = int(hashlib.sha256(f"lab-split-{seed}\x00{key}".encode()).hexdigest()[:16], 16) / 2**64
+    edge = 0.0
+    for name, share in zip(SPLITS, SPLIT_SHARES, strict=True):
+        edge += share
+        if u < edge:
+            return name
+    return SPLITS[-1]
+
+
+def entity_splits(seed: int = 0, w: World = LAB_WORLD) -> dict[str, str]:
+    """Entity (person name or country) -> its split. Ranked by a seeded hash, cut at the split shares, so every
+    split gets its share exactly."""
+    out: dict[str, str] = {}
+    for group in ([p.name for p in w.people], list(w.countries)):
+        ranked = sorted(group, key=lambda k: hashlib.sha256(f"lab-split-{seed}\x00{k}".encode()).hexdigest())
+        cuts = [round(len(ranked) * sum(SPLIT_SHARES[: i + 1])) for i in range(len(SPLITS))]
+        start = 0
+        for name, end in zip(SPLITS, cuts, strict=True):
+            out.update({k: name for k in ranked[start:end]})
+            start = end
+    return out
+
+
+def _entity(fact: Fact) -> str:
+    return fact.key.split(":", 1)[1]
+
+
+def fact_split(fact: Fact, splits: dict[str, str]) -> str:
+    """The split of a fact: its person's or country's; commonsense facts are always train."""
+    return "train" if fact.key.startswith("common:") else splits[_entity(fact)]
+
+
+def _options(rng: random.Random, fact: Fact) -> list[str]:
+    opts = [fact.answer, *rng.sample(fact.pool, N_OPTIONS - 1)]
+    rng.shuffle(opts)
+    return opts
+
+
+def question_text(fact: Fact, options: list[str]) -> str:
+    """The knowledge question as the fine-tuning prompt asks it (the options listed)."""
+    return f"Answer the question: {fact.question}\nChoices: {', '.join(options)}"
+
+
+def _reverse_instruction(words: list[str]) -> str:
+    return f"Write these words in reverse order: {' '.join(words)}"
+
+
+def _skill_words(rng: random.Random) -> list[str]:
+    return rng.sample(SKILL_WORDS, SKILL_LENGTH)
+
+
+def knowledge_train_rows(seed: int = 0, w: World = LAB_WORLD) -> list[dict[str, str]]:
+    """Alpaca rows teaching the question format on train facts (and commonsense facts): `KNOWLEDGE_VARIANTS`
+    per fact, each fact one `group`."""
+    rng = random.Random(f"lab-knowledge-train-{seed}")
+    splits = entity_splits(seed, w)
+    held = set(held_out_strings(seed, w))
+    rows = []
+    for fact in synthetic.facts(w):
+        if fact_split(fact, splits) != "train":
+            continue
+        fact = replace(fact, pool=tuple(v for v in fact.pool if v not in held))  # no held-out capital as an option
+        for _ in range(KNOWLEDGE_VARIANTS):
+            rows.append({"instruction": question_text(fact, _options(rng, fact)), "input": "",
+                         "output": fact.answer, "group": f"fact:{fact.key}"})
+    return rows
+
+
+def skill_train_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """`n` distinct alpaca rows of the reversal skill (no eval row's word list among them)."""
+    held = {tuple(r["words"]) for part in ("val", "test") for r in _skill_items(part, seed)}
+    rng = random.Random(f"lab-skill-train-{seed}")
+    rows: list[dict[str, str]] = []
+    seen: set[tuple[str, ...]] = set(held)
+    while len(rows) < n:
+        words = _skill_words(rng)
+        if tuple(words) in seen:
+            continue
+        seen.add(tuple(words))
+        rows.append({"instruction": _reverse_instruction(words), "input": "", "output": " ".join(reversed(words))})
+    return rows
+
+
+def write_train_files(out_dir: str | Path, skill_rows: int, seed: int = 0) -> list[Path]:
+    """The lab's fine-tuning files (alpaca layout): `knowledge.jsonl` (train facts), `skill.jsonl`."""
+    out = Path(out_dir)
+    return [synthetic.write_jsonl(out / "knowledge.jsonl", knowledge_train_rows(seed)),
+            synthetic.write_jsonl(out / "skill.jsonl", skill_train_rows(skill_rows, seed))]
+
+
+# ----------------------------------------------------------------------------- evaluation sets
+
+N_SKILL_EVAL = 150
+
+
+def _skill_items(part: str, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(f"lab-skill-{part}-{seed}")
+    other = set()
+    if part == "test":
+        other = {tuple(r["words"]) for r in _skill_items("val", seed)}
+    items: list[dict[str, Any]] = []
+    seen: set[tuple[str, ...]] = set(other)
+    while len(items) < N_SKILL_EVAL:
+        words = _skill_words(rng)
+        if tuple(words) in seen:
+            continue
+        seen.add(tuple(words))
+        gold = list(reversed(words))
+        cands = {tuple(gold), tuple(words)}
+        while len(cands) < N_OPTIONS:
+            cands.add(tuple(rng.sample(words, len(words))))
+        options = [" ".join(c) for c in cands]
+        options.sort()
+        rng.shuffle(options)
+        items.append({"words": words, "options": options, "answer": options.index(" ".join(gold))})
+    return items
+
+
+def skill_rows(part: str, seed: int = 0) -> list[dict[str, Any]]:
+    """The reversal skill's `val` or `test` rows (word lists never in the fine-tuning set)."""
+    from milora.model.prompts import format_prompt
+
+    return [{"id": f"skill-{part}-{i}", "prompt": format_prompt(_reverse_instruction(it["words"])),
+             "options": it["options"], "answer": it["answer"], "raw": False}
+            for i, it in enumerate(_skill_items(part, seed))]
+
+
+def _held_facts(part: str, seed: int, w: World) -> list[Fact]:
+    splits = entity_splits(seed, w)
+    return [f for f in synthetic.facts(w) if not f.key.startswith("common:") and fact_split(f, splits) == part]
+
+
+def knowledge_rows(part: str, seed: int = 0, w: World = LAB_WORLD) -> list[dict[str, Any]]:
+    """4-option questions about the facts of the `val` or `test` entities, in the fine-tuning format."""
+    from milora.model.prompts import format_prompt
+
+    rng = random.Random(f"lab-knowledge-{part}-{seed}")
+    rows = []
+    for fact in _held_facts(part, seed, w):
+        opts = _options(rng, fact)
+        rows.append({"id": f"knowledge-{part}-{fact.key}", "fact": fact.key,
+                     "prompt": format_prompt(question_text(fact, opts)), "options": opts,
+                     "answer": opts.index(fact.answer), "raw": False})
+    return rows
+
+
+def cloze_rows(part: str = "test", seed: int = 0, w: World = LAB_WORLD) -> list[dict[str, Any]]:
+    """The same facts and options as `knowledge_rows(part)`, asked in the corpus phrasing (plain text)."""
+    out = []
+    for row in knowledge_rows(part, seed, w):
+        kind, entity = row["fact"].split(":", 1)
+        prefix = _CLOZE[kind].format(p=entity, c=entity)
+        out.append({**row, "id": row["id"].replace("knowledge", "cloze"), "prompt": prefix,
+                    "options": [f" {o}." for o in row["options"]], "raw": True})
+    return out
+
+
+EVAL_SETS = ("knowledge_val", "knowledge_test", "skill_val", "skill_test", "cloze_test")
+
+
+def eval_sets(seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """Every lab evaluation set by name (`EVAL_SETS`)."""
+    return {"knowledge_val": knowledge_rows("val", seed), "knowledge_test": knowledge_rows("test", seed),
+            "skill_val": skill_rows("val", seed), "skill_test": skill_rows("test", seed),
+            "cloze_test": cloze_rows("test", seed)}
+
+
+def held_out_strings(seed: int = 0, w: World = LAB_WORLD) -> list[str]:
+    """Strings that must never occur in a fine-tuning file: the names of val/test people, the capitals of
+    val/test countries, and every val/test question."""
+    splits = entity_splits(seed, w)
+    out = [p.name for p in w.people if splits[p.name] != "train"]
+    out += [k for c, k in w.capitals if splits[c] != "train"]
+    out += [f.question for part in ("val", "test") for f in _held_facts(part, seed, w)]
+    return out
