@@ -46,6 +46,8 @@ from milora.stages import run_stage
 log = logging.getLogger(__name__)
 
 METHODS = ("lora", "pissa", "milora")
+DEFAULT_PATHS = (".", ".milora/compare", "docs/results_embedded")  # --root, --workdir, --out
+LAB_PATHS = (".milora/lab", ".milora/lab/trials", "docs/results")
 COLUMNS = [  # (key, label, digits)
     ("average_accuracy", "avg acc", 3),
     ("math_accuracy", "math acc", 3),
@@ -65,9 +67,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--params", default="params.yaml")
-    p.add_argument("--root", default=".", help="project root whose ingest/base/prepare outputs are shared")
-    p.add_argument("--workdir", default=".milora/compare", help="where the per-run directories go")
-    p.add_argument("--out", default="docs/results", help="output prefix: writes <out>.md, <out>.json, <out>.png")
+    p.add_argument("--root", default=None, help="project root whose ingest/base/prepare outputs are shared "
+                   "(default: . ; .milora/lab for the lab profile, so the lab base never replaces the project's)")
+    p.add_argument("--workdir", default=None, help="where the per-run directories go "
+                   "(default: .milora/compare ; .milora/lab/trials for the lab profile)")
+    p.add_argument("--out", default=None, help="output prefix: writes <out>.md, <out>.json, <out>.png "
+                   "(default: docs/results_embedded ; docs/results for the lab profile)")
     p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
     lab_args = p.add_argument_group("the tuned comparison (lab profile: --params params.lab.yaml)")
     lab_args.add_argument("--lrs", action="append", default=[], metavar="METHOD=LR,LR,...",
@@ -465,7 +470,8 @@ def lab_markdown(result: dict[str, Any]) -> str:
         for method, s in block["summary"].items():
             sel = block["selection"][method]
             grid = ", ".join(f"{lr:g}" for lr in sel["grid"])
-            lines.append(f"| {method} | **{sel['learning_rate']:g}** ({grid}) | {sel['val_score']:.3f} | "
+            edge = " at the grid's edge" if sel["learning_rate"] in (min(sel["grid"]), max(sel["grid"])) else ""
+            lines.append(f"| {method} | **{sel['learning_rate']:g}**{edge} ({grid}) | {sel['val_score']:.3f} | "
                          f"{_fmt_ci(s['knowledge'])} | {_fmt_ci(s['skill'])} | {_fmt_ci(s['cloze'])} "
                          f"({s['cloze_before']:.3f}) | {_fmt_ci(s['forgetting'], 4)} |")
         lines += ["", "Paired difference against MiLoRA (method minus MiLoRA; 95% paired-bootstrap interval):", "",
@@ -625,16 +631,18 @@ def main(args: argparse.Namespace) -> int:
     overrides = parse_sets(args.set)
     if args.max_parallel < 1 or args.threads < 1:
         raise InvalidInput("--max-parallel and --threads must be >= 1")
-    if load_config(args.params, overrides).data.embedded.profile == lab.LAB:
-        command = "python -m milora.cli compare " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("compare") + 1:]) \
-            if "compare" in sys.argv else "milora compare"
-        result = compare_lab(args.params, Path(args.root), args.methods, args.seeds, Path(args.workdir),
-                             Path(args.out), overrides, args.lrs, args.ranks, args.max_parallel, args.threads,
-                             args.quick, command=command, track=not args.no_mlflow)
+    is_lab = load_config(args.params, overrides).data.embedded.profile == lab.LAB
+    root, workdir, out = (Path(a or d) for a, d in zip((args.root, args.workdir, args.out),
+                                                         LAB_PATHS if is_lab else DEFAULT_PATHS, strict=True))
+    if is_lab:
+        argv = sys.argv[sys.argv.index("compare") + 1:] if "compare" in sys.argv else []
+        command = " ".join(["python -m milora.cli compare", *(shlex.quote(a) for a in argv)])
+        result = compare_lab(args.params, root, args.methods, args.seeds, workdir, out, overrides, args.lrs,
+                             args.ranks, args.max_parallel, args.threads, args.quick, command=command,
+                             track=not args.no_mlflow)
         print(lab_markdown(result))
     else:
-        result = compare(args.params, Path(args.root), args.methods, args.seeds, Path(args.workdir), Path(args.out),
-                         overrides)
+        result = compare(args.params, root, args.methods, args.seeds, workdir, out, overrides)
         print(markdown_table(result["summary"]))
-    print(f"wrote {args.out}.md, {args.out}.json, {args.out}.png")
+    print(f"wrote {out}.md, {out}.json, {out}.png")
     return 0

@@ -113,8 +113,13 @@ def _reverse_instruction(words: list[str]) -> str:
     return f"Write these words in reverse order: {' '.join(words)}"
 
 
-def _skill_words(rng: random.Random) -> list[str]:
-    return rng.sample(SKILL_WORDS, SKILL_LENGTH)
+def _new_skill_words(rng: random.Random, seen: set[tuple[str, ...]]) -> list[str]:
+    """A word list to reverse that is not in `seen` (added to it)."""
+    while True:
+        words = rng.sample(SKILL_WORDS, SKILL_LENGTH)
+        if tuple(words) not in seen:
+            seen.add(tuple(words))
+            return words
 
 
 def knowledge_train_rows(seed: int = 0, w: World = LAB_WORLD) -> list[dict[str, str]]:
@@ -141,10 +146,7 @@ def skill_train_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
     seen: set[tuple[str, ...]] = set(held)
     while len(rows) < n:
-        words = _skill_words(rng)
-        if tuple(words) in seen:
-            continue
-        seen.add(tuple(words))
+        words = _new_skill_words(rng, seen)
         rows.append({"instruction": _reverse_instruction(words), "input": "", "output": " ".join(reversed(words))})
     return rows
 
@@ -169,10 +171,7 @@ def _skill_items(part: str, seed: int) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     seen: set[tuple[str, ...]] = set(other)
     while len(items) < N_SKILL_EVAL:
-        words = _skill_words(rng)
-        if tuple(words) in seen:
-            continue
-        seen.add(tuple(words))
+        words = _new_skill_words(rng, seen)
         gold = list(reversed(words))
         cands = {tuple(gold), tuple(words)}
         while len(cands) < N_OPTIONS:
