@@ -303,6 +303,7 @@ def run_trial(job: dict[str, Any]) -> dict[str, Any]:
         "val": {n: statistics.fmean(ev["hits"][n]) for n in VAL_SETS},
         "test": {n: statistics.fmean(ev["hits"][f"{n}_test"]) for n in TASKS},
         "cloze_before": statistics.fmean(ev["hits_before"]["cloze_test"]),
+        "base_test": {n: statistics.fmean(ev["hits_before"][f"{n}_test"]) for n in TASKS},
         "forgetting": ev["forgetting"], "heldout_loss_base": ev["heldout_loss_base"],
         "final_train_loss": train.get("final_loss"), "trainable_params": train.get("trainable_params"),
         "hits": {n: ev["hits"][n] for n in (*VAL_SETS, *(f"{t}_test" for t in TASKS))},
@@ -467,6 +468,9 @@ def lab_markdown(result: dict[str, Any]) -> str:
                   f"{chance['knowledge_test']:.2f}) | skill test acc (chance {chance['skill_test']:.2f}) | cloze test acc "
                   f"after (before; chance {chance['cloze_test']:.2f}) | forgetting (Δ held-out loss) |",
                   "|---|---|---|---|---|---|---|"]
+        base = result["base_test"]
+        lines.append(f"| base, not fine-tuned | | | {base['knowledge']:.3f} | {base['skill']:.3f} | "
+                     f"{base['cloze']:.3f} | 0 |")
         for method, s in block["summary"].items():
             sel = block["selection"][method]
             grid = ", ".join(f"{lr:g}" for lr in sel["grid"])
@@ -613,6 +617,7 @@ def compare_lab(params: str, root: Path, methods: list[str], seeds: list[int], w
     result = {"profile": lab.LAB, "command": command, "methods": methods, "seeds": seeds, "ranks": ranks,
               "overrides": overrides, "quick": quick, "n_boot": n_boot, "chance": chance,
               "by_rank": blocks, "trials": sorted((_strip(t) for t in trials), key=trial_name),
+              "base_test": trials[0]["base_test"],
               "trials_total": total, "trials_run": total - n_cached, "out": out.as_posix(),
               "wall_seconds": round(time.perf_counter() - t0, 1)}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -59,14 +59,13 @@ def score_sets(model: nn.Module, tokenizer: Any, sets: Mapping[str, Sequence[Map
 def evaluate_trial(model: nn.Module, tokenizer: Any, adapter_dir: Any, sets: Mapping[str, Sequence[Mapping[str, Any]]],
                    heldout: Sequence[str], max_length: int = 256, batch_size: int = 32) -> dict[str, Any]:
     """Score the base `model`, then the same model with the trained adapter at `adapter_dir`: per-example hits
-    on every set after fine-tuning, the cloze hits before it, and the forgetting loss (held-out pretraining
-    loss after minus before)."""
+    on every set before and after fine-tuning, and the forgetting loss (held-out pretraining loss after minus
+    before)."""
     from milora.core.adapter import load_adapter
     from milora.model.nll import heldout_loss
 
     before = heldout_loss(model, tokenizer, list(heldout), max_length, batch_size)
-    cloze = {name: rows for name, rows in sets.items() if name.startswith("cloze")}
-    hits_before = score_sets(model, tokenizer, cloze, max_length, batch_size)
+    hits_before = score_sets(model, tokenizer, sets, max_length, batch_size)
     tuned = load_adapter(model, adapter_dir)
     tuned.eval()
     hits = score_sets(tuned, tokenizer, sets, max_length, batch_size)
