@@ -153,7 +153,7 @@ def test_paired_bootstrap_is_seeded():
 def test_lab_statistics_pairs_methods_by_seed():
     def trial(seed, k, s, f):
         return {"seed": seed, "test": {"knowledge": sum(k) / len(k), "skill": sum(s) / len(s), "cloze": 0.5},
-                "forgetting": f, "cloze_before": 0.5,
+                "forgetting": f,
                 "hits": {"knowledge_test": k, "skill_test": s, "cloze_test": [1, 0]}}
 
     final = {"lora": [trial(1, [1, 1], [1, 0], 0.3), trial(0, [1, 1], [1, 0], 0.2)],

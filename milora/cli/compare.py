@@ -296,28 +296,32 @@ def run_trial(job: dict[str, Any]) -> dict[str, Any]:
     sets = {name: read_jsonl(Path(job["sets_dir"]) / f"{name}.jsonl") for name in lab.EVAL_SETS}
     heldout = [ln for ln in run.heldout_text.read_text(encoding="utf-8").splitlines() if ln.strip()][:200]
     model, tokenizer = load_base(cfg, run)
-    ev = evaluate_trial(model, tokenizer, run.adapter_dir, sets, heldout, cfg.data.max_length, cfg.eval.batch_size)
+    ev = evaluate_trial(model, tokenizer, run.adapter_dir, sets, heldout, cfg.data.max_length, cfg.eval.batch_size,
+                        score_base=job["score_base"])
     train = read_json(run.report("train"))
     result = {
         **job["trial"], "config_hash": job["hash"],
         "val": {n: statistics.fmean(ev["hits"][n]) for n in VAL_SETS},
         "test": {n: statistics.fmean(ev["hits"][f"{n}_test"]) for n in TASKS},
-        "cloze_before": statistics.fmean(ev["hits_before"]["cloze_test"]),
-        "base_test": {n: statistics.fmean(ev["hits_before"][f"{n}_test"]) for n in TASKS},
         "forgetting": ev["forgetting"], "heldout_loss_base": ev["heldout_loss_base"],
         "final_train_loss": train.get("final_loss"), "trainable_params": train.get("trainable_params"),
         "hits": {n: ev["hits"][n] for n in (*VAL_SETS, *(f"{t}_test" for t in TASKS))},
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    if ev["hits_before"]:
+        result["base"] = {n: statistics.fmean(hits) for n, hits in ev["hits_before"].items()}
     write_json(root / "result.json", result)
     return result
 
 
-def _cached(path: Path, want: str) -> dict[str, Any] | None:
+def _cached(job: dict[str, Any]) -> dict[str, Any] | None:
+    """The trial's earlier result when it was made with the same config (and holds what this job must add)."""
+    path = Path(job["run_root"]) / "result.json"
     if not path.is_file():
         return None
     result = read_json(path)
-    return result if result.get("config_hash") == want else None
+    ok = result.get("config_hash") == job["hash"] and (not job["score_base"] or "base" in result)
+    return result if ok else None
 
 
 class _Tracker:
@@ -343,7 +347,7 @@ class _Tracker:
                                        tags={"mlflow.parentRunId": self.parent, "cached": str(cached).lower()})
         metrics = {**{f"val.{k}": v for k, v in result["val"].items()},
                    **{f"test.{k}": v for k, v in result["test"].items()},
-                   "forgetting": result["forgetting"], "cloze_before": result["cloze_before"],
+                   "forgetting": result["forgetting"],
                    "seconds": result["seconds"]}
         if result.get("final_train_loss") is not None:
             metrics["final_train_loss"] = result["final_train_loss"]
@@ -367,7 +371,7 @@ def _run_trials(jobs: list[dict[str, Any]], max_parallel: int, tracker: _Tracker
     results: list[dict[str, Any]] = []
     todo = []
     for job in jobs:
-        hit = _cached(Path(job["run_root"]) / "result.json", job["hash"])
+        hit = _cached(job)
         if hit is not None:
             results.append(hit)
             if tracker:
@@ -410,7 +414,6 @@ def lab_statistics(final: dict[str, list[dict[str, Any]]], reference: str, n_boo
         trials = sorted(trials, key=lambda t: t["seed"])
         s = {task: t_interval([t["test"][task] for t in trials]).as_dict() for task in TASKS}
         s["forgetting"] = t_interval([t["forgetting"] for t in trials]).as_dict()
-        s["cloze_before"] = statistics.fmean(t["cloze_before"] for t in trials)
         summary[key] = s
     ref = sorted(final[reference], key=lambda t: t["seed"])
     for key, trials in final.items():
@@ -466,9 +469,9 @@ def lab_markdown(result: dict[str, Any]) -> str:
         lines += [f"## Rank {rank}", "",
                   "| method | selected lr (grid) | val score | knowledge test acc (chance "
                   f"{chance['knowledge_test']:.2f}) | skill test acc (chance {chance['skill_test']:.2f}) | cloze test acc "
-                  f"after (before; chance {chance['cloze_test']:.2f}) | forgetting (Δ held-out loss) |",
+                  f"(retention; chance {chance['cloze_test']:.2f}) | forgetting (Δ held-out loss) |",
                   "|---|---|---|---|---|---|---|"]
-        base = result["base_test"]
+        base = {k: result["base"][f"{k}_test"] for k in TASKS}
         lines.append(f"| base, not fine-tuned | | | {base['knowledge']:.3f} | {base['skill']:.3f} | "
                      f"{base['cloze']:.3f} | 0 |")
         for method, s in block["summary"].items():
@@ -476,8 +479,8 @@ def lab_markdown(result: dict[str, Any]) -> str:
             grid = ", ".join(f"{lr:g}" for lr in sel["grid"])
             edge = " at the grid's edge" if sel["learning_rate"] in (min(sel["grid"]), max(sel["grid"])) else ""
             lines.append(f"| {method} | **{sel['learning_rate']:g}**{edge} ({grid}) | {sel['val_score']:.3f} | "
-                         f"{_fmt_ci(s['knowledge'])} | {_fmt_ci(s['skill'])} | {_fmt_ci(s['cloze'])} "
-                         f"({s['cloze_before']:.3f}) | {_fmt_ci(s['forgetting'], 4)} |")
+                         f"{_fmt_ci(s['knowledge'])} | {_fmt_ci(s['skill'])} | {_fmt_ci(s['cloze'])} | "
+                         f"{_fmt_ci(s['forgetting'], 4)} |")
         lines += ["", "Paired difference against MiLoRA (method minus MiLoRA; 95% paired-bootstrap interval):", "",
                   "| method | knowledge test acc | skill test acc | cloze test acc | forgetting |", "|---|---|---|---|---|"]
         for method, d in block["differences"].items():
@@ -582,13 +585,13 @@ def compare_lab(params: str, root: Path, methods: list[str], seeds: list[int], w
 
     def job(t: dict[str, Any]) -> dict[str, Any]:
         return {"trial": t, "params": params, "shared_root": str(root), "run_root": str(workdir / trial_name(t)),
-                "overrides": overrides, "threads": threads, "sets_dir": str(sets_dir),
+                "overrides": overrides, "threads": threads, "sets_dir": str(sets_dir), "score_base": t is select[0],
                 "hash": config_hash(params, overrides, t, inputs)}
 
     total = sum(len(grid[m]) + len(seeds) - 1 for m in methods) * len(ranks)
     select = [{"method": m, "rank": r, "learning_rate": lr, "seed": seeds[0], "phase": "select"}
               for r in ranks for m in methods for lr in grid[m]]
-    n_cached = sum(_cached(workdir / trial_name(t) / "result.json", job(t)["hash"]) is not None for t in select)
+    n_cached = sum(_cached(job(t)) is not None for t in select)
     log.info("compare: %d trials (%d methods x %d ranks x %d rates on seed %d, then %d more seed(s) at the "
              "selected rate), %d process(es) x %d thread(s)", total, len(methods), len(ranks),
              len(next(iter(grid.values()))), seeds[0], len(seeds) - 1, max_parallel, threads)
@@ -597,7 +600,7 @@ def compare_lab(params: str, root: Path, methods: list[str], seeds: list[int], w
               for r in ranks for m in methods}
     more = [{"method": m, "rank": r, "learning_rate": chosen[(m, r)], "seed": s, "phase": "seeds"}
             for r in ranks for m in methods for s in seeds[1:]]
-    n_cached += sum(_cached(workdir / trial_name(t) / "result.json", job(t)["hash"]) is not None for t in more)
+    n_cached += sum(_cached(job(t)) is not None for t in more)
     second = _run_trials([job(t) for t in more], max_parallel, tracker, len(first), total)
     trials = first + second
 
@@ -617,7 +620,7 @@ def compare_lab(params: str, root: Path, methods: list[str], seeds: list[int], w
     result = {"profile": lab.LAB, "command": command, "methods": methods, "seeds": seeds, "ranks": ranks,
               "overrides": overrides, "quick": quick, "n_boot": n_boot, "chance": chance,
               "by_rank": blocks, "trials": sorted((_strip(t) for t in trials), key=trial_name),
-              "base_test": trials[0]["base_test"],
+              "base": next(t["base"] for t in trials if "base" in t),
               "trials_total": total, "trials_run": total - n_cached, "out": out.as_posix(),
               "wall_seconds": round(time.perf_counter() - t0, 1)}
     out.parent.mkdir(parents=True, exist_ok=True)

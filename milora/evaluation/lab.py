@@ -57,15 +57,16 @@ def score_sets(model: nn.Module, tokenizer: Any, sets: Mapping[str, Sequence[Map
 
 
 def evaluate_trial(model: nn.Module, tokenizer: Any, adapter_dir: Any, sets: Mapping[str, Sequence[Mapping[str, Any]]],
-                   heldout: Sequence[str], max_length: int = 256, batch_size: int = 32) -> dict[str, Any]:
-    """Score the base `model`, then the same model with the trained adapter at `adapter_dir`: per-example hits
-    on every set before and after fine-tuning, and the forgetting loss (held-out pretraining loss after minus
-    before)."""
+                   heldout: Sequence[str], max_length: int = 256, batch_size: int = 32,
+                   score_base: bool = False) -> dict[str, Any]:
+    """Score the model with the trained adapter at `adapter_dir` on top of the base `model`: per-example hits on
+    every set, and the forgetting loss (held-out pretraining loss after minus before); with `score_base`, the
+    base's hits on every set too (`hits_before`; the same for every trial on one base, so scored once)."""
     from milora.core.adapter import load_adapter
     from milora.model.nll import heldout_loss
 
     before = heldout_loss(model, tokenizer, list(heldout), max_length, batch_size)
-    hits_before = score_sets(model, tokenizer, sets, max_length, batch_size)
+    hits_before = score_sets(model, tokenizer, sets, max_length, batch_size) if score_base else {}
     tuned = load_adapter(model, adapter_dir)
     tuned.eval()
     hits = score_sets(tuned, tokenizer, sets, max_length, batch_size)
