@@ -2,7 +2,8 @@
 splits that keep validation and test knowledge out of the fine-tuning set.
 
 The lab world is the embedded world with more people (`LAB_PEOPLE`, invented names past the fixed list);
-the base is pretrained on its corpus (`milora.data.synthetic.pretraining_corpus` over `world("lab")`).
+the base is pretrained on its corpus (`pretraining_corpus("lab", ...)`: the world's facts stated densely, plus
+instruction-style arithmetic in the fine-tuning prompt template, as real bases have seen such text).
 Its entities are split by a seeded hash into train / val / test: every person and every capital belongs to
 one split, and the fine-tuning files name only train entities (their questions, and the reversal skill
 rows, which use no names at all). So:
@@ -29,6 +30,7 @@ from typing import Any
 
 from milora.data import synthetic
 from milora.data.synthetic import COLOURS, ITEMS, JOBS, PETS, Fact, Person, World
+from milora.model.prompts import format_prompt
 
 LAB = "lab"
 LAB_PEOPLE = 64
@@ -60,9 +62,34 @@ def build_lab_world(n_people: int = LAB_PEOPLE, seed: int = LAB_WORLD_SEED) -> W
 LAB_WORLD = build_lab_world()
 
 
-def world(profile: str) -> World:
-    """The world a data profile's corpus and tasks are about."""
-    return LAB_WORLD if profile == LAB else synthetic.WORLD
+def _instruction_doc(rng: random.Random, w: World) -> str:
+    """A worked instruction in the fine-tuning prompt template, on arithmetic (no lab task): real bases have seen
+    instruction-style text, so fine-tuning teaches the task, not what a prompt template is."""
+    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    if rng.random() < 0.5:
+        return format_prompt(f"Compute {a} + {b}.") + str(a + b)
+    return format_prompt(f"Compute {max(a, b)} - {min(a, b)}.") + str(max(a, b) - min(a, b))
+
+
+# The lab corpus states the world's facts about twice as densely as the default one (the lab world has 64 people
+# and a 400-step budget), keeps some arithmetic and stories, and adds instruction-style documents.
+LAB_DOC_KINDS: synthetic.DocKinds = (
+    (synthetic._person_doc, 0.36),
+    (synthetic._country_doc, 0.08),
+    (synthetic._quiz_doc, 0.20),
+    (_instruction_doc, 0.10),
+    (synthetic._arithmetic_doc, 0.06),
+    (synthetic._story_doc, 0.06),
+    (synthetic._commonsense_doc, 0.07),
+    (synthetic._filler_doc, 0.07),
+)
+
+
+def pretraining_corpus(profile: str, n_train: int, n_heldout: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """The pretraining corpus of a data profile (`milora.data.synthetic.pretraining_corpus` for the default)."""
+    if profile == LAB:
+        return synthetic.pretraining_corpus(n_train, n_heldout, seed, LAB_WORLD, LAB_DOC_KINDS)
+    return synthetic.pretraining_corpus(n_train, n_heldout, seed)
 
 
 def _split_of(key: str, seed: int) -> str:
@@ -185,8 +212,6 @@ def _skill_items(part: str, seed: int) -> list[dict[str, Any]]:
 
 def skill_rows(part: str, seed: int = 0) -> list[dict[str, Any]]:
     """The reversal skill's `val` or `test` rows (word lists never in the fine-tuning set)."""
-    from milora.model.prompts import format_prompt
-
     return [{"id": f"skill-{part}-{i}", "prompt": format_prompt(_reverse_instruction(it["words"])),
              "options": it["options"], "answer": it["answer"], "raw": False}
             for i, it in enumerate(_skill_items(part, seed))]
@@ -199,8 +224,6 @@ def _held_facts(part: str, seed: int, w: World) -> list[Fact]:
 
 def knowledge_rows(part: str, seed: int = 0, w: World = LAB_WORLD) -> list[dict[str, Any]]:
     """4-option questions about the facts of the `val` or `test` entities, in the fine-tuning format."""
-    from milora.model.prompts import format_prompt
-
     rng = random.Random(f"lab-knowledge-{part}-{seed}")
     rows = []
     for fact in _held_facts(part, seed, w):
