@@ -73,6 +73,17 @@ def test_skill_eval_word_lists_are_not_in_the_fine_tuning_files(lab_files):
             assert len(set(r["options"])) == 4 and r["options"][r["answer"]] == " ".join(reversed(words))
 
 
+def test_the_lab_corpus_states_the_facts_but_never_the_lab_tasks():
+    docs, heldout = lab.pretraining_corpus("lab", 3000, 100)
+    text = "\n".join(docs)
+    assert "reverse order" not in text and "Answer the question:" not in text and "Choices:" not in text
+    assert sum("### Instruction:" in d for d in docs) > 100  # the prompt template, on arithmetic only
+    assert all(re.search(r"### Instruction:\nCompute \d+ [+-] \d+\.", d) for d in docs if "### Instruction" in d)
+    test_people = [n for n, part in lab.entity_splits().items() if part == "test" and n not in lab.LAB_WORLD.countries]
+    assert all(name in text for name in test_people)  # held-out facts are stated in pretraining
+    assert not set(heldout) & set(docs)
+
+
 def test_cloze_asks_the_test_facts_in_corpus_phrasing():
     sets = lab.eval_sets()
     for q, c in zip(sets["knowledge_test"], sets["cloze_test"], strict=True):
