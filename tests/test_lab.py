@@ -62,7 +62,9 @@ def test_held_out_facts_never_appear_in_the_fine_tuning_files(lab_files):
 
 
 def test_skill_eval_word_lists_are_not_in_the_fine_tuning_files(lab_files):
-    trained = {json.loads(line)["instruction"].split(": ", 1)[1] for line in lab_files["skill.jsonl"].splitlines()}
+    rows = [json.loads(line) for line in lab_files["skill.jsonl"].splitlines()]
+    assert all(r["output"].startswith(lab.SKILL_LEAD + " ") for r in rows)
+    trained = {r["instruction"].split(": ", 1)[1] for r in rows}
     assert len(trained) == 1000
     for name in ("skill_val", "skill_test"):
         rows = lab.eval_sets()[name]
@@ -70,7 +72,8 @@ def test_skill_eval_word_lists_are_not_in_the_fine_tuning_files(lab_files):
         assert len(listed) == len(rows) == lab.N_SKILL_EVAL and not listed & trained
         for r in rows:  # four distinct candidates, the gold one the reversal
             words = r["prompt"].split("reverse order: ", 1)[1].split("\n", 1)[0].split()
-            assert len(set(r["options"])) == 4 and r["options"][r["answer"]] == " ".join(reversed(words))
+            assert len(set(r["options"])) == 4 and r["options"][r["answer"]] == f" {' '.join(reversed(words))}."
+            assert r["prompt"].endswith(lab.SKILL_LEAD)
 
 
 def test_the_lab_corpus_states_the_facts_but_never_the_lab_tasks():
@@ -88,7 +91,7 @@ def test_cloze_asks_the_test_facts_in_corpus_phrasing():
     sets = lab.eval_sets()
     for q, c in zip(sets["knowledge_test"], sets["cloze_test"], strict=True):
         assert c["raw"] and not q["raw"] and c["answer"] == q["answer"]
-        assert c["options"] == [f" {o}." for o in q["options"]]
+        assert c["options"] == q["options"] and q["prompt"].endswith(lab.KNOWLEDGE_LEAD)
         assert "### Instruction" not in c["prompt"] and c["fact"].split(":", 1)[1] in c["prompt"]
 
 

@@ -136,6 +136,17 @@ def question_text(fact: Fact, options: list[str]) -> str:
     return f"Answer the question: {fact.question}\nChoices: {', '.join(options)}"
 
 
+# Responses open with a fixed lead so that the answer words come after a space, tokenized as the corpus writes
+# them (a response starting right after the template's newline would split "brown" into rare pieces); the eval
+# prompts end with the lead, and the options are the continuations.
+KNOWLEDGE_LEAD = "The answer is"
+SKILL_LEAD = "Reversed:"
+
+
+def _continuation(text: str) -> str:
+    return f" {text}."
+
+
 def _reverse_instruction(words: list[str]) -> str:
     return f"Write these words in reverse order: {' '.join(words)}"
 
@@ -162,7 +173,7 @@ def knowledge_train_rows(seed: int = 0, w: World = LAB_WORLD) -> list[dict[str, 
         fact = replace(fact, pool=tuple(v for v in fact.pool if v not in held))  # no held-out capital as an option
         for _ in range(KNOWLEDGE_VARIANTS):
             rows.append({"instruction": question_text(fact, _options(rng, fact)), "input": "",
-                         "output": fact.answer, "group": f"fact:{fact.key}"})
+                         "output": KNOWLEDGE_LEAD + _continuation(fact.answer), "group": f"fact:{fact.key}"})
     return rows
 
 
@@ -174,7 +185,8 @@ def skill_train_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     seen: set[tuple[str, ...]] = set(held)
     while len(rows) < n:
         words = _new_skill_words(rng, seen)
-        rows.append({"instruction": _reverse_instruction(words), "input": "", "output": " ".join(reversed(words))})
+        rows.append({"instruction": _reverse_instruction(words), "input": "",
+                     "output": SKILL_LEAD + _continuation(" ".join(reversed(words)))})
     return rows
 
 
@@ -212,8 +224,8 @@ def _skill_items(part: str, seed: int) -> list[dict[str, Any]]:
 
 def skill_rows(part: str, seed: int = 0) -> list[dict[str, Any]]:
     """The reversal skill's `val` or `test` rows (word lists never in the fine-tuning set)."""
-    return [{"id": f"skill-{part}-{i}", "prompt": format_prompt(_reverse_instruction(it["words"])),
-             "options": it["options"], "answer": it["answer"], "raw": False}
+    return [{"id": f"skill-{part}-{i}", "prompt": format_prompt(_reverse_instruction(it["words"])) + SKILL_LEAD,
+             "options": [_continuation(o) for o in it["options"]], "answer": it["answer"], "raw": False}
             for i, it in enumerate(_skill_items(part, seed))]
 
 
@@ -229,7 +241,8 @@ def knowledge_rows(part: str, seed: int = 0, w: World = LAB_WORLD) -> list[dict[
     for fact in _held_facts(part, seed, w):
         opts = _options(rng, fact)
         rows.append({"id": f"knowledge-{part}-{fact.key}", "fact": fact.key,
-                     "prompt": format_prompt(question_text(fact, opts)), "options": opts,
+                     "prompt": format_prompt(question_text(fact, opts)) + KNOWLEDGE_LEAD,
+                     "options": [_continuation(o) for o in opts],
                      "answer": opts.index(fact.answer), "raw": False})
     return rows
 
@@ -240,8 +253,7 @@ def cloze_rows(part: str = "test", seed: int = 0, w: World = LAB_WORLD) -> list[
     for row in knowledge_rows(part, seed, w):
         kind, entity = row["fact"].split(":", 1)
         prefix = _CLOZE[kind].format(p=entity, c=entity)
-        out.append({**row, "id": row["id"].replace("knowledge", "cloze"), "prompt": prefix,
-                    "options": [f" {o}." for o in row["options"]], "raw": True})
+        out.append({**row, "id": row["id"].replace("knowledge", "cloze"), "prompt": prefix, "raw": True})
     return out
 
 
