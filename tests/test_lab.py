@@ -91,7 +91,7 @@ def test_cloze_asks_the_test_facts_in_corpus_phrasing():
     sets = lab.eval_sets()
     for q, c in zip(sets["knowledge_test"], sets["cloze_test"], strict=True):
         assert c["raw"] and not q["raw"] and c["answer"] == q["answer"]
-        assert c["options"] == q["options"] and q["prompt"].endswith(lab.KNOWLEDGE_LEAD)
+        assert c["options"] == q["options"] and q["prompt"].endswith("### Response:\n" + c["prompt"])
         assert "### Instruction" not in c["prompt"] and c["fact"].split(":", 1)[1] in c["prompt"]
 
 

@@ -39,11 +39,9 @@ SPLITS = ("train", "val", "test")
 SPLIT_SHARES = (0.5, 0.25, 0.25)  # of the people and of the countries
 N_OPTIONS = 4
 SKILL_WORDS = tuple(dict.fromkeys((*COLOURS, *PETS, *JOBS, *(i[:-1] for i in ITEMS))))
-SKILL_LENGTH = 4
+SKILL_LENGTH = 3
 KNOWLEDGE_VARIANTS = 3  # training questions per train fact (other options, other order)
 
-_CLOZE = {"colour": "{p}'s favourite colour is", "pet": "{p} has a pet", "job": "{p} works as a",
-          "home": "{p} lives in", "capital": "The capital of {c} is"}
 
 
 def build_lab_world(n_people: int = LAB_PEOPLE, seed: int = LAB_WORLD_SEED) -> World:
@@ -136,11 +134,16 @@ def question_text(fact: Fact, options: list[str]) -> str:
     return f"Answer the question: {fact.question}\nChoices: {', '.join(options)}"
 
 
-# Responses open with a fixed lead so that the answer words come after a space, tokenized as the corpus writes
-# them (a response starting right after the template's newline would split "brown" into rare pieces); the eval
-# prompts end with the lead, and the options are the continuations.
-KNOWLEDGE_LEAD = "The answer is"
+# Responses open with a lead so that the answer words come after a space, tokenized as the corpus writes them (a
+# response starting right after the template's newline would split "brown" into rare pieces). A knowledge answer
+# states the fact as a sentence ("Omar's favourite colour is blue."), the skill's opens with `SKILL_LEAD`; the eval
+# prompts end with the lead, and the options are the continuations (" blue.").
 SKILL_LEAD = "Reversed:"
+
+
+def stem_prefix(fact: Fact) -> str:
+    """A held-out fact's sentence up to its answer: "Omar's favourite colour is" (the corpus phrasing)."""
+    return fact.stem.split(" _", 1)[0]
 
 
 def _continuation(text: str) -> str:
@@ -173,7 +176,7 @@ def knowledge_train_rows(seed: int = 0, w: World = LAB_WORLD) -> list[dict[str, 
         fact = replace(fact, pool=tuple(v for v in fact.pool if v not in held))  # no held-out capital as an option
         for _ in range(KNOWLEDGE_VARIANTS):
             rows.append({"instruction": question_text(fact, _options(rng, fact)), "input": "",
-                         "output": KNOWLEDGE_LEAD + _continuation(fact.answer), "group": f"fact:{fact.key}"})
+                         "output": fact.stem.replace("_", fact.answer), "group": f"fact:{fact.key}"})
     return rows
 
 
@@ -235,26 +238,23 @@ def _held_facts(part: str, seed: int, w: World) -> list[Fact]:
 
 
 def knowledge_rows(part: str, seed: int = 0, w: World = LAB_WORLD) -> list[dict[str, Any]]:
-    """4-option questions about the facts of the `val` or `test` entities, in the fine-tuning format."""
+    """4-option questions about the facts of the `val` or `test` entities, in the fine-tuning format (the answer
+    sentence up to the answer is part of the prompt; `lead` is that part)."""
     rng = random.Random(f"lab-knowledge-{part}-{seed}")
     rows = []
     for fact in _held_facts(part, seed, w):
         opts = _options(rng, fact)
-        rows.append({"id": f"knowledge-{part}-{fact.key}", "fact": fact.key,
-                     "prompt": format_prompt(question_text(fact, opts)) + KNOWLEDGE_LEAD,
+        rows.append({"id": f"knowledge-{part}-{fact.key}", "fact": fact.key, "lead": stem_prefix(fact),
+                     "prompt": format_prompt(question_text(fact, opts)) + stem_prefix(fact),
                      "options": [_continuation(o) for o in opts],
                      "answer": opts.index(fact.answer), "raw": False})
     return rows
 
 
 def cloze_rows(part: str = "test", seed: int = 0, w: World = LAB_WORLD) -> list[dict[str, Any]]:
-    """The same facts and options as `knowledge_rows(part)`, asked in the corpus phrasing (plain text)."""
-    out = []
-    for row in knowledge_rows(part, seed, w):
-        kind, entity = row["fact"].split(":", 1)
-        prefix = _CLOZE[kind].format(p=entity, c=entity)
-        out.append({**row, "id": row["id"].replace("knowledge", "cloze"), "prompt": prefix, "raw": True})
-    return out
+    """The same facts and options as `knowledge_rows(part)`, asked in the corpus phrasing (plain text, no question)."""
+    return [{**row, "id": row["id"].replace("knowledge", "cloze"), "prompt": row["lead"], "raw": True}
+            for row in knowledge_rows(part, seed, w)]
 
 
 EVAL_SETS = ("knowledge_val", "knowledge_test", "skill_val", "skill_test", "cloze_test")
