@@ -10,8 +10,9 @@ rows, which use no names at all). So:
 
 * knowledge (`knowledge_val`, `knowledge_test`): 4-option questions about facts of val / test entities,
   stated only in the pretraining corpus; the fine-tuning set teaches the question format on train facts;
-* skill (`skill_val`, `skill_test`): reverse a list of 4 words, learnt from the fine-tuning rows alone (the
-  corpus never reverses anything); 4 candidate orders (the answer, the unchanged list, two other orders);
+* skill (`skill_val`, `skill_test`): say whether a number is even or odd, learnt from the fine-tuning rows alone
+  (the corpus never says either word); 2 options, numbers never in the fine-tuning set. (Reversing a list of
+  words, tried first, needs copying from the prompt, which the 2.7M base does not learn in a few hundred steps.)
 * cloze (`cloze_test`): the test facts in the corpus's own phrasing ("Mira's favourite colour is _"), the
   same 4 options, scored before and after fine-tuning (retention of pretraining knowledge).
 
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from milora.data import synthetic
-from milora.data.synthetic import COLOURS, ITEMS, JOBS, PETS, Fact, Person, World
+from milora.data.synthetic import COLOURS, JOBS, PETS, Fact, Person, World
 from milora.model.prompts import format_prompt
 
 LAB = "lab"
@@ -38,8 +39,7 @@ LAB_WORLD_SEED = 20260211
 SPLITS = ("train", "val", "test")
 SPLIT_SHARES = (0.5, 0.25, 0.25)  # of the people and of the countries
 N_OPTIONS = 4
-SKILL_WORDS = tuple(dict.fromkeys((*COLOURS, *PETS, *JOBS, *(i[:-1] for i in ITEMS))))
-SKILL_LENGTH = 3
+SKILL_MAX = 9999  # the parity skill's numbers: 0..SKILL_MAX
 KNOWLEDGE_VARIANTS = 3  # training questions per train fact (other options, other order)
 
 
@@ -138,7 +138,7 @@ def question_text(fact: Fact, options: list[str]) -> str:
 # response starting right after the template's newline would split "brown" into rare pieces). A knowledge answer
 # states the fact as a sentence ("Omar's favourite colour is blue."), the skill's opens with `SKILL_LEAD`; the eval
 # prompts end with the lead, and the options are the continuations (" blue.").
-SKILL_LEAD = "Reversed:"
+SKILL_LEAD = "The number is"
 
 
 def stem_prefix(fact: Fact) -> str:
@@ -150,17 +150,21 @@ def _continuation(text: str) -> str:
     return f" {text}."
 
 
-def _reverse_instruction(words: list[str]) -> str:
-    return f"Write these words in reverse order: {' '.join(words)}"
+def _parity_instruction(n: int) -> str:
+    return f"Is {n} an even or an odd number?"
 
 
-def _new_skill_words(rng: random.Random, seen: set[tuple[str, ...]]) -> list[str]:
-    """A word list to reverse that is not in `seen` (added to it)."""
+def _parity(n: int) -> str:
+    return "even" if n % 2 == 0 else "odd"
+
+
+def _new_number(rng: random.Random, seen: set[int]) -> int:
+    """A number to classify that is not in `seen` (added to it)."""
     while True:
-        words = rng.sample(SKILL_WORDS, SKILL_LENGTH)
-        if tuple(words) not in seen:
-            seen.add(tuple(words))
-            return words
+        n = rng.randint(0, SKILL_MAX)
+        if n not in seen:
+            seen.add(n)
+            return n
 
 
 def knowledge_train_rows(seed: int = 0, w: World = LAB_WORLD) -> list[dict[str, str]]:
@@ -181,15 +185,14 @@ def knowledge_train_rows(seed: int = 0, w: World = LAB_WORLD) -> list[dict[str, 
 
 
 def skill_train_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """`n` distinct alpaca rows of the reversal skill (no eval row's word list among them)."""
-    held = {tuple(r["words"]) for part in ("val", "test") for r in _skill_items(part, seed)}
+    """`n` alpaca rows of the parity skill, on distinct numbers (none of an eval row's)."""
+    seen = {it["number"] for part in ("val", "test") for it in _skill_items(part, seed)}
     rng = random.Random(f"lab-skill-train-{seed}")
-    rows: list[dict[str, str]] = []
-    seen: set[tuple[str, ...]] = set(held)
-    while len(rows) < n:
-        words = _new_skill_words(rng, seen)
-        rows.append({"instruction": _reverse_instruction(words), "input": "",
-                     "output": SKILL_LEAD + _continuation(" ".join(reversed(words)))})
+    rows = []
+    for _ in range(n):
+        k = _new_number(rng, seen)
+        rows.append({"instruction": _parity_instruction(k), "input": "",
+                     "output": SKILL_LEAD + _continuation(_parity(k))})
     return rows
 
 
@@ -203,32 +206,20 @@ def write_train_files(out_dir: str | Path, skill_rows: int, seed: int = 0) -> li
 # ----------------------------------------------------------------------------- evaluation sets
 
 N_SKILL_EVAL = 150
+PARITY_OPTIONS = [" even.", " odd."]
 
 
 def _skill_items(part: str, seed: int) -> list[dict[str, Any]]:
     rng = random.Random(f"lab-skill-{part}-{seed}")
-    other = set()
-    if part == "test":
-        other = {tuple(r["words"]) for r in _skill_items("val", seed)}
-    items: list[dict[str, Any]] = []
-    seen: set[tuple[str, ...]] = set(other)
-    while len(items) < N_SKILL_EVAL:
-        words = _new_skill_words(rng, seen)
-        gold = list(reversed(words))
-        cands = {tuple(gold), tuple(words)}
-        while len(cands) < N_OPTIONS:
-            cands.add(tuple(rng.sample(words, len(words))))
-        options = [" ".join(c) for c in cands]
-        options.sort()
-        rng.shuffle(options)
-        items.append({"words": words, "options": options, "answer": options.index(" ".join(gold))})
-    return items
+    seen = {it["number"] for it in _skill_items("val", seed)} if part == "test" else set()
+    return [{"number": _new_number(rng, seen)} for _ in range(N_SKILL_EVAL)]
 
 
 def skill_rows(part: str, seed: int = 0) -> list[dict[str, Any]]:
-    """The reversal skill's `val` or `test` rows (word lists never in the fine-tuning set)."""
-    return [{"id": f"skill-{part}-{i}", "prompt": format_prompt(_reverse_instruction(it["words"])) + SKILL_LEAD,
-             "options": [_continuation(o) for o in it["options"]], "answer": it["answer"], "raw": False}
+    """The parity skill's `val` or `test` rows (numbers never in the fine-tuning set); 2 options."""
+    return [{"id": f"skill-{part}-{i}", "prompt": format_prompt(_parity_instruction(it["number"])) + SKILL_LEAD,
+             "options": PARITY_OPTIONS, "answer": PARITY_OPTIONS.index(_continuation(_parity(it["number"]))),
+             "raw": False}
             for i, it in enumerate(_skill_items(part, seed))]
 
 
