@@ -61,25 +61,25 @@ def test_held_out_facts_never_appear_in_the_fine_tuning_files(lab_files):
     assert all(re.search(rf"\b{name}\b", lab_files["knowledge.jsonl"]) for name in train_people)
 
 
-def test_skill_eval_word_lists_are_not_in_the_fine_tuning_files(lab_files):
+def test_skill_eval_numbers_are_not_in_the_fine_tuning_files(lab_files):
     rows = [json.loads(line) for line in lab_files["skill.jsonl"].splitlines()]
-    assert all(r["output"].startswith(lab.SKILL_LEAD + " ") for r in rows)
-    trained = {r["instruction"].split(": ", 1)[1] for r in rows}
+    assert len(rows) == 1000 and all(r["output"].startswith(lab.SKILL_LEAD + " ") for r in rows)
+    trained = {int(re.search(r"\d+", r["instruction"]).group()) for r in rows}
     assert len(trained) == 1000
+    held = []
     for name in ("skill_val", "skill_test"):
-        rows = lab.eval_sets()[name]
-        listed = {r["prompt"].split("reverse order: ", 1)[1].split("\n", 1)[0] for r in rows}
-        assert len(listed) == len(rows) == lab.N_SKILL_EVAL and not listed & trained
-        for r in rows:  # four distinct candidates, the gold one the reversal
-            words = r["prompt"].split("reverse order: ", 1)[1].split("\n", 1)[0].split()
-            assert len(set(r["options"])) == 4 and r["options"][r["answer"]] == f" {' '.join(reversed(words))}."
+        for r in lab.eval_sets()[name]:
+            n = int(re.search(r"Is (\d+) an even", r["prompt"]).group(1))
+            assert r["options"][r["answer"]] == (" even." if n % 2 == 0 else " odd.")
             assert r["prompt"].endswith(lab.SKILL_LEAD)
+            held.append(n)
+    assert len(set(held)) == len(held) == 2 * lab.N_SKILL_EVAL and not set(held) & trained
 
 
 def test_the_lab_corpus_states_the_facts_but_never_the_lab_tasks():
     docs, heldout = lab.pretraining_corpus("lab", 3000, 100)
     text = "\n".join(docs)
-    assert "reverse order" not in text and "Answer the question:" not in text and "Choices:" not in text
+    assert not re.search(r"\b(even|odd)\b", text) and "Answer the question:" not in text and "Choices:" not in text
     assert sum("### Instruction:" in d for d in docs) > 100  # the prompt template, on arithmetic only
     assert all(re.search(r"### Instruction:\nCompute \d+ [+-] \d+\.", d) for d in docs if "### Instruction" in d)
     test_people = [n for n, part in lab.entity_splits().items() if part == "test" and n not in lab.LAB_WORLD.countries]
