@@ -63,7 +63,7 @@ def test_held_out_facts_never_appear_in_the_fine_tuning_files(lab_files):
 
 def test_skill_eval_numbers_are_not_in_the_fine_tuning_files(lab_files):
     rows = [json.loads(line) for line in lab_files["skill.jsonl"].splitlines()]
-    assert len(rows) == 1000 and all(r["output"].startswith(lab.SKILL_LEAD + " ") for r in rows)
+    assert len(rows) == 1000 and all(re.fullmatch(r"(\d+) is (even|odd)\.", r["output"]) for r in rows)
     trained = {int(re.search(r"\d+", r["instruction"]).group()) for r in rows}
     assert len(trained) == 1000
     held = []
@@ -71,7 +71,7 @@ def test_skill_eval_numbers_are_not_in_the_fine_tuning_files(lab_files):
         for r in lab.eval_sets()[name]:
             n = int(re.search(r"Is (\d+) an even", r["prompt"]).group(1))
             assert r["options"][r["answer"]] == (" even." if n % 2 == 0 else " odd.")
-            assert r["prompt"].endswith(lab.SKILL_LEAD)
+            assert r["prompt"].endswith(f"### Response:\n{n} is")
             held.append(n)
     assert len(set(held)) == len(held) == 2 * lab.N_SKILL_EVAL and not set(held) & trained
 

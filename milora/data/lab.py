@@ -136,9 +136,10 @@ def question_text(fact: Fact, options: list[str]) -> str:
 
 # Responses open with a lead so that the answer words come after a space, tokenized as the corpus writes them (a
 # response starting right after the template's newline would split "brown" into rare pieces). A knowledge answer
-# states the fact as a sentence ("Omar's favourite colour is blue."), the skill's opens with `SKILL_LEAD`; the eval
-# prompts end with the lead, and the options are the continuations (" blue.").
-SKILL_LEAD = "The number is"
+# states the fact as a sentence ("Omar's favourite colour is blue."), a skill answer restates the number
+# ("7513 is odd."); the eval prompts end with the lead, and the options are the continuations (" blue.", " odd.").
+# (With a lead that does not restate the number, "The number is", every method stayed at the majority class.)
+SKILL_LEAD = "{n} is"  # "7513 is" (the number restated, as the knowledge answers restate their fact)
 
 
 def stem_prefix(fact: Fact) -> str:
@@ -192,7 +193,7 @@ def skill_train_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     for _ in range(n):
         k = _new_number(rng, seen)
         rows.append({"instruction": _parity_instruction(k), "input": "",
-                     "output": SKILL_LEAD + _continuation(_parity(k))})
+                     "output": SKILL_LEAD.format(n=k) + _continuation(_parity(k))})
     return rows
 
 
@@ -217,7 +218,8 @@ def _skill_items(part: str, seed: int) -> list[dict[str, Any]]:
 
 def skill_rows(part: str, seed: int = 0) -> list[dict[str, Any]]:
     """The parity skill's `val` or `test` rows (numbers never in the fine-tuning set); 2 options."""
-    return [{"id": f"skill-{part}-{i}", "prompt": format_prompt(_parity_instruction(it["number"])) + SKILL_LEAD,
+    return [{"id": f"skill-{part}-{i}",
+             "prompt": format_prompt(_parity_instruction(it["number"])) + SKILL_LEAD.format(n=it["number"]),
              "options": PARITY_OPTIONS, "answer": PARITY_OPTIONS.index(_continuation(_parity(it["number"]))),
              "raw": False}
             for i, it in enumerate(_skill_items(part, seed))]
