@@ -1,11 +1,11 @@
-"""The comparison lab's data (`data.embedded.profile: lab`): tasks a small pretrained model can solve, with
+"""The comparison lab's data (`data.embedded.profile: lab`): tasks meant for a small pretrained model, with
 splits that keep validation and test knowledge out of the fine-tuning set.
 
 The lab world is the embedded world with more people (`LAB_PEOPLE`, invented names past the fixed list);
 the base is pretrained on its corpus (`pretraining_corpus("lab", ...)`: the world's facts stated densely, plus
 instruction-style arithmetic in the fine-tuning prompt template, as real bases have seen such text).
 Its entities are split by a seeded hash into train / val / test: every person and every capital belongs to
-one split, and the fine-tuning files name only train entities (their questions, and the reversal skill
+one split, and the fine-tuning files name only train entities (their questions, and the even/odd skill
 rows, which use no names at all). So:
 
 * knowledge (`knowledge_val`, `knowledge_test`): 4-option questions about facts of val / test entities,

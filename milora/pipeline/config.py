@@ -73,7 +73,7 @@ class EmbeddedDataConfig(_Section):
     # default: the embedded world and tasks | lab: the comparison lab's bigger world, knowledge / skill tasks
     # and held-out entity splits (milora.data.lab; `milora compare` tunes and evaluates on them)
     profile: Literal["default", "lab"] = "default"
-    skill_rows: int = Field(1000, ge=10)  # lab profile: reversal-skill fine-tuning rows
+    skill_rows: int = Field(1000, ge=10)  # lab profile: skill (even/odd) fine-tuning rows
 
 
 class DataConfig(_Section):
