@@ -1,29 +1,53 @@
 """`milora compare`: LoRA vs PiSSA vs MiLoRA on the same base, data and budget, over several seeds.
 
-Shares the `ingest`, `base` and `prepare` outputs of the project, then runs `svd -> train -> evaluate`
-per method and seed in its own directory, and writes a table (markdown + JSON) and a plot: task
-accuracy, forgetting, train loss, trainable parameters, init time and train time.
+Shares the `ingest`, `base` and `prepare` outputs of the project (`--root`), then runs each trial in its own
+directory, and writes a report (`<out>.md`, `<out>.json`, `<out>.png`).
+
+* With the lab data (`--params params.lab.yaml`, `data.embedded.profile: lab`): the tuned comparison. Per method
+  (and rank), a learning-rate grid (`--lrs`, default 5 log-spaced rates around `train.learning_rate`) is trained
+  on the first seed and the rate with the best validation accuracy is selected; the other seeds run at that rate;
+  test accuracy (knowledge, skill, cloze retention) and forgetting are reported with Student-t intervals over the
+  seeds and paired-bootstrap intervals of each method's difference to MiLoRA. Trials run in `--max-parallel`
+  processes of `--threads` threads, each an MLflow child run of one comparison run, and a trial whose
+  `result.json` matches its config hash is not rerun.
+* Otherwise: `svd -> train -> evaluate` per method and seed at the one `train.learning_rate` (the smoke-scale
+  comparison of the embedded default): task accuracy, forgetting, train loss, trainable parameters, times.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 import os
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from milora.core.io import atomic_write_bytes, atomic_write_text, read_json, write_json
-from milora.pipeline.config import load_config, parse_sets
+from milora.core.errors import InvalidInput
+from milora.core.io import (
+    atomic_write_bytes,
+    atomic_write_text,
+    dump_json,
+    file_digest,
+    read_json,
+    read_jsonl,
+    write_json,
+)
+from milora.data import lab
+from milora.pipeline.config import EMBEDDED, load_config, parse_sets
 from milora.pipeline.paths import Paths
 from milora.stages import run_stage
 
 log = logging.getLogger(__name__)
 
 METHODS = ("lora", "pissa", "milora")
+DEFAULT_PATHS = (".", ".milora/compare", "docs/results_embedded")  # --root, --workdir, --out
+LAB_PATHS = (".milora/lab", ".milora/lab/trials", "docs/results")
 COLUMNS = [  # (key, label, digits)
     ("average_accuracy", "avg acc", 3),
     ("math_accuracy", "math acc", 3),
@@ -43,10 +67,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--params", default="params.yaml")
-    p.add_argument("--root", default=".", help="project root whose ingest/base/prepare outputs are shared")
-    p.add_argument("--workdir", default=".milora/compare", help="where the per-run directories go")
-    p.add_argument("--out", default="docs/results", help="output prefix: writes <out>.md, <out>.json, <out>.png")
+    p.add_argument("--root", default=None, help="project root whose ingest/base/prepare outputs are shared "
+                   "(default: . ; .milora/lab for the lab profile, so the lab base never replaces the project's)")
+    p.add_argument("--workdir", default=None, help="where the per-run directories go "
+                   "(default: .milora/compare ; .milora/lab/trials for the lab profile)")
+    p.add_argument("--out", default=None, help="output prefix: writes <out>.md, <out>.json, <out>.png "
+                   "(default: docs/results_embedded ; docs/results for the lab profile)")
     p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
+    lab_args = p.add_argument_group("the tuned comparison (lab profile: --params params.lab.yaml)")
+    lab_args.add_argument("--lrs", action="append", default=[], metavar="METHOD=LR,LR,...",
+                          help="a method's learning-rate grid (default: 5 log-spaced around train.learning_rate)")
+    lab_args.add_argument("--ranks", nargs="+", type=int, default=None, help="adapter ranks (default adapter.rank)")
+    lab_args.add_argument("--max-parallel", type=int, default=1, help="trials run at once (processes)")
+    lab_args.add_argument("--threads", type=int, default=1, help="CPU threads of each trial (OMP_NUM_THREADS)")
+    lab_args.add_argument("--quick", action="store_true", help="a smoke run: tiny base, 2 rates, 3 steps, 8 rows a set")
+    lab_args.add_argument("--no-mlflow", action="store_true", help="do not record the trials in MLflow")
 
 
 def link_shared(shared: Paths, run: Paths) -> None:
@@ -169,11 +204,453 @@ def compare(params: str, root: Path, methods: list[str], seeds: list[int], workd
     return result
 
 
+# ============================================================================= the lab: tuned, seeded, with CIs
+
+GRID_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)  # the default grid: log-spaced around each method's default rate
+QUICK = {  # `--quick`: a smoke run of the whole lab (tiny base, a few steps); numbers mean nothing
+    "model.embedded.hidden_size": 32, "model.embedded.intermediate_size": 64, "model.embedded.num_layers": 1,
+    "model.embedded.num_heads": 2, "model.embedded.pretrain_steps": 20, "model.embedded.vocab_size": 512,
+    "data.embedded.corpus_documents": 300, "data.embedded.heldout_documents": 20, "data.embedded.skill_rows": 40,
+    "train.max_steps": 3, "train.save_steps": 3, "train.logging_steps": 1, "train.warmup_steps": 0,
+}
+QUICK_ROWS = 8  # rows per evaluation set under --quick
+TASKS = ("knowledge", "skill", "cloze")  # test sets `<task>_test`; knowledge and skill also `<task>_val`
+VAL_SETS = ("knowledge_val", "skill_val")
+
+
+def default_grid(center: float) -> list[float]:
+    """Five learning rates log-spaced (factor ~3) around `center`, two significant digits."""
+    return [float(f"{center * f:.2g}") for f in GRID_FACTORS]
+
+
+def parse_grid(items: list[str], methods: list[str], center: float) -> dict[str, list[float]]:
+    """`METHOD=lr,lr,...` items over the default grid of every method."""
+    grid = {m: default_grid(center) for m in methods}
+    for item in items:
+        method, _, values = item.partition("=")
+        if method not in grid or not values:
+            raise InvalidInput(f"--lrs {item!r}: give METHOD=LR,LR,... with METHOD one of {', '.join(methods)}")
+        try:
+            grid[method] = sorted(float(v) for v in values.split(","))
+        except ValueError:
+            raise InvalidInput(f"--lrs {item!r}: learning rates must be numbers") from None
+        if any(v <= 0 for v in grid[method]):
+            raise InvalidInput(f"--lrs {item!r}: learning rates must be > 0")
+    return grid
+
+
+def validation_score(trial: dict[str, Any]) -> float:
+    """What selects a learning rate: the mean accuracy over the validation sets (never a test set)."""
+    return statistics.fmean(trial["val"][name] for name in VAL_SETS)
+
+
+def select_learning_rate(trials: list[dict[str, Any]]) -> float:
+    """The learning rate of the trial with the best `validation_score` (ties: the smaller rate). Reads only
+    each trial's `learning_rate` and `val` metrics."""
+    if not trials:
+        raise ValueError("no trials to select a learning rate from")
+    best = max(trials, key=lambda t: (validation_score(t), -t["learning_rate"]))
+    return best["learning_rate"]
+
+
+def trial_name(t: dict[str, Any]) -> str:
+    """A trial's directory name: method, rank, learning rate, seed."""
+    return f"{t['method']}-r{t['rank']}-lr{t['learning_rate']:g}-s{t['seed']}"
+
+
+def trial_overrides(overrides: dict[str, Any], t: dict[str, Any]) -> dict[str, Any]:
+    """The params overrides of one trial."""
+    return {**overrides, "adapter.method": t["method"], "adapter.alpha": None, "adapter.rank": t["rank"],
+            "train.learning_rate": t["learning_rate"], "train.seed": t["seed"]}
+
+
+def config_hash(params: str, overrides: dict[str, Any], t: dict[str, Any], inputs: str) -> str:
+    """What a trial's result depends on: the full config of the trial and the shared inputs' digest."""
+    cfg = load_config(params, trial_overrides(overrides, t)).model_dump(mode="json")
+    return hashlib.sha256(dump_json({"config": cfg, "inputs": inputs}).encode()).hexdigest()
+
+
+def run_trial(job: dict[str, Any]) -> dict[str, Any]:
+    """svd -> train -> lab evaluation of one trial in its own directory; writes and returns `result.json`.
+    Runs in a worker process with `job["threads"]` CPU threads."""
+    os.environ["OMP_NUM_THREADS"] = str(job["threads"])
+    os.environ["TQDM_DISABLE"] = "1"
+    import warnings
+
+    import torch
+
+    warnings.simplefilter("ignore")  # the libraries' deprecation notes, once per trial, would bury the progress log
+
+    torch.set_num_threads(job["threads"])
+    from milora.evaluation.lab import evaluate_trial
+    from milora.model.base import load_base
+
+    t0 = time.perf_counter()
+    root = Path(job["run_root"])
+    run = Paths(root)
+    link_shared(Paths(Path(job["shared_root"])), run)
+    o = trial_overrides(job["overrides"], job["trial"])
+    for stage in ("svd", "train"):
+        run_stage(stage, job["params"], root, o)
+    cfg = load_config(job["params"], o)
+    sets = {name: read_jsonl(Path(job["sets_dir"]) / f"{name}.jsonl") for name in lab.EVAL_SETS}
+    heldout = [ln for ln in run.heldout_text.read_text(encoding="utf-8").splitlines() if ln.strip()][:200]
+    model, tokenizer = load_base(cfg, run)
+    ev = evaluate_trial(model, tokenizer, run.adapter_dir, sets, heldout, cfg.data.max_length, cfg.eval.batch_size,
+                        score_base=job["score_base"])
+    train = read_json(run.report("train"))
+    result = {
+        **job["trial"], "config_hash": job["hash"],
+        "val": {n: statistics.fmean(ev["hits"][n]) for n in VAL_SETS},
+        "test": {n: statistics.fmean(ev["hits"][f"{n}_test"]) for n in TASKS},
+        "forgetting": ev["forgetting"], "heldout_loss_base": ev["heldout_loss_base"],
+        "final_train_loss": train.get("final_loss"), "trainable_params": train.get("trainable_params"),
+        "hits": {n: ev["hits"][n] for n in (*VAL_SETS, *(f"{t}_test" for t in TASKS))},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    if ev["hits_before"]:
+        result["base"] = {n: statistics.fmean(hits) for n, hits in ev["hits_before"].items()}
+    write_json(root / "result.json", result)
+    return result
+
+
+def _cached(job: dict[str, Any]) -> dict[str, Any] | None:
+    """The trial's earlier result when it was made with the same config (and holds what this job must add)."""
+    path = Path(job["run_root"]) / "result.json"
+    if not path.is_file():
+        return None
+    result = read_json(path)
+    ok = result.get("config_hash") == job["hash"] and (not job["score_base"] or "base" in result)
+    return result if ok else None
+
+
+class _Tracker:
+    """One MLflow parent run of the comparison, each trial a child run of it."""
+
+    def __init__(self, experiment: str, name: str, params: dict[str, str]):
+        from milora.tracking import runs
+
+        self.client = runs.client(".")
+        self.experiment = runs.ensure_experiment(self.client, experiment, ".")
+        self.parent = self.client.create_run(self.experiment, run_name=name).info.run_id
+        self._log(self.parent, params, {})
+
+    def _log(self, run_id: str, params: dict[str, Any], metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric, Param
+
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()],
+                              params=[Param(k, str(v)) for k, v in params.items()])
+
+    def trial(self, t: dict[str, Any], result: dict[str, Any], cached: bool) -> None:
+        """A child run with the trial's settings and metrics."""
+        child = self.client.create_run(self.experiment, run_name=trial_name(t),
+                                       tags={"mlflow.parentRunId": self.parent, "cached": str(cached).lower()})
+        metrics = {**{f"val.{k}": v for k, v in result["val"].items()},
+                   **{f"test.{k}": v for k, v in result["test"].items()},
+                   "forgetting": result["forgetting"],
+                   "seconds": result["seconds"]}
+        if result.get("final_train_loss") is not None:
+            metrics["final_train_loss"] = result["final_train_loss"]
+        self._log(child.info.run_id, {k: t[k] for k in ("method", "rank", "learning_rate", "seed", "phase")}, metrics)
+        self.client.set_terminated(child.info.run_id)
+
+    def finish(self, metrics: dict[str, float], files: list[Path]) -> None:
+        """Summary metrics and the report files on the parent run."""
+        self._log(self.parent, {}, metrics)
+        for f in files:
+            self.client.log_artifact(self.parent, str(f))
+        self.client.set_terminated(self.parent)
+
+
+def _run_trials(jobs: list[dict[str, Any]], max_parallel: int, tracker: _Tracker | None,
+                done_before: int, total: int) -> list[dict[str, Any]]:
+    """Run the jobs not already done (at most `max_parallel` processes at once); log progress with an ETA."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    results: list[dict[str, Any]] = []
+    todo = []
+    for job in jobs:
+        hit = _cached(job)
+        if hit is not None:
+            results.append(hit)
+            if tracker:
+                tracker.trial(job["trial"], hit, cached=True)
+        else:
+            todo.append(job)
+    done = done_before + len(results)
+    if results:
+        log.info("compare: %d trial(s) already done with the same config (not rerun); %d/%d done", len(results),
+                 done, total)
+    if not todo:
+        return results
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=max_parallel, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(run_trial, job): job for job in todo}
+        for k, fut in enumerate(as_completed(futures), 1):
+            job = futures[fut]
+            result = fut.result()
+            results.append(result)
+            if tracker:
+                tracker.trial(job["trial"], result, cached=False)
+            done += 1
+            left = (total - done) * (time.perf_counter() - t0) / k  # wall per trial so far, parallelism included
+            log.info("compare: trials done %d/%d (%s, %.0f s), ETA %dm%02ds", done, total, trial_name(job["trial"]),
+                     result["seconds"], left // 60, left % 60)
+    return results
+
+
+def _strip(trial: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in trial.items() if k not in ("hits", "config_hash")}
+
+
+def lab_statistics(final: dict[str, list[dict[str, Any]]], reference: str, n_boot: int = 10_000) -> dict[str, Any]:
+    """Per method (key): t-intervals over seeds of each test accuracy and of forgetting; per method other than
+    `reference`: paired-bootstrap differences against it (examples and seeds resampled together)."""
+    from milora.evaluation.stats import paired_bootstrap, t_interval
+
+    summary, diffs = {}, {}
+    for key, trials in final.items():
+        trials = sorted(trials, key=lambda t: t["seed"])
+        s = {task: t_interval([t["test"][task] for t in trials]).as_dict() for task in TASKS}
+        s["forgetting"] = t_interval([t["forgetting"] for t in trials]).as_dict()
+        summary[key] = s
+    ref = sorted(final[reference], key=lambda t: t["seed"])
+    for key, trials in final.items():
+        if key == reference:
+            continue
+        trials = sorted(trials, key=lambda t: t["seed"])
+        if [t["seed"] for t in trials] != [t["seed"] for t in ref]:
+            raise ValueError(f"{key} and {reference} were run on different seeds: cannot pair them")
+        d = {task: paired_bootstrap([t["hits"][f"{task}_test"] for t in trials],
+                                    [t["hits"][f"{task}_test"] for t in ref], n_boot).as_dict() for task in TASKS}
+        d["forgetting"] = paired_bootstrap([[t["forgetting"]] for t in trials], [[t["forgetting"]] for t in ref],
+                                           n_boot).as_dict()
+        diffs[key] = d
+    return {"summary": summary, "differences": diffs}
+
+
+def _fmt_ci(s: dict[str, float], digits: int = 3) -> str:
+    if math.isnan(s["std"]):
+        return f"{s['mean']:.{digits}f}"
+    half = (s["ci_high"] - s["ci_low"]) / 2
+    return f"{s['mean']:.{digits}f} ± {half:.{digits}f} (sd {s['std']:.{digits}f})"
+
+
+def _fmt_diff(d: dict[str, Any], digits: int = 3) -> str:
+    mark = " **sig.**" if d["significant"] else ""
+    return f"{d['estimate']:+.{digits}f} [{d['ci_low']:+.{digits}f}, {d['ci_high']:+.{digits}f}]{mark}"
+
+
+def lab_markdown(result: dict[str, Any]) -> str:
+    """The lab's report: design, chance levels, per-method tuned results with CIs, paired differences, the grid."""
+    chance = result["chance"]
+    lines = [
+        "# LoRA vs PiSSA vs MiLoRA, each at its own validation-selected learning rate",
+        "",
+        f"Command (one real run; {result['wall_seconds']:.0f} s wall, {result['trials_run']} trials run, "
+        f"{result['trials_total']} in all):",
+        "",
+        f"```\n{result['command']}\n```",
+        "",
+        "Design: per method (and rank), every learning rate of the grid is trained on the first seed "
+        f"({result['seeds'][0]}) and scored on the validation sets; the rate with the best mean validation accuracy "
+        "(knowledge_val, skill_val) is selected, never looking at a test set; the other seeds "
+        f"({', '.join(map(str, result['seeds'][1:])) or 'none'}) are trained at that rate only, and the test sets "
+        f"are reported over all {len(result['seeds'])} seeds: mean ± 95% Student-t half-width (sd over seeds). "
+        "Differences against MiLoRA: mean over seeds and examples, 95% paired-bootstrap interval "
+        f"({result['n_boot']} replicates resampling examples and seeds, the same draws for both methods); "
+        "**sig.** marks an interval that excludes 0.",
+        "",
+        "Chance (uniform pick among the options): " + ", ".join(f"{k} {v:.3f}" for k, v in chance.items()) + ".",
+        "",
+    ]
+    for rank, block in result["by_rank"].items():
+        lines += [f"## Rank {rank}", "",
+                  "| method | selected lr (grid) | val score | knowledge test acc (chance "
+                  f"{chance['knowledge_test']:.2f}) | skill test acc (chance {chance['skill_test']:.2f}) | cloze test acc "
+                  f"(retention; chance {chance['cloze_test']:.2f}) | forgetting (Δ held-out loss) |",
+                  "|---|---|---|---|---|---|---|"]
+        base = {k: result["base"][f"{k}_test"] for k in TASKS}
+        lines.append(f"| base, not fine-tuned | | | {base['knowledge']:.3f} | {base['skill']:.3f} | "
+                     f"{base['cloze']:.3f} | 0 |")
+        for method, s in block["summary"].items():
+            sel = block["selection"][method]
+            grid = ", ".join(f"{lr:g}" for lr in sel["grid"])
+            edge = " at the grid's edge" if sel["learning_rate"] in (min(sel["grid"]), max(sel["grid"])) else ""
+            lines.append(f"| {method} | **{sel['learning_rate']:g}**{edge} ({grid}) | {sel['val_score']:.3f} | "
+                         f"{_fmt_ci(s['knowledge'])} | {_fmt_ci(s['skill'])} | {_fmt_ci(s['cloze'])} | "
+                         f"{_fmt_ci(s['forgetting'], 4)} |")
+        lines += ["", "Paired difference against MiLoRA (method minus MiLoRA; 95% paired-bootstrap interval):", "",
+                  "| method | knowledge test acc | skill test acc | cloze test acc | forgetting |", "|---|---|---|---|---|"]
+        for method, d in block["differences"].items():
+            lines.append(f"| {method} − milora | {_fmt_diff(d['knowledge'])} | {_fmt_diff(d['skill'])} | "
+                         f"{_fmt_diff(d['cloze'])} | {_fmt_diff(d['forgetting'], 4)} |")
+        lines += ["", f"Validation grid (seed {result['seeds'][0]}): knowledge_val / skill_val accuracy; "
+                  "* = selected", "", "| method | " + " | ".join(["lr", "knowledge_val", "skill_val", "forgetting"]) + " |",
+                  "|---|---|---|---|---|"]
+        for method, sel in block["selection"].items():
+            for row in sel["scores"]:
+                star = " *" if row["learning_rate"] == sel["learning_rate"] else ""
+                lines.append(f"| {method} | {row['learning_rate']:g}{star} | {row['knowledge_val']:.3f} | "
+                             f"{row['skill_val']:.3f} | {row['forgetting']:.4f} |")
+        lines.append("")
+    lines += [f"![learning rate sweeps and forgetting]({Path(result['out']).name}.png)", ""]
+    return "\n".join(lines)
+
+
+def lab_plot(result: dict[str, Any], trials: list[dict[str, Any]]) -> bytes:
+    """Validation accuracy vs learning rate per method (selected point ringed), and forgetting vs test accuracy."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"lora": "tab:gray", "pissa": "tab:orange", "milora": "tab:green"}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    rank = next(iter(result["by_rank"]))
+    block = result["by_rank"][rank]
+    for ax, key in zip(axes[:2], VAL_SETS, strict=True):
+        for method, sel in block["selection"].items():
+            xs = [r["learning_rate"] for r in sel["scores"]]
+            ys = [r[key] for r in sel["scores"]]
+            ax.plot(xs, ys, "o-", color=colours.get(method), label=method)
+            ys_sel = [y for x, y in zip(xs, ys, strict=True) if x == sel["learning_rate"]]
+            ax.plot([sel["learning_rate"]], ys_sel, "o", ms=13, mfc="none", mec=colours.get(method), mew=2)
+        ax.axhline(result["chance"][key], ls="--", color="k", lw=0.8, label="chance")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_title(f"{key} accuracy (seed {result['seeds'][0]}; ring = selected)", fontsize=9)
+        ax.legend(fontsize=7)
+    ax = axes[2]
+    for t in trials:
+        if t["rank"] == int(rank) and t["learning_rate"] == block["selection"][t["method"]]["learning_rate"]:
+            acc = statistics.fmean(t["test"][k] for k in ("knowledge", "skill"))
+            ax.plot(t["forgetting"], acc, "o", color=colours.get(t["method"]))
+    for method in block["summary"]:
+        ax.plot([], [], "o", color=colours.get(method), label=method)
+    ax.set_xlabel("forgetting (Δ held-out pretraining loss)")
+    ax.set_ylabel("mean test acc (knowledge, skill)")
+    ax.set_title("forgetting vs accuracy at the selected rate (one point per seed)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_eval_sets(sets_dir: Path, seed: int, quick: bool) -> dict[str, float]:
+    """Write the lab's evaluation sets (the first `QUICK_ROWS` of each under --quick); return chance levels."""
+    from milora.data.synthetic import write_jsonl
+    from milora.evaluation.lab import chance
+
+    out = {}
+    for name, rows in lab.eval_sets(seed).items():
+        rows = rows[:QUICK_ROWS] if quick else rows
+        write_jsonl(sets_dir / f"{name}.jsonl", rows)
+        out[name] = chance(rows)
+    return out
+
+
+def compare_lab(params: str, root: Path, methods: list[str], seeds: list[int], workdir: Path, out: Path,
+                overrides: dict[str, Any] | None = None, lrs: list[str] | None = None, ranks: list[int] | None = None,
+                max_parallel: int = 1, threads: int = 1, quick: bool = False, n_boot: int = 10_000,
+                command: str = "", track: bool = True) -> dict[str, Any]:
+    """The tuned comparison on the lab profile: select each method's learning rate on validation (first seed),
+    run the other seeds there, write `<out>.json`, `<out>.md`, `<out>.png`; return the JSON."""
+    overrides = {**(QUICK if quick else {}), **(overrides or {})}
+    cfg = load_config(params, overrides)
+    if cfg.data.embedded.profile != lab.LAB or cfg.data.source != EMBEDDED:
+        raise InvalidInput("the tuned comparison needs the lab data: data.source: embedded with "
+                           "data.embedded.profile: lab (params.lab.yaml)")
+    if "milora" not in methods:
+        raise InvalidInput("--methods must include milora: the differences are taken against it")
+    seeds = list(dict.fromkeys(seeds))
+    ranks = list(dict.fromkeys(ranks or [cfg.adapter.rank]))
+    grid = parse_grid(lrs or [], methods, cfg.train.learning_rate)
+    if quick:
+        grid = {m: v[1:4:2] for m, v in grid.items()}
+    t0 = time.perf_counter()
+    _ensure_shared(params, root, overrides)
+    sets_dir = workdir / "sets"
+    chance = write_eval_sets(sets_dir, cfg.data.embedded.seed, quick)
+    shared = Paths(root)
+    inputs = file_digest(sets_dir, shared.base_json, shared.prepared_dir)
+    tracker = _Tracker(f"{cfg.register.experiment}-compare", f"compare-{out.name}",
+                       {"methods": ",".join(methods), "seeds": ",".join(map(str, seeds)),
+                        "ranks": ",".join(map(str, ranks)), "command": command}) if track else None
+
+    def job(t: dict[str, Any]) -> dict[str, Any]:
+        return {"trial": t, "params": params, "shared_root": str(root), "run_root": str(workdir / trial_name(t)),
+                "overrides": overrides, "threads": threads, "sets_dir": str(sets_dir), "score_base": t is select[0],
+                "hash": config_hash(params, overrides, t, inputs)}
+
+    total = sum(len(grid[m]) + len(seeds) - 1 for m in methods) * len(ranks)
+    select = [{"method": m, "rank": r, "learning_rate": lr, "seed": seeds[0], "phase": "select"}
+              for r in ranks for m in methods for lr in grid[m]]
+    n_cached = sum(_cached(job(t)) is not None for t in select)
+    log.info("compare: %d trials (%d methods x %d ranks x %d rates on seed %d, then %d more seed(s) at the "
+             "selected rate), %d process(es) x %d thread(s)", total, len(methods), len(ranks),
+             len(next(iter(grid.values()))), seeds[0], len(seeds) - 1, max_parallel, threads)
+    first = _run_trials([job(t) for t in select], max_parallel, tracker, 0, total)
+    chosen = {(m, r): select_learning_rate([t for t in first if t["method"] == m and t["rank"] == r])
+              for r in ranks for m in methods}
+    more = [{"method": m, "rank": r, "learning_rate": chosen[(m, r)], "seed": s, "phase": "seeds"}
+            for r in ranks for m in methods for s in seeds[1:]]
+    n_cached += sum(_cached(job(t)) is not None for t in more)
+    second = _run_trials([job(t) for t in more], max_parallel, tracker, len(first), total)
+    trials = first + second
+
+    blocks = {}
+    for r in ranks:
+        final = {m: [t for t in trials if t["method"] == m and t["rank"] == r and t["learning_rate"] == chosen[(m, r)]]
+                 for m in methods}
+        block = lab_statistics(final, "milora", n_boot)
+        block["selection"] = {m: {"learning_rate": chosen[(m, r)], "grid": grid[m],
+                                  "val_score": validation_score(next(t for t in first if t["method"] == m and t["rank"] == r
+                                                                     and t["learning_rate"] == chosen[(m, r)])),
+                                  "scores": [{"learning_rate": t["learning_rate"], **t["val"], "forgetting": t["forgetting"]}
+                                             for t in sorted(first, key=lambda t: t["learning_rate"])
+                                             if t["method"] == m and t["rank"] == r]}
+                              for m in methods}
+        blocks[str(r)] = block
+    result = {"profile": lab.LAB, "command": command, "methods": methods, "seeds": seeds, "ranks": ranks,
+              "overrides": overrides, "quick": quick, "n_boot": n_boot, "chance": chance,
+              "by_rank": blocks, "trials": sorted((_strip(t) for t in trials), key=trial_name),
+              "base": next(t["base"] for t in trials if "base" in t),
+              "trials_total": total, "trials_run": total - n_cached, "out": out.as_posix(),
+              "wall_seconds": round(time.perf_counter() - t0, 1)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out.with_suffix(".json"), result)
+    atomic_write_text(out.with_suffix(".md"), lab_markdown(result))
+    atomic_write_bytes(out.with_suffix(".png"), lab_plot(result, trials))
+    if tracker:
+        flat = {f"r{r}.{m}.test.{task}": s[task]["mean"] for r, b in blocks.items() for m, s in b["summary"].items()
+                for task in TASKS}
+        tracker.finish(flat, [out.with_suffix(s) for s in (".json", ".md", ".png")])
+    return result
+
+
 def main(args: argparse.Namespace) -> int:
     """Entry point of `milora compare`."""
-
-    result = compare(args.params, Path(args.root), args.methods, args.seeds, Path(args.workdir), Path(args.out),
-                     parse_sets(args.set))
-    print(markdown_table(result["summary"]))
-    print(f"wrote {args.out}.md, {args.out}.json, {args.out}.png")
+    overrides = parse_sets(args.set)
+    if args.max_parallel < 1 or args.threads < 1:
+        raise InvalidInput("--max-parallel and --threads must be >= 1")
+    is_lab = load_config(args.params, overrides).data.embedded.profile == lab.LAB
+    root, workdir, out = (Path(a or d) for a, d in zip((args.root, args.workdir, args.out),
+                                                         LAB_PATHS if is_lab else DEFAULT_PATHS, strict=True))
+    if is_lab:
+        argv = sys.argv[sys.argv.index("compare") + 1:] if "compare" in sys.argv else []
+        command = " ".join(["python -m milora.cli compare", *(shlex.quote(a) for a in argv)])
+        result = compare_lab(args.params, root, args.methods, args.seeds, workdir, out, overrides, args.lrs,
+                             args.ranks, args.max_parallel, args.threads, args.quick, command=command,
+                             track=not args.no_mlflow)
+        print(lab_markdown(result))
+    else:
+        result = compare(args.params, root, args.methods, args.seeds, workdir, out, overrides)
+        print(markdown_table(result["summary"]))
+    print(f"wrote {out}.md, {out}.json, {out}.png")
     return 0

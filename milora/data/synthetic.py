@@ -289,7 +289,7 @@ def _quiz_doc(rng: random.Random, w: World) -> str:
     return " ".join(out)
 
 
-_DOC_KINDS: tuple[tuple[Callable[[random.Random, World], str], float], ...] = (
+_DOC_KINDS: tuple[tuple[Callable[[random.Random, World], str], float], ...] = (  # (maker, weight)
     (_person_doc, 0.24),
     (_country_doc, 0.08),
     (_quiz_doc, 0.10),
@@ -300,19 +300,24 @@ _DOC_KINDS: tuple[tuple[Callable[[random.Random, World], str], float], ...] = (
 )
 
 
-def _documents(rng: random.Random, w: World) -> Iterator[str]:
-    makers = [m for m, _ in _DOC_KINDS]
-    weights = [p for _, p in _DOC_KINDS]
+DocKinds = tuple[tuple[Callable[[random.Random, World], str], float], ...]
+
+
+def _documents(rng: random.Random, w: World, kinds: DocKinds = _DOC_KINDS) -> Iterator[str]:
+    makers = [m for m, _ in kinds]
+    weights = [p for _, p in kinds]
     while True:
         yield rng.choices(makers, weights)[0](rng, w)
 
 
-def pretraining_corpus(n_train: int, n_heldout: int, seed: int = 0, world: World = WORLD) -> tuple[list[str], list[str]]:
-    """`n_train` pretraining documents and `n_heldout` held-out ones (same distribution, none seen in training)."""
-    train = list(itertools.islice(_documents(random.Random(f"corpus-train-{seed}"), world), n_train))
+def pretraining_corpus(n_train: int, n_heldout: int, seed: int = 0, world: World = WORLD,
+                       kinds: DocKinds = _DOC_KINDS) -> tuple[list[str], list[str]]:
+    """`n_train` pretraining documents and `n_heldout` held-out ones (same distribution, none seen in training),
+    drawn from the document `kinds` (maker, weight)."""
+    train = list(itertools.islice(_documents(random.Random(f"corpus-train-{seed}"), world, kinds), n_train))
     seen = set(train)
     heldout: list[str] = []
-    for doc in _documents(random.Random(f"corpus-heldout-{seed}"), world):
+    for doc in _documents(random.Random(f"corpus-heldout-{seed}"), world, kinds):
         if len(heldout) >= n_heldout:
             break
         if doc not in seen:

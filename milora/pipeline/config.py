@@ -70,6 +70,10 @@ class EmbeddedDataConfig(_Section):
     corpus_documents: int = Field(4000, ge=10)  # pretraining documents of the embedded base (read by `base`)
     heldout_documents: int = Field(400, ge=1)  # held-out documents for the forgetting metric (read by `base`)
     seed: int = 0  # task rows; the corpus sample follows model.embedded.seed
+    # default: the embedded world and tasks | lab: the comparison lab's bigger world, knowledge / skill tasks
+    # and held-out entity splits (milora.data.lab; `milora compare` tunes and evaluates on them)
+    profile: Literal["default", "lab"] = "default"
+    skill_rows: int = Field(1000, ge=10)  # lab profile: skill (even/odd) fine-tuning rows
 
 
 class DataConfig(_Section):

@@ -26,7 +26,7 @@ from torch import nn
 
 from milora.core.errors import InvalidInput, MissingInput
 from milora.core.io import atomic_dir, atomic_write_text, write_json
-from milora.data import synthetic
+from milora.data import lab
 from milora.model.base import BOS, EOS, PAD, content_hash, external_identity, weight_files
 from milora.model.nll import heldout_nll
 from milora.model.prompts import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
@@ -179,7 +179,8 @@ def bootstrap_embedded(cfg: Config, paths: Paths) -> dict[str, Any]:
     try:
         t0 = time.perf_counter()
         sizes = cfg.data.embedded
-        train_docs, heldout_docs = synthetic.pretraining_corpus(sizes.corpus_documents, sizes.heldout_documents, e.seed)
+        train_docs, heldout_docs = lab.pretraining_corpus(sizes.profile, sizes.corpus_documents,
+                                                          sizes.heldout_documents, e.seed)
         # The prompt template is part of the vocabulary's training text (not of the pretraining data), so the
         # fine-tuning prompts tokenize compactly.
         tokenizer = train_tokenizer([*train_docs, *[PROMPT_NO_INPUT, PROMPT_WITH_INPUT] * 50], e.vocab_size,

@@ -70,9 +70,12 @@ def copy_source(source: str, dest: Path, key: str = "data.source", split: str = 
 def materialise(cfg: Any, dest: Path) -> int:
     """Write the current contents of `data.source` into the empty directory `dest`; return the file count."""
     if cfg.data.source == EMBEDDED:
+        from milora.data import lab
         from milora.data.synthetic import write_task_files
 
         e = cfg.data.embedded
+        if e.profile == lab.LAB:
+            return len(lab.write_train_files(dest, e.skill_rows, e.seed))
         return len(write_task_files(dest, e.math_rows, e.choice_rows, e.seed))
     return copy_source(cfg.data.source, dest)
 
