@@ -15,6 +15,7 @@ import pytest
 
 from milora.cli.compare import (
     default_grid,
+    edge_extension,
     lab_statistics,
     parse_grid,
     select_learning_rate,
@@ -117,6 +118,20 @@ def test_selection_uses_the_mean_of_both_validation_sets_and_breaks_ties_low():
     assert validation_score(a) == pytest.approx(0.6) and validation_score(b) == pytest.approx(0.55)
     assert select_learning_rate([b, a]) == 1e-3
     assert select_learning_rate([{**a, "learning_rate": 3e-2}, a]) == 1e-3
+
+
+def test_a_best_rate_at_the_grids_edge_extends_the_grid_one_step_beyond_it():
+    grid = [_trial(3e-4, 0.9, 0.1), _trial(9e-4, 0.8, 0.9), _trial(3e-3, 0.5, 0.9)]
+    assert edge_extension(grid, 1e-6, 1.0) == 1e-4  # lowest rate best on validation: one step (x1/3) below
+    top = [_trial(3e-4, 0.5, 0.9), _trial(9e-4, 0.8, 0.9), _trial(3e-3, 0.9, 0.1)]
+    assert edge_extension(top, 1e-6, 1.0) == 1e-2  # x(3e-3 / 9e-4)
+    inside = [_trial(3e-4, 0.5, 0.9), _trial(9e-4, 0.9, 0.1), _trial(3e-3, 0.5, 0.9)]
+    assert edge_extension(inside, 1e-6, 1.0) is None  # bracketed: tuned (whatever the test split says)
+    assert edge_extension(grid, 2e-4, 1.0) is None  # beyond the bounds
+    assert edge_extension(grid[:1], 1e-6, 1.0) is None
+    # after one extension the new low rate is the best: one more step down; the test numbers never matter
+    extended = [*grid, _trial(1e-4, 0.95, 0.0)]
+    assert edge_extension(extended, 1e-6, 1.0) == 3.3e-5
 
 
 def test_default_grid_is_five_log_spaced_rates_around_the_default():

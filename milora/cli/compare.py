@@ -77,10 +77,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lab_args = p.add_argument_group("the tuned comparison (lab profile: --params params.lab.yaml)")
     lab_args.add_argument("--lrs", action="append", default=[], metavar="METHOD=LR,LR,...",
                           help="a method's learning-rate grid (default: 5 log-spaced around train.learning_rate)")
+    lab_args.add_argument("--extend", type=int, default=2, metavar="N",
+                          help="when a method's best rate is at its grid's edge, add up to N rates beyond it (default 2)")
     lab_args.add_argument("--ranks", nargs="+", type=int, default=None, help="adapter ranks (default adapter.rank)")
     lab_args.add_argument("--max-parallel", type=int, default=1, help="trials run at once (processes)")
     lab_args.add_argument("--threads", type=int, default=1, help="CPU threads of each trial (OMP_NUM_THREADS)")
-    lab_args.add_argument("--quick", action="store_true", help="a smoke run: tiny base, 2 rates, 3 steps, 8 rows a set")
+    lab_args.add_argument("--quick", action="store_true", help="a smoke run: tiny base, 2 rates (never extended), 3 steps, 8 rows a set")
     lab_args.add_argument("--no-mlflow", action="store_true", help="do not record the trials in MLflow")
 
 
@@ -207,6 +209,7 @@ def compare(params: str, root: Path, methods: list[str], seeds: list[int], workd
 # ============================================================================= the lab: tuned, seeded, with CIs
 
 GRID_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)  # the default grid: log-spaced around each method's default rate
+LR_BOUNDS = (1e-6, 1.0)  # a grid is never extended beyond these rates
 QUICK = {  # `--quick`: a smoke run of the whole lab (tiny base, a few steps); numbers mean nothing
     "model.embedded.hidden_size": 32, "model.embedded.intermediate_size": 64, "model.embedded.num_layers": 1,
     "model.embedded.num_heads": 2, "model.embedded.pretrain_steps": 20, "model.embedded.vocab_size": 512,
@@ -251,6 +254,23 @@ def select_learning_rate(trials: list[dict[str, Any]]) -> float:
         raise ValueError("no trials to select a learning rate from")
     best = max(trials, key=lambda t: (validation_score(t), -t["learning_rate"]))
     return best["learning_rate"]
+
+
+def edge_extension(trials: list[dict[str, Any]], lower: float, upper: float) -> float | None:
+    """The next rate to try when the validation-best rate of `trials` (one method and rank) is the smallest or the
+    largest rate tried: one grid step (the ratio of the two nearest rates) beyond it, within [`lower`, `upper`];
+    None when the best is inside the rates tried (bracketed) or the step would leave the bounds."""
+    rates = sorted({t["learning_rate"] for t in trials})
+    if len(rates) < 2:
+        return None
+    best = select_learning_rate(trials)
+    if best == rates[0]:
+        nxt = float(f"{rates[0] * rates[0] / rates[1]:.2g}")
+    elif best == rates[-1]:
+        nxt = float(f"{rates[-1] * rates[-1] / rates[-2]:.2g}")
+    else:
+        return None
+    return nxt if lower <= nxt <= upper and nxt not in rates else None
 
 
 def trial_name(t: dict[str, Any]) -> str:
@@ -455,7 +475,8 @@ def lab_markdown(result: dict[str, Any]) -> str:
         "",
         "Design: per method (and rank), every learning rate of the grid is trained on the first seed "
         f"({result['seeds'][0]}) and scored on the validation sets; the rate with the best mean validation accuracy "
-        "(knowledge_val, skill_val) is selected, never looking at a test set; the other seeds "
+        "(knowledge_val, skill_val) is selected, never looking at a test set (when it is the grid's smallest or "
+        f"largest rate, the grid is extended one step beyond it, up to {result.get('extend', 0)} times); the other seeds "
         f"({', '.join(map(str, result['seeds'][1:])) or 'none'}) are trained at that rate only, and the test sets "
         f"are reported over all {len(result['seeds'])} seeds: mean ± 95% Student-t half-width (sd over seeds). "
         "Differences against MiLoRA: mean over seeds and examples, 95% paired-bootstrap interval "
@@ -558,9 +579,10 @@ def write_eval_sets(sets_dir: Path, seed: int, quick: bool) -> dict[str, float]:
 def compare_lab(params: str, root: Path, methods: list[str], seeds: list[int], workdir: Path, out: Path,
                 overrides: dict[str, Any] | None = None, lrs: list[str] | None = None, ranks: list[int] | None = None,
                 max_parallel: int = 1, threads: int = 1, quick: bool = False, n_boot: int = 10_000,
-                command: str = "", track: bool = True) -> dict[str, Any]:
+                command: str = "", track: bool = True, extend: int = 2) -> dict[str, Any]:
     """The tuned comparison on the lab profile: select each method's learning rate on validation (first seed),
-    run the other seeds there, write `<out>.json`, `<out>.md`, `<out>.png`; return the JSON."""
+    extending a grid whose best rate is at its edge by up to `extend` steps, run the other seeds at the selected
+    rate, write `<out>.json`, `<out>.md`, `<out>.png`; return the JSON."""
     overrides = {**(QUICK if quick else {}), **(overrides or {})}
     cfg = load_config(params, overrides)
     if cfg.data.embedded.profile != lab.LAB or cfg.data.source != EMBEDDED:
@@ -572,7 +594,7 @@ def compare_lab(params: str, root: Path, methods: list[str], seeds: list[int], w
     ranks = list(dict.fromkeys(ranks or [cfg.adapter.rank]))
     grid = parse_grid(lrs or [], methods, cfg.train.learning_rate)
     if quick:
-        grid = {m: v[1:4:2] for m, v in grid.items()}
+        grid, extend = {m: v[1:4:2] for m, v in grid.items()}, 0
     t0 = time.perf_counter()
     _ensure_shared(params, root, overrides)
     sets_dir = workdir / "sets"
@@ -596,6 +618,21 @@ def compare_lab(params: str, root: Path, methods: list[str], seeds: list[int], w
              "selected rate), %d process(es) x %d thread(s)", total, len(methods), len(ranks),
              len(next(iter(grid.values()))), seeds[0], len(seeds) - 1, max_parallel, threads)
     first = _run_trials([job(t) for t in select], max_parallel, tracker, 0, total)
+    # A rate picked at the edge of its grid is not tuned (the best may lie beyond): extend the grid there.
+    for _ in range(extend):
+        edge = [{"method": m, "rank": r, "learning_rate": lr, "seed": seeds[0], "phase": "select"}
+                for r in ranks for m in methods
+                if (lr := edge_extension([t for t in first if t["method"] == m and t["rank"] == r],
+                                         *LR_BOUNDS)) is not None]
+        if not edge:
+            break
+        for t in edge:
+            grid[t["method"]] = sorted({*grid[t["method"]], t["learning_rate"]})
+            log.info("compare: %s r%d: the best rate is at the grid's edge; adding %g", t["method"], t["rank"],
+                     t["learning_rate"])
+        total += len(edge)
+        n_cached += sum(_cached(job(t)) is not None for t in edge)
+        first += _run_trials([job(t) for t in edge], max_parallel, tracker, len(first), total)
     chosen = {(m, r): select_learning_rate([t for t in first if t["method"] == m and t["rank"] == r])
               for r in ranks for m in methods}
     more = [{"method": m, "rank": r, "learning_rate": chosen[(m, r)], "seed": s, "phase": "seeds"}
@@ -618,7 +655,7 @@ def compare_lab(params: str, root: Path, methods: list[str], seeds: list[int], w
                               for m in methods}
         blocks[str(r)] = block
     result = {"profile": lab.LAB, "command": command, "methods": methods, "seeds": seeds, "ranks": ranks,
-              "overrides": overrides, "quick": quick, "n_boot": n_boot, "chance": chance,
+              "overrides": overrides, "quick": quick, "n_boot": n_boot, "chance": chance, "extend": extend,
               "by_rank": blocks, "trials": sorted((_strip(t) for t in trials), key=trial_name),
               "base": next(t["base"] for t in trials if "base" in t),
               "trials_total": total, "trials_run": total - n_cached, "out": out.as_posix(),
@@ -647,7 +684,7 @@ def main(args: argparse.Namespace) -> int:
         command = " ".join(["python -m milora.cli compare", *(shlex.quote(a) for a in argv)])
         result = compare_lab(args.params, root, args.methods, args.seeds, workdir, out, overrides, args.lrs,
                              args.ranks, args.max_parallel, args.threads, args.quick, command=command,
-                             track=not args.no_mlflow)
+                             track=not args.no_mlflow, extend=args.extend)
         print(lab_markdown(result))
     else:
         result = compare(args.params, root, args.methods, args.seeds, workdir, out, overrides)
