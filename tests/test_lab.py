@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 
 from milora.cli.compare import (
+    NOTES_MARK,
     default_grid,
     edge_extension,
     lab_statistics,
     parse_grid,
     select_learning_rate,
     validation_score,
+    with_kept_notes,
 )
 from milora.core.errors import InvalidInput
 from milora.data import lab
@@ -132,6 +134,15 @@ def test_a_best_rate_at_the_grids_edge_extends_the_grid_one_step_beyond_it():
     # after one extension the new low rate is the best: one more step down; the test numbers never matter
     extended = [*grid, _trial(1e-4, 0.95, 0.0)]
     assert edge_extension(extended, 1e-6, 1.0) == 3.3e-5
+
+
+def test_a_rewritten_report_keeps_the_reading_written_below_the_mark(tmp_path):
+    path = tmp_path / "results.md"
+    assert with_kept_notes("# numbers v1\n", path) == "# numbers v1\n"  # no file yet
+    path.write_text("# numbers v1\n")
+    assert with_kept_notes("# numbers v2\n", path) == "# numbers v2\n"  # no mark: nothing to keep
+    path.write_text(f"# numbers v1\n\n{NOTES_MARK}\n## Reading\nMiLoRA forgets least.\n")
+    assert with_kept_notes("# numbers v2\n", path) == f"# numbers v2\n\n{NOTES_MARK}\n## Reading\nMiLoRA forgets least.\n"
 
 
 def test_default_grid_is_five_log_spaced_rates_around_the_default():

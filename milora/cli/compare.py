@@ -563,6 +563,18 @@ def lab_plot(result: dict[str, Any], trials: list[dict[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
+NOTES_MARK = "<!-- written by hand below: milora compare keeps it when it rewrites the report above -->"
+
+
+def with_kept_notes(report: str, path: Path) -> str:
+    """`report`, followed by what the existing `path` holds below `NOTES_MARK` (a person's reading of the
+    results), so that a rerun refreshes the numbers without deleting the reading."""
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if NOTES_MARK not in old:
+        return report
+    return report.rstrip("\n") + "\n\n" + NOTES_MARK + old.split(NOTES_MARK, 1)[1]
+
+
 def write_eval_sets(sets_dir: Path, seed: int, quick: bool) -> dict[str, float]:
     """Write the lab's evaluation sets (the first `QUICK_ROWS` of each under --quick); return chance levels."""
     from milora.data.synthetic import write_jsonl
@@ -662,7 +674,7 @@ def compare_lab(params: str, root: Path, methods: list[str], seeds: list[int], w
               "wall_seconds": round(time.perf_counter() - t0, 1)}
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out.with_suffix(".json"), result)
-    atomic_write_text(out.with_suffix(".md"), lab_markdown(result))
+    atomic_write_text(out.with_suffix(".md"), with_kept_notes(lab_markdown(result), out.with_suffix(".md")))
     atomic_write_bytes(out.with_suffix(".png"), lab_plot(result, trials))
     if tracker:
         flat = {f"r{r}.{m}.test.{task}": s[task]["mean"] for r, b in blocks.items() for m, s in b["summary"].items()
