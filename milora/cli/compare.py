@@ -653,34 +653,44 @@ def compare_lab(params: str, root: Path, methods: list[str], seeds: list[int], w
     second = _run_trials([job(t) for t in more], max_parallel, tracker, len(first), total)
     trials = first + second
 
-    blocks = {}
-    for r in ranks:
-        final = {m: [t for t in trials if t["method"] == m and t["rank"] == r and t["learning_rate"] == chosen[(m, r)]]
-                 for m in methods}
-        block = lab_statistics(final, "milora", n_boot)
-        block["selection"] = {m: {"learning_rate": chosen[(m, r)], "grid": grid[m],
-                                  "val_score": validation_score(next(t for t in first if t["method"] == m and t["rank"] == r
-                                                                     and t["learning_rate"] == chosen[(m, r)])),
-                                  "scores": [{"learning_rate": t["learning_rate"], **t["val"], "forgetting": t["forgetting"]}
-                                             for t in sorted(first, key=lambda t: t["learning_rate"])
-                                             if t["method"] == m and t["rank"] == r]}
-                              for m in methods}
-        blocks[str(r)] = block
+    blocks = {str(r): _rank_block(first, trials, chosen, grid, methods, r, n_boot) for r in ranks}
     result = {"profile": lab.LAB, "command": command, "methods": methods, "seeds": seeds, "ranks": ranks,
               "overrides": overrides, "quick": quick, "n_boot": n_boot, "chance": chance, "extend": extend,
               "by_rank": blocks, "trials": sorted((_strip(t) for t in trials), key=trial_name),
               "base": next(t["base"] for t in trials if "base" in t),
               "trials_total": total, "trials_run": total - n_cached, "out": out.as_posix(),
               "wall_seconds": round(time.perf_counter() - t0, 1)}
+    _publish_lab(result, trials, out, tracker)
+    return result
+
+
+def _rank_block(first: list[dict[str, Any]], trials: list[dict[str, Any]], chosen: dict[tuple[str, int], float],
+                grid: dict[str, list[float]], methods: list[str], rank: int, n_boot: int) -> dict[str, Any]:
+    """One rank's statistics at the selected rates, and how each rate was selected (the validation grid)."""
+    def of(m: str, ts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [t for t in ts if t["method"] == m and t["rank"] == rank]
+
+    final = {m: [t for t in of(m, trials) if t["learning_rate"] == chosen[(m, rank)]] for m in methods}
+    block = lab_statistics(final, "milora", n_boot)
+    block["selection"] = {m: {
+        "learning_rate": chosen[(m, rank)], "grid": grid[m],
+        "val_score": validation_score(next(t for t in of(m, first) if t["learning_rate"] == chosen[(m, rank)])),
+        "scores": [{"learning_rate": t["learning_rate"], **t["val"], "forgetting": t["forgetting"]}
+                   for t in sorted(of(m, first), key=lambda t: t["learning_rate"])]} for m in methods}
+    return block
+
+
+def _publish_lab(result: dict[str, Any], trials: list[dict[str, Any]], out: Path, tracker: _Tracker | None) -> None:
+    """`<out>.json`, `<out>.md` (keeping the reading written below its mark) and `<out>.png`; the test means
+    and the three files on the MLflow parent run."""
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out.with_suffix(".json"), result)
     atomic_write_text(out.with_suffix(".md"), with_kept_notes(lab_markdown(result), out.with_suffix(".md")))
     atomic_write_bytes(out.with_suffix(".png"), lab_plot(result, trials))
     if tracker:
-        flat = {f"r{r}.{m}.test.{task}": s[task]["mean"] for r, b in blocks.items() for m, s in b["summary"].items()
-                for task in TASKS}
+        flat = {f"r{r}.{m}.test.{task}": s[task]["mean"] for r, b in result["by_rank"].items()
+                for m, s in b["summary"].items() for task in TASKS}
         tracker.finish(flat, [out.with_suffix(s) for s in (".json", ".md", ".png")])
-    return result
 
 
 def main(args: argparse.Namespace) -> int:
