@@ -7,78 +7,73 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 # stage -> the name of its `metrics/<name>.json` (what `dvc metrics show` and MLflow call it)
 STAGE_METRICS = {"base": "base", "prepare": "data", "svd": "svd", "train": "train", "evaluate": "eval",
                  "register": "register"}
 
 
+class _Under:
+    """A `Paths` attribute: the path `rel` under the project root."""
+
+    def __init__(self, rel: str):
+        self.parts = tuple(rel.split("/"))
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> _Under: ...
+    @overload
+    def __get__(self, obj: Paths, owner: type) -> Path: ...
+
+    def __get__(self, obj: Paths | None, owner: type) -> Path | _Under:
+        return self if obj is None else obj.root.joinpath(*self.parts)
+
+
 @dataclass(frozen=True)
 class Paths:
-    """All pipeline file locations under one project root."""
+    """All pipeline file locations under one project root.
+
+    Attributes:
+        root: the project root (the directory holding params.yaml).
+        base_dir: `models/base`, the embedded tiny base in HF format (model + tokenizer); unused for external
+            models.
+        base_json: `models/base.json`, base identity: what to load (`load_path`), revision / content hash,
+            dtype, parameter count.
+        heldout_text: `models/heldout.txt`, held-out pretraining text for the forgetting metric (embedded base:
+            written by `base`).
+        raw_dir: `data/raw`, the raw data, DVC-versioned: the current contents of `data.source`.
+        suites_dir: `data/suites`, the benchmark suites of `eval.suites`, one directory each
+            (`data/suites/<name>/`), DVC-versioned.
+        prepared_dir: `data/prepared`, `train.jsonl` and `eval.jsonl`: normalised rows (prompt, response,
+            answer, task, ...).
+        svd_init_dir: `models/svd_init`, the untrained adapter (initial factors), as written by
+            `milora.save_adapter`.
+        adapter_dir: `models/adapter`, the trained adapter (`milora.save_adapter` format) with `lineage.json`.
+        checkpoints_dir: `checkpoints`, trainer checkpoints; survive re-runs so an interrupted `train` resumes.
+        predictions: `eval/predictions.jsonl`, per-example predictions for error analysis.
+        suite_predictions_dir: `eval/suites`, per-example predictions of each benchmark suite:
+            `eval/suites/<name>.jsonl`.
+    """
 
     root: Path = Path(".")
 
     # base stage (runs first: `prepare` needs the tokenizer)
-    @property
-    def base_dir(self) -> Path:
-        """The embedded tiny base in HF format (model + tokenizer); unused for external models."""
-        return self.root / "models" / "base"
-
-    @property
-    def base_json(self) -> Path:
-        """Base identity: what to load (`load_path`), revision / content hash, dtype, parameter count."""
-        return self.root / "models" / "base.json"
-
-    @property
-    def heldout_text(self) -> Path:
-        """Held-out pretraining text for the forgetting metric (embedded base: written by `base`)."""
-        return self.root / "models" / "heldout.txt"
-
+    base_dir = _Under("models/base")
+    base_json = _Under("models/base.json")
+    heldout_text = _Under("models/heldout.txt")
     # ingest stage
-    @property
-    def raw_dir(self) -> Path:
-        """The raw data, DVC-versioned: the current contents of `data.source`."""
-        return self.root / "data" / "raw"
-
-    @property
-    def suites_dir(self) -> Path:
-        """The benchmark suites of `eval.suites`, one directory each (`data/suites/<name>/`), DVC-versioned."""
-        return self.root / "data" / "suites"
-
+    raw_dir = _Under("data/raw")
+    suites_dir = _Under("data/suites")
     # prepare stage
-    @property
-    def prepared_dir(self) -> Path:
-        """`train.jsonl` and `eval.jsonl`: normalised rows (prompt, response, answer, task, ...)."""
-        return self.root / "data" / "prepared"
-
+    prepared_dir = _Under("data/prepared")
     # svd stage
-    @property
-    def svd_init_dir(self) -> Path:
-        """The untrained adapter (initial factors), as written by `milora.save_adapter`."""
-        return self.root / "models" / "svd_init"
-
+    svd_init_dir = _Under("models/svd_init")
     # train stage
-    @property
-    def adapter_dir(self) -> Path:
-        """The trained adapter (`milora.save_adapter` format) with `lineage.json`."""
-        return self.root / "models" / "adapter"
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        """Trainer checkpoints; survive re-runs so an interrupted `train` resumes."""
-        return self.root / "checkpoints"
-
+    adapter_dir = _Under("models/adapter")
+    checkpoints_dir = _Under("checkpoints")
     # evaluate stage
-    @property
-    def predictions(self) -> Path:
-        """Per-example predictions for error analysis."""
-        return self.root / "eval" / "predictions.jsonl"
-
-    @property
-    def suite_predictions_dir(self) -> Path:
-        """Per-example predictions of each benchmark suite: `eval/suites/<name>.jsonl`."""
-        return self.root / "eval" / "suites"
+    predictions = _Under("eval/predictions.jsonl")
+    suite_predictions_dir = _Under("eval/suites")
 
     def metrics(self, name: str) -> Path:
         """`metrics/<name>.json` (a stage's file is named in `STAGE_METRICS`)."""
