@@ -197,3 +197,22 @@ def test_schedule_agrees_with_prefect():
             Cron(cron, timezone="UTC")
         with pytest.raises(ConfigError):
             validate({"schedule": {"cron": cron}})
+
+
+@pytest.mark.parametrize("params_file", ["params.yaml", "params.lab.yaml"])
+def test_every_param_a_dvc_stage_names_is_in_the_params_file(params_file):
+    """DVC refuses to run a stage whose `params:` key is missing from params.yaml (a pydantic default is not
+    enough): every key dvc.yaml lists must be written out in each params file the pipeline runs with."""
+    params = yaml.safe_load((ROOT / params_file).read_text())
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    missing = []
+    for name, stage in stages.items():
+        for key in stage.get("params", []):
+            for k in ([key] if isinstance(key, str) else list(key.values())[0] if isinstance(key, dict) else []):
+                node = params
+                for part in k.split("."):
+                    if not isinstance(node, dict) or part not in node:
+                        missing.append(f"{name}: {k}")
+                        break
+                    node = node[part]
+    assert not missing, missing
