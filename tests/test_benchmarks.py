@@ -1,5 +1,6 @@
 """The benchmark scripts run (quick mode) so they cannot rot; their numbers are the benchmarks' job."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,12 +10,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _bench(tmp_path: Path, script: str, *args: str) -> str:
+    """Run `benchmarks/<script>` with `args`, writing its section into a fresh markdown file; return the file."""
+    out = tmp_path / "bench.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    return out.read_text()
+
+
 @pytest.mark.slow
 def test_train_throughput_quick(tmp_path):
-    out = tmp_path / "bench.md"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--quick", "--out", str(out)],
-                   check=True, capture_output=True, text=True, timeout=600)
-    text = out.read_text()
+    text = _bench(tmp_path, "train_throughput.py", "--quick")
     assert "## Training throughput and inference cost" in text
     assert "| training tokens/s |" in text and "| peak memory (MiB) |" in text
 
@@ -24,27 +30,20 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path):
     """The GPU benchmark end to end at toy size on the CPU; without CUDA, gpu.sh skips cleanly."""
     import torch
 
-    out = tmp_path / "bench.md"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--dry-run", "--out", str(out)],
-                   check=True, capture_output=True, text=True, timeout=600)
-    text = out.read_text()
+    text = _bench(tmp_path, "gpu.py", "--dry-run")
     assert "## GPU: full-depth Llama-2-7B shape" in text and "dry run on the CPU" in text
     assert '| PEFT `init_lora_weights="pissa"`' in text and '`init_lora_weights="mica"`' in text
     assert "| tokens/s |" in text and "merged MiLoRA" in text
     assert (tmp_path / "gpu_results.json").is_file()
     if not torch.cuda.is_available():
         p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, timeout=120,
-                           env={**__import__("os").environ, "PYTHON": sys.executable})
+                           env={**os.environ, "PYTHON": sys.executable})
         assert p.returncode == 0 and "no CUDA device here: skipping" in p.stdout
 
 
 @pytest.mark.slow
 def test_svd_init_spectra_quick(tmp_path):
     """The "every spectrum" table at small shapes (the Llama-2-7B-shaped run is the benchmark's job)."""
-    out = tmp_path / "bench.md"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "svd_init.py"), "--spectra", "--quick", "--kinds",
-                    "power1,clustered", "--no-wide", "--out", str(out)],
-                   check=True, capture_output=True, text=True, timeout=600)
-    text = out.read_text()
+    text = _bench(tmp_path, "svd_init.py", "--spectra", "--quick", "--kinds", "power1,clustered", "--no-wide")
     assert "## SVD initialisation on every spectrum" in text
     assert "| power law sigma_i = i^-1 + noise | 1376x512 | 8 |" in text and "| clustered small end" in text
