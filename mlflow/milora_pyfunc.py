@@ -13,7 +13,10 @@ model and runs it at load time. The model directory carries everything it needs 
 * `artifacts["adapter"]`: the MiLoRA adapter (`milora.save_adapter` format), loaded with
   `milora.load_adapter`, which rebuilds the residual weights on the original base;
 * `artifacts["base"]`: the base model and tokenizer in HF format (safetensors), when the base was
-  carried whole (the embedded tiny base); otherwise `model_config["base_name_or_path"]` and
+  carried whole (the embedded tiny base); a GGUF base (`model_config["base_gguf_sha256"]`) loads from the
+  pipeline's converted copy where it exists, else is converted again from the GGUF file the name resolves
+  to (a path, or a packaged name such as `smollm2-135m-instruct` in its installed wheel), refused unless
+  the file's sha256 matches; otherwise `model_config["base_name_or_path"]` and
   `model_config["base_revision"]` name it, resolved through the local HF cache or a path, and its
   weight files must hash to `model_config["base_content_hash"]` (the base the adapter was trained on):
   a different base is refused, since the adapter's residual is only right on its own base
@@ -120,6 +123,11 @@ class MiloraGenerator(PythonModel):
             source = artifacts["base"]
         elif cfg.get("base_load_path") and os.path.isdir(cfg["base_load_path"]):
             source = cfg["base_load_path"]
+        elif cfg.get("base_gguf_sha256"):  # a GGUF base: convert the same file again (checked by its sha256)
+            from milora.model.gguf import converted_copy
+
+            dtype_name = str(cfg.get("dtype") or "float32")
+            source = str(converted_copy(cfg["base_name_or_path"], cfg["base_gguf_sha256"], dtype_name))
         else:
             source, revision = cfg["base_name_or_path"], cfg.get("base_revision")
         trust = bool(cfg.get("trust_remote_code", False))

@@ -76,6 +76,17 @@ class EmbeddedDataConfig(_Section):
     skill_rows: int = Field(1000, ge=10)  # lab profile: skill (even/odd) fine-tuning rows
 
 
+class SelfTextConfig(_Section):
+    """Text sampled once from the base itself (its replies to everyday instructions), written by the `base`
+    stage: the forgetting metric of a base without pretraining text. The NLL increase on it after
+    fine-tuning estimates KL(base || tuned) on the base's own chat distribution."""
+
+    documents: int = Field(0, ge=0, le=10000)  # replies to sample; 0 = none
+    max_new_tokens: int = Field(64, ge=4, le=2048)
+    temperature: float = Field(1.0, gt=0, le=5)
+    seed: int = 0
+
+
 class DataConfig(_Section):
     source: str = EMBEDDED
     format: Literal[FORMATS] = "auto"  # type: ignore[valid-type]
@@ -86,6 +97,7 @@ class DataConfig(_Section):
     dedup: bool = True
     seed: int = 0
     heldout_text: str | None = None
+    self_text: SelfTextConfig = SelfTextConfig()
     embedded: EmbeddedDataConfig = EmbeddedDataConfig()
 
 

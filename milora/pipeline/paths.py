@@ -41,6 +41,8 @@ class Paths:
             dtype, parameter count.
         heldout_text: `models/heldout.txt`, held-out pretraining text for the forgetting metric (embedded base:
             written by `base`).
+        self_text: `models/self_text.jsonl`, the base's own replies to everyday instructions (`data.self_text`),
+            sampled once by `base`: the forgetting metric of a base without pretraining text (empty when off).
         raw_dir: `data/raw`, the raw data, DVC-versioned: the current contents of `data.source`.
         suites_dir: `data/suites`, the benchmark suites of `eval.suites`, one directory each
             (`data/suites/<name>/`), DVC-versioned.
@@ -61,6 +63,7 @@ class Paths:
     base_dir = _Under("models/base")
     base_json = _Under("models/base.json")
     heldout_text = _Under("models/heldout.txt")
+    self_text = _Under("models/self_text.jsonl")
     # ingest stage
     raw_dir = _Under("data/raw")
     suites_dir = _Under("data/suites")

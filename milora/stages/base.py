@@ -2,6 +2,11 @@
 
 * `model.name_or_path` names a local HF directory or a Hub id: record its identity (where to load it
   from, revision, a content hash of its weight files, dtype, parameter count). No weights are copied.
+* `model.name_or_path` names a GGUF file (a `.gguf` path, or a packaged name such as
+  `smollm2-135m-instruct`): convert it once to a safetensors directory under `models/base` (tokenizer and
+  chat template included) in `model.dtype`; its identity is the GGUF file's sha256 plus the converter.
+* `data.self_text.documents > 0`: sample the base's own replies to everyday instructions once
+  (`models/self_text.jsonl`), the forgetting metric of a base without pretraining text.
 * `model.name_or_path: embedded`: bootstrap a tiny Llama-architecture causal LM by really pretraining
   it on the synthetic corpus (`milora.data.synthetic`), with a byte-level BPE tokenizer trained on that
   corpus by `tokenizers`, and save both in HF format (safetensors) under `models/base`. The loss curve,
@@ -25,9 +30,10 @@ import torch
 from torch import nn
 
 from milora.core.errors import InvalidInput, MissingInput
-from milora.core.io import atomic_dir, atomic_write_text, write_json
+from milora.core.io import atomic_dir, atomic_write_text, dump_jsonl, write_json
 from milora.data import lab
-from milora.model.base import BOS, EOS, PAD, content_hash, external_identity, weight_files
+from milora.model import gguf
+from milora.model.base import BOS, EOS, PAD, content_hash, external_identity, load_base, weight_files
 from milora.model.nll import heldout_nll
 from milora.model.prompts import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
 from milora.pipeline.config import EMBEDDED, Config
@@ -227,8 +233,74 @@ def bootstrap_embedded(cfg: Config, paths: Paths) -> dict[str, Any]:
     }
 
 
+def convert_gguf_base(cfg: Config, paths: Paths) -> dict[str, Any]:
+    """Convert the GGUF base to `models/base` (safetensors + tokenizer); return its `models/base.json` record."""
+    src = gguf.resolve_gguf(cfg.model.name_or_path, paths.root)
+    info = gguf.inspect_gguf(src)
+    dtype = "float32" if cfg.model.dtype == "auto" else cfg.model.dtype
+    t0 = time.perf_counter()
+    with atomic_dir(paths.base_dir) as d:
+        gguf.convert_gguf(src, d, dtype)
+    config = json.loads((paths.base_dir / "config.json").read_text(encoding="utf-8"))
+    weights = weight_files(paths.base_dir)
+    from transformers import AutoConfig
+
+    from milora.model.base import count_parameters
+
+    identity = {
+        "name_or_path": cfg.model.name_or_path,
+        "load_path": paths.base_dir.relative_to(paths.root).as_posix(),
+        "revision": None,
+        "content_hash": content_hash(weights),
+        "weight_files": [f.name for f in weights],
+        "dtype": dtype,
+        "n_params": count_parameters(AutoConfig.from_pretrained(paths.base_dir)),
+        "embedded": False,
+        "architecture": (config.get("architectures") or ["?"])[0],
+        "model_type": config.get("model_type"),
+        "gguf_file": src.name,
+        "gguf_sha256": gguf.file_sha256(src),
+        "gguf_architecture": info.architecture,
+        "gguf_quantization": "+".join(info.quant_types),
+        "converter": gguf.converter(),
+    }
+    log.info("base: converted %s (%s, sha256 %s..., %s) -> %s in %.0f s (%.1fM parameters, %s)", src.name,
+             info.architecture, identity["gguf_sha256"][:12], identity["gguf_quantization"], paths.base_dir,
+             time.perf_counter() - t0, identity["n_params"] / 1e6, dtype)
+    return identity
+
+
+def _external_heldout(cfg: Config, paths: Paths) -> None:
+    """`models/heldout.txt` of an external base: `data.heldout_text`'s contents, or empty."""
+    heldout = ""
+    if cfg.data.heldout_text:
+        src = Path(cfg.data.heldout_text)
+        src = src if src.is_absolute() or not (paths.root / src).exists() else paths.root / src
+        if not src.is_file():
+            raise MissingInput(f"data.heldout_text {cfg.data.heldout_text!r}: no such file")
+        heldout = src.read_text(encoding="utf-8")
+    atomic_write_text(paths.heldout_text, heldout)
+
+
+def write_self_text(cfg: Config, paths: Paths) -> int:
+    """`models/self_text.jsonl`: the base's sampled replies (`data.self_text`), or empty when off."""
+    from milora.model.self_text import sample_self_text
+
+    st = cfg.data.self_text
+    records: list[dict[str, Any]] = []
+    if st.documents:
+        t0 = time.perf_counter()
+        model, tokenizer = load_base(cfg, paths)
+        records = sample_self_text(model, tokenizer, st.documents, st.max_new_tokens, st.temperature, st.seed)
+        log.info("base: sampled %d replies of the base (<= %d tokens, temperature %g, seed %d) in %.0f s",
+                 len(records), st.max_new_tokens, st.temperature, st.seed, time.perf_counter() - t0)
+    atomic_write_text(paths.self_text, dump_jsonl(records))
+    return len(records)
+
+
 def run(cfg: Config, paths: Paths) -> None:
-    """Record the external base's identity, or bootstrap the embedded one; write models/base.json."""
+    """Bootstrap the embedded base, convert a GGUF one, or record an external one's identity; write
+    models/base.json (and the self-sampled text)."""
     if cfg.model.name_or_path == EMBEDDED:
         metrics = bootstrap_embedded(cfg, paths)
         weights = weight_files(paths.base_dir)
@@ -250,25 +322,20 @@ def run(cfg: Config, paths: Paths) -> None:
                  metrics["spectrum"]["trained"]["top10pct_energy"], metrics["spectrum"]["init"]["top10pct_energy"],
                  metrics["pretrain"]["total_seconds"])
     else:
-        identity, load_path = external_identity(cfg.model, paths.root)
+        if gguf.is_gguf(cfg.model.name_or_path):
+            identity = convert_gguf_base(cfg, paths)
+        else:
+            identity, load_path = external_identity(cfg.model, paths.root)
+            # The DAG declares the embedded base's outputs; an external base has only a pointer here.
+            note = (f"External base model {cfg.model.name_or_path!r}: its weights load from where models/base.json "
+                    "says (no copy here).\n")
+            with atomic_dir(paths.base_dir) as d:
+                (d / "README.txt").write_text(note, encoding="utf-8")
+            log.info("base: %s -> %s (%s, %.1fM parameters)", cfg.model.name_or_path, load_path,
+                     identity["content_hash"][:19], identity["n_params"] / 1e6)
         metrics = {k: identity[k] for k in ("embedded", "n_params", "architecture", "content_hash")}
-        # The DAG declares the embedded base's outputs; an external base has only a pointer and, when
-        # data.heldout_text is given, that text (the forgetting metric's input).
-        note = (f"External base model {cfg.model.name_or_path!r}: its weights load from where models/base.json "
-                "says (no copy here).\n")
-        with atomic_dir(paths.base_dir) as d:
-            (d / "README.txt").write_text(note, encoding="utf-8")
-        heldout = ""
-        if cfg.data.heldout_text:
-            src = Path(cfg.data.heldout_text)
-            src = src if src.is_absolute() or not (paths.root / src).exists() else paths.root / src
-            if not src.is_file():
-                raise MissingInput(f"data.heldout_text {cfg.data.heldout_text!r}: no such file")
-            heldout = src.read_text(encoding="utf-8")
-        atomic_write_text(paths.heldout_text, heldout)
+        _external_heldout(cfg, paths)
         atomic_write_text(paths.plot("base_loss.csv"), "step,loss\n")
-        log.info("base: %s -> %s (%s, %.1fM parameters)", cfg.model.name_or_path, load_path,
-                 identity["content_hash"][:19], identity["n_params"] / 1e6)
+    write_json(paths.base_json, identity)  # before sampling: load_base reads it
+    metrics["self_text_documents"] = write_self_text(cfg, paths)
     write_metrics(paths, "base", metrics, SUMMARY, TIMINGS)
-    write_json(paths.base_json, identity)
-

@@ -10,7 +10,10 @@ data (task accuracy, perplexity) and forgetting.
 * the held-out slice: math (GSM8K style) and multiple choice (LLM-Adapters style) judged by the same rule,
   multiple choice also by log-likelihood of each option's response; perplexity on the responses;
 * forgetting: loss on held-out pretraining text after fine-tuning minus before (the MiLoRA paper's
-  "forgetting loss"); 0 for an unchanged model.
+  "forgetting loss"); 0 for an unchanged model. A base without pretraining text (a GGUF or Hub model) is
+  measured on its own sampled replies instead (`models/self_text.jsonl`, `data.self_text`): the NLL increase
+  estimates KL(base || tuned) (`self_text_nll_base`, `self_text_nll_tuned`, `self_text_forgetting`), and
+  `forgetting` is that increase when there is no held-out text (`forgetting_source` says which).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from milora.model.base import load_base
 from milora.model.generate import batches, generate
 from milora.model.nll import heldout_loss, mean_loss, sequence_nll
 from milora.model.scoring import answer_kind, extract, judge, option_index
+from milora.model.self_text import self_text_loss
 from milora.model.tokenize import encode
 from milora.pipeline.config import Config
 from milora.pipeline.paths import Paths
@@ -44,7 +48,7 @@ from milora.pipeline.results import write_metrics
 log = logging.getLogger(__name__)
 
 # The numbers of metrics/eval.json (DVC metrics, compared across runs); reports/eval.json has them all.
-SUMMARY = ["average_accuracy", "perplexity", "forgetting"]
+SUMMARY = ["average_accuracy", "perplexity", "forgetting", "self_text_forgetting"]
 # Run facts: timings/eval.json, not the byte-reproducible report.
 TIMINGS = ["*_seconds", "suites.*.seconds"]
 
@@ -140,6 +144,26 @@ def evaluate_model(model: nn.Module, tokenizer: Any, rows: list[dict[str, Any]],
     return metrics, preds
 
 
+def forgetting_metrics(model: nn.Module, tokenizer: Any, cfg: Config, docs: list[str], before: float | None,
+                       sampled: list[dict[str, Any]], self_before: float | None) -> dict[str, Any]:
+    """Forgetting of the tuned `model`: on held-out pretraining text and / or on the base's sampled replies,
+    given the base's losses on them (`before`, `self_before`)."""
+    max_length, batch = cfg.data.max_length, cfg.eval.batch_size
+    out: dict[str, Any] = {}
+    if self_before is not None:
+        after = self_text_loss(model, tokenizer, sampled, max_length, batch)
+        out.update(self_text_nll_base=self_before, self_text_nll_tuned=after, self_text_forgetting=after - self_before,
+                   forgetting=after - self_before, forgetting_source="self_text")
+    if before is not None:
+        after = heldout_loss(model, tokenizer, docs, max_length, batch)
+        out.update(heldout_loss_base=before, heldout_loss_tuned=after, forgetting=after - before,
+                   forgetting_source="heldout_text")
+    if not out:
+        log.warning("no held-out pretraining text (data.heldout_text) nor sampled base text (data.self_text): "
+                    "forgetting not measured")
+    return out
+
+
 def heldout_lines(cfg: Config, paths: Paths, limit: int = 200) -> list[str]:
     """Held-out pretraining documents for the forgetting metric (embedded base, or `data.heldout_text`)."""
     path = Path(cfg.data.heldout_text) if cfg.data.heldout_text else paths.heldout_text
@@ -183,6 +207,8 @@ def run(cfg: Config, paths: Paths) -> None:
     ecfg, lm = cfg.eval, cfg.eval.lm_eval
     docs = heldout_lines(cfg, paths)
     before = heldout_loss(model, tokenizer, docs, max_length, ecfg.batch_size) if docs else None
+    sampled = read_jsonl(paths.self_text) if paths.self_text.is_file() else []
+    self_before = self_text_loss(model, tokenizer, sampled, max_length, ecfg.batch_size) if sampled else None
     manager = harness.task_manager(lm.tasks, lm.include_path) if lm.tasks else None
     lm_args = dict(tasks=lm.tasks, num_fewshot=lm.num_fewshot, limit=lm.limit, batch_size=lm.batch_size, manager=manager)
     lm_base = harness.run_lm_eval(model, tokenizer, **lm_args) if lm.tasks else {}
@@ -196,11 +222,7 @@ def run(cfg: Config, paths: Paths) -> None:
     metrics.update(summary(results))
     for name, digest, _ in suites:
         metrics["suites"][name]["sha256"] = digest
-    if before is not None:
-        after = heldout_loss(model, tokenizer, docs, max_length, ecfg.batch_size)
-        metrics.update(heldout_loss_base=before, heldout_loss_tuned=after, forgetting=after - before)
-    else:
-        log.warning("no held-out pretraining text (set data.heldout_text): forgetting not measured")
+    metrics.update(forgetting_metrics(model, tokenizer, cfg, docs, before, sampled, self_before))
     if lm.tasks:
         model.merge_adapter()  # last: the weights of an exported merged model (nothing runs on it after this)
         metrics["lm_eval"] = harness.run_lm_eval(model, tokenizer, **lm_args)

@@ -218,11 +218,14 @@ def pyfunc_code_path(root: str | os.PathLike[str] = ".") -> Path:
     )
 
 
-def _requirements() -> list[str]:
+def _requirements(identity: Mapping[str, Any]) -> list[str]:
+    """The serving environment: torch and the HF stack at this run's versions (plus `gguf`, which converts a
+    GGUF base again on a machine without this pipeline's models/base)."""
     import torch
 
     reqs = [f"torch=={torch.__version__.split('+')[0]}"]
-    for pkg in ("transformers", "peft", "safetensors", "tokenizers"):
+    pkgs = ["transformers", "peft", "safetensors", "tokenizers", *(["gguf"] if identity.get("gguf_sha256") else [])]
+    for pkg in pkgs:
         reqs.append(f"{pkg}=={importlib.metadata.version(pkg)}")
     return reqs
 
@@ -305,7 +308,9 @@ def save_pyfunc(dest: str | os.PathLike[str], cfg: Config, paths: Paths, run_id:
 
         name = identity.get("name_or_path") or cfg.model.name_or_path
         model_config.update(base_name_or_path=name, base_revision=identity.get("revision") or cfg.model.revision)
-        if not is_hub_id(name, paths.root):
+        if identity.get("gguf_sha256"):  # converted here; elsewhere converted again from the same GGUF file
+            model_config.update(base_gguf_sha256=identity["gguf_sha256"], base_converter=identity.get("converter"))
+        if identity.get("gguf_sha256") or not is_hub_id(name, paths.root):
             model_config["base_load_path"] = str(resolved_base_path(identity, paths.root).resolve())
         model_config.update(base_content_hash=identity.get("content_hash"),  # the pyfunc refuses other weights
                             verify_base_hash=True)  # (False at load time skips that check)
@@ -316,7 +321,7 @@ def save_pyfunc(dest: str | os.PathLike[str], cfg: Config, paths: Paths, run_id:
         save_model(
             str(dest), python_model=str(pyfunc_code_path(paths.root)), artifacts=artifacts,
             code_paths=[str(code)], signature=signature(cfg), input_example=[_input_example(paths)],
-            pip_requirements=_requirements(), model_config=model_config,
+            pip_requirements=_requirements(identity), model_config=model_config,
             mlflow_model=Model(run_id=run_id, artifact_path=MODEL_ARTIFACT) if run_id else None,
         )
     return Path(dest)

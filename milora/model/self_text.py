@@ -1,0 +1,113 @@
+"""Self-sampled text: the base's own replies to everyday instructions, sampled once (temperature, fixed
+seed) and versioned with the base (`models/self_text.jsonl`, written by the `base` stage).
+
+The mean NLL of those replies under the tuned model minus under the base estimates KL(base || tuned) on the
+base's own chat distribution: a forgetting metric that needs no pretraining corpus. Sampling is plain
+ancestral sampling (no top-k / top-p), so the replies are draws from the base's distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from milora.model.generate import batches
+from milora.model.nll import mean_loss
+from milora.model.prompts import render_chat
+from milora.model.tokenize import encode
+
+# Everyday instructions (advice, descriptions, short writing), none of them a quiz question: the replies show
+# how the base talks, not what it knows (the retention probe asks that).
+INSTRUCTIONS = (
+    "Give me three tips for sleeping better.",
+    "Describe a rainy afternoon in a small town.",
+    "How do I keep houseplants alive?",
+    "Write a short note thanking a friend for dinner.",
+    "What should I pack for a weekend hiking trip?",
+    "Explain how to make a cup of tea.",
+    "Suggest a simple weekday dinner.",
+    "How can I stay focused while studying?",
+    "Describe the sound of the ocean.",
+    "Write two sentences about autumn leaves.",
+    "What are some good habits for a healthy morning?",
+    "How do I start learning to play the guitar?",
+    "Give advice to someone starting a new job.",
+    "Describe a busy market on a Saturday morning.",
+    "How can I save money on groceries?",
+    "Write a short welcome message for a new neighbour.",
+    "What is a fun activity for a rainy day at home?",
+    "How should I prepare for a job interview?",
+    "Describe your favourite kind of weather.",
+    "Give me ideas for a birthday gift for my grandmother.",
+    "How do I clean a cast iron pan?",
+    "Write a short poem about the moon.",
+    "What can I do to reduce stress after work?",
+    "Explain how to plant tomato seeds.",
+    "Describe a quiet library.",
+    "How do I write a polite email asking for a day off?",
+    "Suggest a few board games for a family evening.",
+    "What should I do if I feel tired in the afternoon?",
+    "Describe a walk through a forest in spring.",
+    "How can I make my small apartment feel bigger?",
+    "Write a short story opening about a lost key.",
+    "Give tips for riding a bicycle safely in a city.",
+    "How do I make friends in a new city?",
+    "Describe the smell of fresh bread.",
+    "What are good ways to practise a new language?",
+    "Write a thank-you message to a teacher.",
+    "How do I organise my desk?",
+    "Suggest a relaxing way to spend a Sunday.",
+    "Describe a train journey through the mountains.",
+    "How can I drink more water during the day?",
+    "Give advice for a first-time dog owner.",
+    "Write a short description of a cosy café.",
+    "How do I fold a shirt neatly?",
+    "What makes a good picnic?",
+    "Describe a summer evening by a lake.",
+    "How can I be more patient with people?",
+    "Write a short invitation to a garden party.",
+    "Give me tips for running my first five kilometres.",
+)
+
+
+@torch.no_grad()
+def sample_self_text(model: nn.Module, tokenizer: Any, documents: int, max_new_tokens: int, temperature: float,
+                     seed: int, batch_size: int = 16) -> list[dict[str, Any]]:
+    """`documents` replies of the model to the instructions (cycled), sampled at `temperature` from `seed`:
+    records `{instruction, prompt, response, ended}` (`ended`: the reply stopped at EOS)."""
+    device = next(model.parameters()).device
+    instructions = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(documents)]
+    prompts = [render_chat([{"role": "user", "content": q}], tokenizer) for q in instructions]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    torch.manual_seed(seed)
+    out: list[dict[str, Any]] = []
+    try:
+        for chunk_q, chunk_p in zip(batches(instructions, batch_size), batches(prompts, batch_size), strict=True):
+            enc = tokenizer(list(chunk_p), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                                 top_k=0, top_p=1.0, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+            for q, p, ids in zip(chunk_q, chunk_p, gen[:, enc["input_ids"].shape[1]:].tolist(), strict=True):
+                ended = tokenizer.eos_token_id in ids
+                ids = ids[: ids.index(tokenizer.eos_token_id)] if ended else ids
+                out.append({"instruction": q, "prompt": p, "response": tokenizer.decode(ids, skip_special_tokens=True),
+                            "ended": ended})
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def self_text_loss(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]], max_length: int,
+                   batch_size: int = 16) -> float:
+    """Mean token NLL of the sampled replies given their prompts (EOS scored only where the reply ended)."""
+    encoded = []
+    for r in records:
+        e = encode(tokenizer, r["prompt"], r["response"], max_length)
+        if not r.get("ended", True) and not e["truncated"]:
+            e["labels"] = [*e["labels"][:-1], -100]
+        encoded.append(e)
+    return mean_loss(model, encoded, batch_size)
