@@ -750,20 +750,18 @@ def test_killed_in_train_resumes_then_fault_at_evaluate_and_retry_skips_train(wo
 
     root, _ = workspace
     args = ["run", "-S", "train.max_steps=60", "-S", "train.save_steps=4"]
-    proc = subprocess.Popen(["milora", *args], cwd=root, env=env(prefect_env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    hold = root.parent / f"{root.name}-hold"
+    # Training is held after its checkpoint at step 8 (a test hook): the run sits in the middle of `train`
+    # for as long as the test needs, instead of the test polling for a moment it could miss.
+    proc = subprocess.Popen(["milora", *args], cwd=root, env=env({**prefect_env, **fault_env(hold_at_step=(8, str(hold)))}),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     progress_file = root / "checkpoints" / "progress.json"
     try:
         deadline = time.monotonic() + 600
-        while True:  # until training of this run is under way
+        while not (hold / "held").exists():  # until training of this run is held
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
-            try:
-                progress = json.loads(progress_file.read_text())
-            except (OSError, ValueError):
-                progress = {}
-            if progress.get("max_steps") == 60 and progress.get("step", 0) >= 8:
-                break
             time.sleep(0.2)
+        assert json.loads(progress_file.read_text())["max_steps"] == 60
         # The progress artifact follows training (train is step 5 of 7: between 4/7 and 5/7 done).
         killed_id = read_record(root).flow_run_id
         while True:
@@ -857,7 +855,9 @@ def test_deployment_scheduled_retraining_with_override(workspace, prefect_env, p
 
     root, source = workspace
     log = (tmp_path / "serve.log").open("wb")
-    serve = subprocess.Popen(["milora", "deploy", "--root", str(root)], cwd=root, env=env(prefect_env),
+    hold = tmp_path / "hold"  # the deployment's run is held in `train` (a test hook) until the test releases it
+    serve = subprocess.Popen(["milora", "deploy", "--root", str(root)], cwd=root,
+                             env=env({**prefect_env, **fault_env(hold_at_step=(4, str(hold)))}),
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deployment = _wait_for_deployment(DEPLOYMENT)
@@ -870,16 +870,18 @@ def test_deployment_scheduled_retraining_with_override(workspace, prefect_env, p
         started = run(["prefect", "deployment", "run", DEPLOYMENT, "--params",
                        '{"overrides": {"adapter.rank": 2}}'], root, extra_env=prefect_env)
         fid = _flow_run_id(started.stdout)
-        # While it runs, a second run on the same workspace is refused with the holder's name.
+        # While it runs (held in `train`), a second run on the same workspace is refused with the holder's name.
         deadline = time.monotonic() + 300
         from milora.pipeline.lock import read_record
 
-        while (rec := read_record(root)) is None or rec.flow_run_id != fid:
-            assert time.monotonic() < deadline, "the deployment run never took the workspace lock"
+        while not (hold / "held").exists():
+            assert time.monotonic() < deadline, "the deployment run never reached training"
             time.sleep(0.5)
+        assert read_record(root).flow_run_id == fid
         busy = _milora(root, prefect_env, "run", check=False)
         assert busy.returncode == 2
         assert "another run holds the workspace" in busy.stderr and fid in busy.stderr
+        (hold / "release").touch()
         watched = run(["prefect", "flow-run", "watch", fid], root, extra_env=prefect_env, check=False)
         flow_run = _flow_run(fid)
         assert flow_run.state.is_completed(), watched.stdout[-3000:]

@@ -4,6 +4,9 @@ no hook for it.
 
 * `MILORA_TEST_FAULT=evaluate[,svd]`: those stages raise a bug (`RuntimeError`) instead of running;
 * `MILORA_TEST_KILL_AT_STEP=N`: training SIGKILLs itself once a checkpoint at or after step N is saved;
+* `MILORA_TEST_HOLD_AT_STEP=N:DIR`: training stops once a checkpoint at or after step N is saved, writes
+  `DIR/held` and waits there until it is killed (or `DIR/release` appears): the test acts on a run held in
+  the middle of `train` instead of polling for a moment it could miss;
 * `MILORA_TEST_GATE_BARRIER=DIR:N` and `MILORA_TEST_GATE_DELAY=S`: registrations wait for each other (N of
   them) right before taking the champion gate, and the gate takes S seconds to decide: concurrent
   registrations then race for the champion alias at the same moment, with a wide window;
@@ -17,6 +20,7 @@ import os
 
 _FAULT = os.environ.get("MILORA_TEST_FAULT", "")
 _KILL_AT = os.environ.get("MILORA_TEST_KILL_AT_STEP", "")
+_HOLD_AT = os.environ.get("MILORA_TEST_HOLD_AT_STEP", "")
 _DUMP = os.environ.get("MILORA_TEST_DUMP_RANKS", "")
 _ONCE = os.environ.get("MILORA_TEST_FAULT_ONCE", "")
 
@@ -64,7 +68,7 @@ def _fires(fault):
     return True
 
 
-if _FAULT or _KILL_AT or _DUMP:
+if _FAULT or _KILL_AT or _DUMP or _HOLD_AT:
     import milora.stages as _stages
 
     _stage_function = _stages.stage_function
@@ -76,6 +80,9 @@ if _FAULT or _KILL_AT or _DUMP:
                 raise RuntimeError(f"fault injected into stage {name!r} by the test (MILORA_TEST_FAULT)")
         if name == "train" and _KILL_AT:
             _kill_training_at(int(_KILL_AT))
+        if name == "train" and _HOLD_AT:
+            step, _, folder = _HOLD_AT.partition(":")
+            _hold_training_at(int(step), folder)
         if name == "train" and _DUMP:
             _dump_ranks(_DUMP)
         return fn
@@ -96,6 +103,28 @@ if _FAULT or _KILL_AT or _DUMP:
             return agree(model)
 
         train._ranks_agree = dumping
+
+    def _hold_training_at(step, folder):
+        import time
+        from pathlib import Path
+
+        from transformers import TrainerCallback
+
+        import milora.stages.train as train
+
+        class HoldAfterCheckpoint(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                if state.global_step >= step and not (Path(folder) / "release").exists():
+                    Path(folder).mkdir(parents=True, exist_ok=True)
+                    (Path(folder) / "held").write_text(str(state.global_step))
+                    while not (Path(folder) / "release").exists():
+                        time.sleep(0.1)
+
+        class Trainer(train.Trainer):
+            def __init__(self, *args, callbacks=None, **kwargs):
+                super().__init__(*args, callbacks=[*(callbacks or []), HoldAfterCheckpoint()], **kwargs)
+
+        train.Trainer = Trainer
 
     def _kill_training_at(step):
         import signal
