@@ -30,6 +30,7 @@ This directory has no `__init__.py` on purpose: it must never shadow the install
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Any
 
@@ -145,6 +146,7 @@ class MiloraGenerator(PythonModel):
         self.max_prompt_tokens = cfg.get("max_prompt_tokens")
         self.defaults = {**DEFAULT_PARAMS, **{k: cfg[k] for k in DEFAULT_PARAMS if cfg.get(k) is not None}}
         self.base_source, self.base_revision, self.dtype, self.trust_remote_code = source, revision, dtype, trust
+        self._lock = threading.Lock()
 
     def load_base(self) -> Any:
         """A fresh copy of the original base model (without the adapter), e.g. for base-model comparisons."""
@@ -167,8 +169,12 @@ class MiloraGenerator(PythonModel):
         from milora.model.generate import generate
 
         p = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
-        return generate(self.model, self.tokenizer, self.prompts(model_input), int(p["max_new_tokens"]),
-                        max(1, int(p["batch_size"])), self.max_prompt_tokens)
+        prompts = self.prompts(model_input)
+        # One generation at a time: `mlflow models serve` runs concurrent requests in threads, and a fast
+        # tokenizer shared across threads fails ("Already borrowed") or pads on the wrong side mid-batch.
+        with self._lock:
+            return generate(self.model, self.tokenizer, prompts, int(p["max_new_tokens"]),
+                            max(1, int(p["batch_size"])), self.max_prompt_tokens)
 
 
 set_model(MiloraGenerator())
