@@ -54,9 +54,10 @@ def env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**e, **(extra or {})}
 
 
-def write_params(root: Path, overrides: dict[str, Any] | None = None) -> Path:
-    """params.yaml of the committed project with test-sized values and `overrides` applied."""
-    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+def write_params(root: Path, overrides: dict[str, Any] | None = None, profile: str = "params.yaml") -> Path:
+    """params.yaml of the committed project (or of another committed `profile`, e.g. params.smol.yaml) with
+    test-sized values and `overrides` applied."""
+    data = yaml.safe_load((ROOT / profile).read_text())
     data = apply_overrides(data, {**TEST_OVERRIDES, "svd.cache": str(root / ".svd_cache"), **(overrides or {})})
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -73,8 +74,9 @@ def run(cmd: list[str], cwd: Path, check: bool = True, extra_env: dict[str, str]
     return p
 
 
-def make_project(dest: Path, overrides: dict[str, Any] | None = None) -> Path:
-    """A copy of the git-tracked project files in `dest` with test params, fresh git repo and DVC caches."""
+def make_project(dest: Path, overrides: dict[str, Any] | None = None, profile: str = "params.yaml") -> Path:
+    """A copy of the git-tracked project files in `dest` with test params (from `profile`), fresh git repo and
+    DVC caches."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.split()
     for f in files:
@@ -82,7 +84,7 @@ def make_project(dest: Path, overrides: dict[str, Any] | None = None) -> Path:
         if src.is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / f)
-    write_params(dest, overrides)
+    write_params(dest, overrides, profile)
     run(["git", "init", "-q"], dest)
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "test project"], dest)

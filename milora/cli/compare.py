@@ -39,6 +39,7 @@ from milora.core.io import (
     write_json,
 )
 from milora.data import lab
+from milora.model.gguf import is_gguf
 from milora.pipeline.config import EMBEDDED, load_config, parse_sets
 from milora.pipeline.paths import Paths
 from milora.stages import run_stage
@@ -48,13 +49,17 @@ log = logging.getLogger(__name__)
 METHODS = ("lora", "pissa", "milora")
 DEFAULT_PATHS = (".", ".milora/compare", "docs/results_embedded")  # --root, --workdir, --out
 LAB_PATHS = (".milora/lab", ".milora/lab/trials", "docs/results")
+REAL_PATHS = (".milora/smol", ".milora/smol/trials", "docs/results_smollm2")  # a GGUF base (params.smol.yaml)
 COLUMNS = [  # (key, label, digits)
     ("average_accuracy", "avg acc", 3),
     ("math_accuracy", "math acc", 3),
     ("choice_accuracy", "choice acc (gen)", 3),
     ("choice_accuracy_loglik", "choice acc (loglik)", 3),
     ("perplexity", "eval ppl", 2),
-    ("forgetting", "forgetting (Δ held-out loss)", 4),
+    ("learning_accuracy", "learning acc (suite)", 3),
+    ("learning_base_accuracy", "learning acc, base", 3),
+    ("retention", "retention (kept)", 3),
+    ("forgetting", "forgetting (Δ held-out / self-text loss)", 4),
     ("final_loss", "final train loss", 4),
     ("trainable_params", "trainable params", 0),
     ("init_seconds", "init s", 2),
@@ -68,7 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--root", default=None, help="project root whose ingest/base/prepare outputs are shared "
-                   "(default: . ; .milora/lab for the lab profile, so the lab base never replaces the project's)")
+                   "(default: . ; .milora/lab for the lab profile, .milora/smol for a GGUF base such as "
+                   "params.smol.yaml, so their base never replaces the project's)")
     p.add_argument("--workdir", default=None, help="where the per-run directories go "
                    "(default: .milora/compare ; .milora/lab/trials for the lab profile)")
     p.add_argument("--out", default=None, help="output prefix: writes <out>.md, <out>.json, <out>.png "
@@ -89,8 +95,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def link_shared(shared: Paths, run: Paths) -> None:
     """Symlink the base, the prepared data and the benchmark suites of `shared` into the run directory `run`."""
     for src, dst in [(shared.base_dir, run.base_dir), (shared.base_json, run.base_json),
-                     (shared.heldout_text, run.heldout_text), (shared.prepared_dir, run.prepared_dir),
-                     (shared.suites_dir, run.suites_dir)]:
+                     (shared.heldout_text, run.heldout_text), (shared.self_text, run.self_text),
+                     (shared.prepared_dir, run.prepared_dir), (shared.suites_dir, run.suites_dir)]:
         if not src.exists():
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -117,6 +123,8 @@ def run_one(params: str, shared_root: Path, run_root: Path, overrides: dict[str,
         for f in (run.report(stage), run.timings(stage)):
             m = read_json(f) if f.is_file() else {}
             out.update({k: v for k, v in m.items() if isinstance(v, int | float | str | bool) or v is None})
+            for name, suite in (m.get("suites") or {}).items():  # e.g. the real profile's learning suite
+                out.update({f"{name}_{k}": v for k, v in suite.items() if k in ("accuracy", "base_accuracy")})
     out["stage_seconds"] = timings
     return out
 
@@ -166,8 +174,9 @@ def plot(summary: dict[str, dict[str, list[float]]]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("average_accuracy", "average accuracy"), ("forgetting", "forgetting (Δ held-out loss)"),
-              ("final_loss", "final train loss")]
+    has_suite = any(not math.isnan(m["learning_accuracy"][0]) for m in summary.values())
+    panels = [("learning_accuracy", "learning accuracy (suite)") if has_suite else ("average_accuracy", "average accuracy"),
+              ("forgetting", "forgetting (Δ held-out / self-text loss)"), ("final_loss", "final train loss")]
     fig, axes = plt.subplots(1, len(panels), figsize=(10, 3))
     methods = list(summary)
     for ax, (key, title) in zip(axes, panels, strict=True):
@@ -698,9 +707,10 @@ def main(args: argparse.Namespace) -> int:
     overrides = parse_sets(args.set)
     if args.max_parallel < 1 or args.threads < 1:
         raise InvalidInput("--max-parallel and --threads must be >= 1")
-    is_lab = load_config(args.params, overrides).data.embedded.profile == lab.LAB
-    root, workdir, out = (Path(a or d) for a, d in zip((args.root, args.workdir, args.out),
-                                                         LAB_PATHS if is_lab else DEFAULT_PATHS, strict=True))
+    cfg = load_config(args.params, overrides)
+    is_lab = cfg.data.embedded.profile == lab.LAB
+    defaults = LAB_PATHS if is_lab else REAL_PATHS if is_gguf(cfg.model.name_or_path) else DEFAULT_PATHS
+    root, workdir, out = (Path(a or d) for a, d in zip((args.root, args.workdir, args.out), defaults, strict=True))
     if is_lab:
         argv = sys.argv[sys.argv.index("compare") + 1:] if "compare" in sys.argv else []
         command = " ".join(["python -m milora.cli compare", *(shlex.quote(a) for a in argv)])
