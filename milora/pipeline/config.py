@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from milora.core.errors import UserError
 from milora.core.schema import AdapterConfig
 
-FORMATS = ("auto", "alpaca", "llm_adapters", "metamath", "gsm8k", "math", "chat")
+FORMATS = ("auto", "alpaca", "llm_adapters", "metamath", "gsm8k", "math", "chat", "qa")
 EMBEDDED = "embedded"
 
 
