@@ -71,8 +71,10 @@ class EmbeddedDataConfig(_Section):
     heldout_documents: int = Field(400, ge=1)  # held-out documents for the forgetting metric (read by `base`)
     seed: int = 0  # task rows; the corpus sample follows model.embedded.seed
     # default: the embedded world and tasks | lab: the comparison lab's bigger world, knowledge / skill tasks
-    # and held-out entity splits (milora.data.lab; `milora compare` tunes and evaluates on them)
-    profile: Literal["default", "lab"] = "default"
+    # and held-out entity splits (milora.data.lab; `milora compare` tunes and evaluates on them) | smol: the
+    # real-model profile's facts about invented countries as chat rows, and its held-out-phrasing `qa` suite
+    # (milora.data.smol)
+    profile: Literal["default", "lab", "smol"] = "default"
     skill_rows: int = Field(1000, ge=10)  # lab profile: skill (even/odd) fine-tuning rows
 
 
