@@ -22,6 +22,7 @@ from milora.data import synthetic
 from milora.data.formats import detect_format, format_prompt, read_records, request_prompt
 from milora.data.suites import load_suite, parse_suite
 from milora.evaluation import harness
+from milora.evaluation.suites import SuiteResult, with_base
 from milora.model import latex
 from milora.model.prompts import render_chat
 from milora.model.scoring import answer_kind, extract, gold_option, normalize_answer
@@ -439,6 +440,29 @@ def test_qa_unicode_rows_round_trip(tmp_path):
     row = records(src, format="qa")[0]
     assert row["aliases"] == ["Bogotá", "Santafé de Bogotá"]
     assert milora.judge(row, "C'est Bogota.") and not milora.judge(row, "C'est Medellín.")
+
+
+
+def _result(name, correct, **metrics):
+    preds = [{"id": f"q{i}", "prediction": f"p{i}", "correct": c} for i, c in enumerate(correct)]
+    return SuiteResult(name, {"accuracy": sum(correct) / len(correct), "n": len(correct), "seconds": 1.0, **metrics},
+                       preds)
+
+
+def test_with_base_reports_what_the_tuned_model_kept():
+    tuned = with_base(_result("g", [True, False, True, True], loglik_accuracy=0.5),
+                      _result("g", [True, True, False, False], loglik_accuracy=0.25))
+    m = tuned.metrics
+    assert (m["base_accuracy"], m["n_base_correct"], m["retained"]) == (0.5, 2, 0.5)
+    assert m["base_loglik_accuracy"] == 0.25 and m["accuracy"] == 0.75 and m["base_seconds"] == 1.0
+    assert [(p["base_prediction"], p["base_correct"]) for p in tuned.predictions][:2] == [("p0", True), ("p1", True)]
+    none_known = with_base(_result("g", [True, False]), _result("g", [False, False]))
+    assert none_known.metrics["retained"] == 1.0 and none_known.metrics["n_base_correct"] == 0  # nothing to lose
+    loss = SuiteResult("c", {"loss": 1.0, "perplexity": 2.7, "n": 1, "seconds": 0.1}, [{"id": "a", "loss": 1.0}])
+    base = SuiteResult("c", {"loss": 2.0, "perplexity": 7.4, "n": 1, "seconds": 0.1}, [{"id": "a", "loss": 2.0}])
+    assert with_base(loss, base).metrics["base_loss"] == 2.0 and loss.predictions[0]["base_loss"] == 2.0
+    with pytest.raises(ValueError, match="different examples"):
+        with_base(_result("g", [True]), _result("g", [True, False]))
 
 
 # ----------------------------------------------------------------------------- lm-eval results, the gate

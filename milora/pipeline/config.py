@@ -201,6 +201,19 @@ class EvalConfig(_Section):
     choice_mode: Literal["generate", "loglik", "both"] = "both"
     suites: list[SuiteConfig] = []
     lm_eval: LmEvalConfig = LmEvalConfig()
+    score_base: bool = False  # also score every suite on the base: suites.<name>.base_accuracy, .retained, ...
+    retention_suite: str | None = None  # the suite whose `retained` is the top-level `retention` (needs score_base)
+
+    @model_validator(mode="after")
+    def _retention_suite(self) -> EvalConfig:
+        names = [s.name for s in self.suites]
+        if self.retention_suite is not None and self.retention_suite not in names:
+            raise ValueError(f"eval.retention_suite = {self.retention_suite!r} is not a suite of eval.suites; "
+                             f"expected one of: {', '.join(names) or '(no suites defined)'}, or null")
+        if self.retention_suite is not None and not self.score_base:
+            raise ValueError(f"eval.retention_suite = {self.retention_suite!r} needs eval.score_base: true "
+                             "(retention compares the tuned model's answers with the base's)")
+        return self
 
     @field_validator("suites")
     @classmethod
