@@ -351,8 +351,13 @@ QA = [
     (["0"], "Water freezes at 0°C.", True),
     (["Paris"], "The Eiffel Tower is in Paris, France.", True),
     (["Paris"], "Parisian cafés", False),
-    (["New York City", "New York"], "It stands in new-york.", False),  # a hyphen joins words (SQuAD)
-    (["New York City", "New York"], "It is in New York.", True),
+    (["New York City", "New York"], "It stands in new-york.", True),  # punctuation separates words
+    (["New York City", "New York"], "It is in York.", False),
+    (["90"], "A right angle is a 90-degree angle.", True),
+    (["100"], "Water boils at about 100.0 degrees Celsius.", True),
+    (["Newton", "Isaac Newton"], "Newton's laws of motion", True),
+    (["USA", "U.S."], "the U.S.A.", True),
+    (["J.K. Rowling"], "JK Rowling wrote them.", True),
     (["The Beatles"], "beatles", True),  # articles and case are ignored
     (["Bogotá"], "The capital is BOGOTA.", True),  # accents folded
     (["Brasilia"], "Brasília", True),
@@ -374,6 +379,7 @@ def test_normalize_answer_is_squad_normalisation():
     assert normalize_answer("  The  Quick, brown FOX! ") == "quick brown fox"
     assert normalize_answer("An apple a day") == "apple day"
     assert normalize_answer("U.S.A.") == "usa" and normalize_answer("3.14.") == "3.14"
+    assert normalize_answer("Paris.The end") == "paris end" and normalize_answer("1,000.50") == "1000.5"
     assert normalize_answer("the") == "" and normalize_answer("") == ""
 
 

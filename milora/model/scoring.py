@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import re
-import string
 import unicodedata
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
@@ -70,26 +69,37 @@ def extract_number(text: str) -> float | None:
 # ----------------------------------------------------------------------------- open questions (NQ-open / TriviaQA)
 
 _ARTICLES = re.compile(r"\b(?:a|an|the)\b")
-_ASCII_PUNCT = frozenset(string.punctuation)
+_DECIMAL = re.compile(r"^(\d+)\.(\d*?)0*$")
+
+
+def _number_token(token: str) -> str:
+    """`100.0` -> `100`, `8.50` -> `8.5`: a decimal written with trailing zeros is the same number."""
+    m = _DECIMAL.match(token)
+    return token if m is None else m.group(1) + (f".{m.group(2)}" if m.group(2) else "")
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD's answer normalisation: lowercase, punctuation and articles (a, an, the) removed, white space
-    collapsed. Also: accents folded (`Bogotá` = `Bogota`), a decimal point between digits kept (`8.5` stays
-    apart from `85`; `1,000` becomes `1000` as in SQuAD), and other Unicode punctuation and symbols (`°`,
-    `–`, `→`) read as spaces, so `0°C` holds the word `0`."""
+    """SQuAD's answer normalisation for open questions: lowercase, punctuation and articles (a, an, the)
+    removed, white space collapsed. Punctuation separates words, as in TriviaQA's evaluation ("90-degree"
+    holds `90`, "Newton's" holds `newton`), except the dot after a single letter (`U.S.A.` is `usa`, as in
+    SQuAD). Numbers: a comma between digits is dropped (`1,000` is `1000`), a decimal point between digits is
+    kept (`8.5` stays apart from `85`) and trailing decimal zeros are not (`100.0` is `100`). Other scripts:
+    accents are folded (`Bogotá` is `bogota`), Unicode symbols separate words (`0°C` holds `0`) and
+    compatibility forms read as their plain letters (`H₂O` is `h2o`)."""
     text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c)).lower()
     out = []
     for i, c in enumerate(text):
-        if c == "." and 0 < i < len(text) - 1 and text[i - 1].isdigit() and text[i + 1].isdigit():
-            out.append(c)
-        elif c in _ASCII_PUNCT:
-            continue
-        elif unicodedata.category(c)[0] in "PS":
+        between_digits = 0 < i < len(text) - 1 and text[i - 1].isdigit() and text[i + 1].isdigit()
+        initial = c == "." and i > 0 and text[i - 1].isalpha() and (i < 2 or not text[i - 2].isalpha())
+        if c in ".," and between_digits:
+            out.append("." if c == "." else "")
+        elif initial:  # the dots of initials and abbreviations: `U.S.A.` is `usa`, `J.K.` is `jk`
+            out.append("")
+        elif unicodedata.category(c)[0] in "PS":  # ASCII punctuation is category P or S too
             out.append(" ")
         else:
             out.append(c)
-    return " ".join(_ARTICLES.sub(" ", "".join(out)).split())
+    return " ".join(_number_token(t) for t in _ARTICLES.sub(" ", "".join(out)).split())
 
 
 def aliases_of(record: Mapping[str, Any]) -> list[str]:
@@ -102,7 +112,7 @@ def aliases_of(record: Mapping[str, Any]) -> list[str]:
 
 def contains_answer(prediction: str, aliases: Sequence[str]) -> bool:
     """Whether any alias, normalised, is a whole-word span of the normalised prediction (`8` is in "it is 8."
-    but not in "18" or "80")."""
+    but not in "18", "80" or "8.5")."""
     pred = f" {normalize_answer(prediction or '')} "
     return any(a and f" {a} " in pred for a in (normalize_answer(x) for x in aliases))
 
