@@ -71,6 +71,16 @@ def test_contract_keys_exist():
         ({"schedule": {"cron": "0 3 * smarch *"}}, r"month field 'smarch'"),
         ({"schedule": {"cron": "0 3 * * 1-9"}}, r"day of week field '1-9': '9' is not in 0-7"),
         ({"schedule": {"timezone": "Mars/Base"}}, r"schedule\.timezone = 'Mars/Base': not an IANA timezone"),
+        ({"data": {"embedded": {"profile": "real"}}}, r"data\.embedded\.profile = 'real' is not allowed; expected "
+                                                       r"one of 'default', 'lab' or 'smol'"),
+        ({"eval": {"score_base": True, "retention_suite": "probe", "suites": [{"name": "learning", "source": "embedded"},
+                                                                             {"name": "general", "source": "g.jsonl"}]}},
+         r"^params\.yaml: eval\.retention_suite = 'probe' is not a suite of eval\.suites; expected one of: learning, "
+         r"general, or null$"),
+        ({"eval": {"score_base": True, "retention_suite": "probe"}}, r"expected one of: \(no suites defined\), or null"),
+        ({"eval": {"retention_suite": "g", "suites": [{"name": "g", "source": "g.jsonl"}]}},
+         r"eval\.retention_suite = 'g' needs eval\.score_base: true"),
+        ({"eval": {"score_base": "yes"}}, r"eval\.score_base = 'yes'"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(params, pattern):
@@ -91,6 +101,14 @@ def test_bad_values_name_key_value_and_allowed(params, pattern):
 def test_unknown_keys_suggest(params, pattern):
     with pytest.raises(ConfigError, match=pattern):
         validate(params)
+
+
+def test_score_base_and_retention_suite():
+    assert Config().eval.score_base is False and Config().eval.retention_suite is None
+    cfg = validate({"eval": {"score_base": True, "retention_suite": "g", "suites": [{"name": "g", "source": "g.jsonl",
+                                                                                    "format": "qa"}]},
+                    "data": {"embedded": {"profile": "smol"}}})
+    assert cfg.eval.retention_suite == "g" and cfg.data.embedded.profile == "smol" and cfg.eval.suites[0].format == "qa"
 
 
 def test_several_errors_are_all_reported():

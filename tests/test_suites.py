@@ -19,14 +19,16 @@ import pytest
 import milora
 from milora.core.errors import InvalidInput, UserError
 from milora.data import synthetic
-from milora.data.formats import format_prompt, read_records, request_prompt
+from milora.data.formats import detect_format, format_prompt, read_records, request_prompt
 from milora.data.suites import load_suite, parse_suite
 from milora.evaluation import harness
+from milora.evaluation.suites import SuiteResult, with_base
 from milora.model import latex
 from milora.model.prompts import render_chat
-from milora.model.scoring import answer_kind, extract
+from milora.model.scoring import answer_kind, extract, gold_option, normalize_answer
 from milora.pipeline.config import RegisterConfig, SuiteConfig, validate
 from milora.tracking.registry import gate
+from tests.pipeline_outputs import build_tokenizer
 
 DATA = Path(__file__).parent / "data"
 LLM_ADAPTERS = DATA / "llm_adapters"
@@ -333,6 +335,140 @@ def test_generated_suites_are_deterministic_in_published_layouts_and_ask_no_trai
     assert {r["task"] for r in records(tmp_path / "c.jsonl")} == {"choice"}
     with pytest.raises(InvalidInput, match="gsm8k, llm_adapters"):
         synthetic.suite_rows("math", 3)
+
+
+
+# ----------------------------------------------------------------------------- qa: NQ-open / TriviaQA-open
+
+QA = [
+    (["8", "eight"], "It is 8.", True),
+    (["8", "eight"], "Eight!", True),
+    (["8"], "18", False),
+    (["8"], "80 of them", False),
+    (["8"], "8.5", False),
+    (["8.5"], "about 8.5 meters", True),
+    (["1000"], "There are 1,000 meters in a kilometer.", True),
+    (["0"], "Water freezes at 0°C.", True),
+    (["Paris"], "The Eiffel Tower is in Paris, France.", True),
+    (["Paris"], "Parisian cafés", False),
+    (["New York City", "New York"], "It stands in new-york.", True),  # punctuation separates words
+    (["New York City", "New York"], "It is in York.", False),
+    (["90"], "A right angle is a 90-degree angle.", True),
+    (["100"], "Water boils at about 100.0 degrees Celsius.", True),
+    (["Newton", "Isaac Newton"], "Newton's laws of motion", True),
+    (["USA", "U.S."], "the U.S.A.", True),
+    (["J.K. Rowling"], "JK Rowling wrote them.", True),
+    (["The Beatles"], "beatles", True),  # articles and case are ignored
+    (["Bogotá"], "The capital is BOGOTA.", True),  # accents folded
+    (["Brasilia"], "Brasília", True),
+    (["H2O"], "Its formula is H₂O.", True),  # NFKC-compatible subscripts are digits
+    (["Kyiv", "Kiev"], "Kiev", True),
+    (["Paris"], "", False),
+]
+
+
+@pytest.mark.parametrize(("aliases", "prediction", "verdict"), QA)
+def test_judge_open_questions_by_alias_span(aliases, prediction, verdict):
+    record = {"task": "qa", "answer": aliases[0], "aliases": aliases}
+    assert milora.judge(record, prediction) is verdict
+    if len(aliases) == 1:  # a record without `aliases` (a prepared row) is judged by its answer
+        assert milora.judge({"task": "qa", "answer": aliases[0]}, prediction) is verdict
+
+
+def test_normalize_answer_is_squad_normalisation():
+    assert normalize_answer("  The  Quick, brown FOX! ") == "quick brown fox"
+    assert normalize_answer("An apple a day") == "apple day"
+    assert normalize_answer("U.S.A.") == "usa" and normalize_answer("3.14.") == "3.14"
+    assert normalize_answer("Paris.The end") == "paris end" and normalize_answer("1,000.50") == "1000.5"
+    assert normalize_answer("the") == "" and normalize_answer("") == ""
+
+
+def _qa_file(tmp_path, rows) -> Path:
+    path = tmp_path / "nq.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_qa_rows_in_the_published_layout(tmp_path):
+    src = _qa_file(tmp_path, [{"question": "where is the eiffel tower", "answer": ["Paris", "Paris, France"]},
+                              {"question": "2 + 2?", "answer": "4"},
+                              {"question": "Capital of Peru?", "answer": ["Lima"], "options": ["Quito", "Lima", "Cusco"]}])
+    rows = records(src)  # auto-detected by the list answer
+    assert [r["task"] for r in rows] == ["qa"] * 3 and [answer_kind(r) for r in rows] == ["qa"] * 3
+    assert rows[0]["aliases"] == ["Paris", "Paris, France"] and rows[0]["answer"] == rows[0]["response"] == "Paris"
+    assert rows[1]["aliases"] == ["4"] and rows[2]["options"] == ["Quito", "Lima", "Cusco"] and rows[2]["n_options"] == 3
+    assert gold_option(rows[2]["options"], rows[2]["aliases"]) == 1
+    assert milora.judge(rows[0], "It is in Paris.") and not milora.judge(rows[1], "14")
+    # the prompt is the question as one user message: what the served model builds for that request
+    assert rows[0]["prompt"] == request_prompt({"messages": [{"role": "user", "content": "where is the eiffel tower"}]})
+    (tmp_path / "tok").mkdir()
+    tok = build_tokenizer(tmp_path / "tok")
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    prompt = records(src, tokenizer=tok)[0]["prompt"]
+    assert prompt == request_prompt({"messages": [{"role": "user", "content": "where is the eiffel tower"}]}, tok)
+    assert prompt == "<|user|>where is the eiffel tower</s><|assistant|>"
+
+
+def test_qa_detection_keeps_gsm8k_and_single_string_files_need_the_format(tmp_path):
+    assert detect_format(["question", "answer"], "x", [["Paris"]]) == "qa"
+    assert detect_format(["question", "answer"], "x", ["2 + 2 = 4\n#### 4"]) == "gsm8k"
+    assert detect_format(["question", "answer"]) == "gsm8k"
+    assert {r["task"] for r in records(DATA / "gsm8k.jsonl")} == {"math"}
+    src = _qa_file(tmp_path, [{"question": "Capital of Peru?", "answer": "Lima"}])
+    with pytest.raises(InvalidInput, match="set the format to qa"):
+        records(src)
+    assert records(src, format="qa")[0]["aliases"] == ["Lima"]
+    assert parse_suite(f"nq={src}:qa").format == "qa"
+
+
+@pytest.mark.parametrize(("row", "field", "problem"), [
+    ({"question": "q", "answer": []}, "answer", "empty"),
+    ({"question": "q"}, "answer", "missing"),
+    ({"question": "q", "answer": [3]}, "answer[0]", "wrong type"),
+    ({"question": "q", "answer": ["ok", None]}, "answer[1]", "wrong type"),
+    ({"question": "q", "answer": ["The"]}, "answer[0]", "empty"),
+    ({"question": "q", "answer": {"a": 1}}, "answer", "wrong type"),
+    ({"question": "", "answer": ["x"]}, "question", "empty"),
+    ({"question": "q", "answer": ["x"], "options": ["y", "z"]}, "options", "wrong value"),
+    ({"question": "q", "answer": ["x"], "options": ["x"]}, "options", "wrong type"),
+])
+def test_bad_qa_rows_name_file_row_and_field(tmp_path, row, field, problem):
+    src = _qa_file(tmp_path, [{"question": "fine", "answer": ["yes"]}, row])
+    with pytest.raises(InvalidInput) as err:
+        records(src, format="qa")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{src}, line 2, field '{field}': {problem}"), msg
+
+
+def test_qa_unicode_rows_round_trip(tmp_path):
+    src = _qa_file(tmp_path, [{"question": "Capitale de la Colombie ?", "answer": ["Bogotá", "Santafé de Bogotá"]}])
+    row = records(src, format="qa")[0]
+    assert row["aliases"] == ["Bogotá", "Santafé de Bogotá"]
+    assert milora.judge(row, "C'est Bogota.") and not milora.judge(row, "C'est Medellín.")
+
+
+
+def _result(name, correct, **metrics):
+    preds = [{"id": f"q{i}", "prediction": f"p{i}", "correct": c} for i, c in enumerate(correct)]
+    return SuiteResult(name, {"accuracy": sum(correct) / len(correct), "n": len(correct), "seconds": 1.0, **metrics},
+                       preds)
+
+
+def test_with_base_reports_what_the_tuned_model_kept():
+    tuned = with_base(_result("g", [True, False, True, True], loglik_accuracy=0.5),
+                      _result("g", [True, True, False, False], loglik_accuracy=0.25))
+    m = tuned.metrics
+    assert (m["base_accuracy"], m["n_base_correct"], m["retained"]) == (0.5, 2, 0.5)
+    assert m["base_loglik_accuracy"] == 0.25 and m["accuracy"] == 0.75 and m["base_seconds"] == 1.0
+    assert [(p["base_prediction"], p["base_correct"]) for p in tuned.predictions][:2] == [("p0", True), ("p1", True)]
+    none_known = with_base(_result("g", [True, False]), _result("g", [False, False]))
+    assert none_known.metrics["retained"] == 1.0 and none_known.metrics["n_base_correct"] == 0  # nothing to lose
+    loss = SuiteResult("c", {"loss": 1.0, "perplexity": 2.7, "n": 1, "seconds": 0.1}, [{"id": "a", "loss": 1.0}])
+    base = SuiteResult("c", {"loss": 2.0, "perplexity": 7.4, "n": 1, "seconds": 0.1}, [{"id": "a", "loss": 2.0}])
+    assert with_base(loss, base).metrics["base_loss"] == 2.0 and loss.predictions[0]["base_loss"] == 2.0
+    with pytest.raises(ValueError, match="different examples"):
+        with_base(_result("g", [True]), _result("g", [True, False]))
 
 
 # ----------------------------------------------------------------------------- lm-eval results, the gate

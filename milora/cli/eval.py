@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", help="base model directory of an adapter (default: from the adapter's lineage)")
     p.add_argument("--suite", action="append", default=[], metavar="NAME=SOURCE[:FORMAT]",
                    help="a benchmark suite: a file, directory, s3://bucket/prefix or Hub id, and optionally its "
-                        "format (alpaca | llm_adapters | metamath | gsm8k | math | chat; default: detected)")
+                        "format (alpaca | llm_adapters | metamath | gsm8k | math | chat | qa; default: detected)")
     p.add_argument("--max-examples", type=int, help="the first N examples of each suite (default: all)")
     p.add_argument("--max-new-tokens", type=int, help="generation budget (default: the model's eval setting, or 48)")
     p.add_argument("--batch-size", type=int, help="prompts per generation batch (default: the model's, or 16)")

@@ -19,7 +19,14 @@ Supported formats (auto-detected from the columns, or forced with `data.format`)
   the answer is the last `\\boxed{...}` of the solution (or an `answer` column, as MATH-500 has). The
   published layout (one JSON object per file, `train/algebra/1.json`) loads as a directory;
 * `chat`: `messages` (a list of `{role, content}` ending with the assistant's reply), rendered with the
-  tokenizer's chat template when it has one, else with plain `### Role:` tags.
+  tokenizer's chat template when it has one, else with plain `### Role:` tags;
+* `qa`: open questions in the NQ-open / TriviaQA-open layout, `question` and `answer` (a list of accepted
+  aliases, or one string); optional `options` (candidate answers, exactly one of them an alias) for
+  log-likelihood scoring. The prompt is the question as one user message through the chat template (what
+  the served model builds for `{"messages": [{"role": "user", "content": question}]}`); the response is the
+  first alias; judged by any alias appearing in the generated answer (`milora.model.scoring.contains_answer`).
+  Auto-detection tells it from `gsm8k` (also `question`, `answer`) by a list of aliases in `answer`; a file
+  whose answers are all single strings is read as `qa` when the format says so.
 
 Any format may carry an optional `group` column: rows sharing a group always land in the same split
 (the embedded multiple-choice set uses it so that eval questions ask about facts no training question
@@ -50,12 +57,13 @@ from typing import Any
 from milora.core.errors import InvalidInput, MissingInput
 from milora.model import latex
 from milora.model.prompts import format_prompt, render_chat
+from milora.model.scoring import gold_option, normalize_answer
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("alpaca", "llm_adapters", "metamath", "gsm8k", "math", "chat")
+FORMATS = ("alpaca", "llm_adapters", "metamath", "gsm8k", "math", "chat", "qa")
 EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
-TASKS = ("math", "choice", "generic")
+TASKS = ("math", "choice", "qa", "generic")
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
@@ -254,9 +262,14 @@ def _hub_rows(source: str, split: str = "train") -> list[RawRow]:
 # ----------------------------------------------------------------------------- format detection
 
 
-def detect_format(columns: Iterable[str], origin: str = "data") -> str:
-    """The format a set of column names describes (see the module docstring), or a ValueError."""
+def detect_format(columns: Iterable[str], origin: str = "data", answers: Iterable[Any] = ()) -> str:
+    """The format a set of column names describes (see the module docstring), or a ValueError. `question` and
+    `answer` are `gsm8k` (a worked solution ending `#### N`) unless one of the `answers` (the column's values,
+    when given) is a list of aliases: `qa`. Open questions whose answers are all single strings are `qa` only
+    when the format says so."""
     cols = set(columns)
+    if {"question", "answer"} <= cols and any(isinstance(a, list) for a in answers):
+        return "qa"
     if "messages" in cols:
         return "chat"
     if {"query", "response"} <= cols:
@@ -272,7 +285,8 @@ def detect_format(columns: Iterable[str], origin: str = "data") -> str:
     raise InvalidInput(
         f"{origin}: cannot tell the data format from its columns {sorted(cols)}. Expected one of: alpaca "
         "(instruction, input, output), llm_adapters (instruction, input, output, answer), metamath (query, "
-        "response, type), gsm8k (question, answer), math (problem, solution), chat (messages). Rename the "
+        "response, type), gsm8k (question, answer), math (problem, solution), chat (messages), qa (question, "
+        "answer aliases). Rename the "
         "columns or set the format (data.format, or the suite's format)."
     )
 
@@ -365,7 +379,8 @@ def _classify(instruction: str, answer: str) -> dict[str, Any]:
 
 def _gsm8k_answer(solution: str) -> str:
     if "####" not in solution:
-        raise BadRow("answer", "no final answer", "expected the solution to end with '#### <number>'")
+        raise BadRow("answer", "no final answer", "expected the solution to end with '#### <number>' "
+                     "(open questions with short answers: set the format to qa)")
     final = solution.rsplit("####", 1)[1].strip()
     number = normalize_number(final)
     if number is None:
@@ -435,6 +450,43 @@ def _messages(row: dict[str, Any], reply: bool = True) -> list[dict[str, str]]:
 
 
 
+def _aliases(row: dict[str, Any]) -> list[str]:
+    """The accepted answers of a `qa` row: `answer` as a list of aliases, or one string."""
+    v = row.get("answer", _MISSING)
+    if _is_missing(v):
+        raise BadRow("answer", "missing")
+    if isinstance(v, str):  # a CSV cell may hold the list as JSON text
+        try:
+            v = json.loads(v) if v.lstrip().startswith("[") else [v]
+        except json.JSONDecodeError:
+            v = [v]
+    if not isinstance(v, list):
+        raise BadRow("answer", "wrong type", f"expected a list of accepted answers, got {type(v).__name__}")
+    if not v:
+        raise BadRow("answer", "empty", "the list of accepted answers is empty")
+    out = []
+    for i, a in enumerate(v):
+        if not isinstance(a, str):
+            raise BadRow(f"answer[{i}]", "wrong type", f"expected text, got {type(a).__name__} {a!r:.40}")
+        if not normalize_answer(a):
+            raise BadRow(f"answer[{i}]", "empty",
+                         f"{a!r:.40} is nothing once articles and punctuation are ignored")
+        out.append(a.strip())
+    return out
+
+
+def _qa_options(row: dict[str, Any], aliases: list[str]) -> list[str]:
+    """The optional candidate answers of a `qa` row: at least two texts, exactly one of them an alias."""
+    v = row.get("options", _MISSING)
+    if _is_missing(v):
+        return []
+    if not isinstance(v, list) or len(v) < 2 or not all(isinstance(o, str) and o.strip() for o in v):
+        raise BadRow("options", "wrong type", "expected a list of at least two candidate answers (texts)")
+    if gold_option(v, aliases) is None:
+        raise BadRow("options", "wrong value", "exactly one option must be an accepted answer")
+    return [o.strip() for o in v]
+
+
 _QUESTION = {"metamath": "query", "gsm8k": "question", "math": "problem"}
 
 
@@ -447,10 +499,11 @@ def prompt_of(row: Mapping[str, Any], fmt: str) -> str:
 
 
 def normalize_row(row: dict[str, Any], fmt: str, tokenizer: Any = None, require_response: bool = True) -> dict[str, Any]:
-    """One source row in format `fmt` -> {prompt, response, answer, task, options, group}; BadRow if unusable.
+    """One source row in format `fmt` -> {prompt, response, answer, task, options, aliases, group}; BadRow if
+    unusable (`aliases`: a `qa` row's accepted answers, else empty).
 
     `require_response=False` (test sets) accepts alpaca / llm_adapters rows with an empty `output`."""
-    answer, task, options = "", "generic", []
+    answer, task, options, aliases = "", "generic", [], []
     if fmt in ("alpaca", "llm_adapters"):
         instruction = _text(row, "instruction")
         prompt = prompt_of(row, fmt)
@@ -478,11 +531,16 @@ def normalize_row(row: dict[str, Any], fmt: str, tokenizer: Any = None, require_
         except Exception as exc:  # noqa: BLE001 - jinja templates raise their own errors for unsupported roles
             raise BadRow("messages", "rejected by the chat template", str(exc)) from None
         response = msgs[-1]["content"]
+    elif fmt == "qa":
+        question = _text(row, "question")
+        aliases = _aliases(row)
+        prompt = render_chat([{"role": "user", "content": question}], tokenizer)
+        response, answer, task, options = aliases[0], aliases[0], "qa", _qa_options(row, aliases)
     else:
         raise InvalidInput(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)} (or auto)")
     group = row.get("group")
     return {"prompt": prompt, "response": response, "answer": answer, "task": task, "options": options,
-            "group": str(group) if not _is_missing(group) else ""}
+            "aliases": aliases, "group": str(group) if not _is_missing(group) else ""}
 
 
 def row_id(task: str, prompt: str, response: str) -> str:
@@ -504,13 +562,13 @@ class Loaded:
     source_rows: int = 0
 
     def dataset(self) -> Any:
-        """The rows as a `datasets.Dataset` (columns of `ROW_KEYS` plus group, source, source_row)."""
+        """The rows as a `datasets.Dataset` (columns of `ROW_KEYS` plus aliases, group, source, source_row)."""
         from datasets import Dataset, Features, List, Value
 
         features = Features({
             "id": Value("string"), "task": Value("string"), "prompt": Value("string"), "response": Value("string"),
             "answer": Value("string"), "n_options": Value("int32"), "options": List(Value("string")),
-            "group": Value("string"), "source": Value("string"), "source_row": Value("int64"),
+            "aliases": List(Value("string")), "group": Value("string"), "source": Value("string"), "source_row": Value("int64"),
         })
         return Dataset.from_dict({k: [r[k] for r in self.rows] for k in features}, features=features)
 
@@ -525,7 +583,7 @@ def normalize_rows(raw: Sequence[RawRow], fmt: str, on_bad_rows: str = "fail", t
         return loaded
     origin = raw[0].origin
     if fmt == "auto":
-        fmt = detect_format(_columns(raw), raw[0].name)
+        fmt = detect_format(_columns(raw), raw[0].name, (r.data.get("answer") for r in raw if isinstance(r.data, dict)))
     loaded.formats[origin] = fmt
     loaded.source_rows += len(raw)
     for r in raw:
@@ -591,7 +649,7 @@ def load_records(source: str | os.PathLike[str], format: str = "auto", on_bad_ro
     """Load a file, directory, `s3://` prefix or Hub id (its `split`) as a `datasets.Dataset` of normalised
     rows, in the source's row order; each row is a record `milora.judge` scores.
 
-    Columns: id, task, prompt, response, answer, n_options, options, group, source, source_row. Bad rows
+    Columns: id, task, prompt, response, answer, n_options, options, aliases, group, source, source_row. Bad rows
     raise a ValueError naming file, row and field (`on_bad_rows="fail"`) or are skipped (`"skip"`).
     `tokenizer` (optional) renders chat rows with its chat template. Test sets whose rows have no target
     text (an empty `output`) load with `require_response=False`.

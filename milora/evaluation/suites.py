@@ -2,9 +2,15 @@
 `milora.judge`, or, for suites without gold answers (alpaca, chat), the loss on their responses.
 
 Metrics: `suites.<name>.accuracy` and `.n` (plus `.seconds`), or `.loss`, `.perplexity` and `.n` for
-loss-only suites; `suites_average` is the mean accuracy over the suites that report one. Predictions:
-one row per example, `id`, `prompt`, `prediction`, `answer`, `extracted`, `correct` (loss-only suites:
-`id`, `prompt`, `loss`, `tokens`).
+loss-only suites; `suites_average` is the mean accuracy over the suites that report one. Open questions
+with candidate `options` (`qa`) also get `.loglik_accuracy` and `.n_loglik`: the option whose text, as the
+whole reply, has the highest length-normalised log-likelihood. Predictions: one row per example, `id`,
+`prompt`, `prediction`, `answer`, `extracted`, `correct` (and `loglik_pick`, `loglik_correct`; loss-only
+suites: `id`, `prompt`, `loss`, `tokens`).
+
+`with_base` puts the base model's result beside the tuned one's: `.base_accuracy`, `.n_base_correct` and
+`.retained`, the share of the examples the base got right that the tuned model still gets right (1.0 when
+the base got none right: nothing was there to lose), and per example `base_prediction`, `base_correct`.
 """
 
 from __future__ import annotations
@@ -16,11 +22,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from milora.model.generate import batches, generate
 from milora.model.nll import sequence_nll
-from milora.model.scoring import answer_kind, extract, judge
+from milora.model.scoring import aliases_of, answer_kind, extract, gold_option, judge
 from milora.model.tokenize import encode
 
 log = logging.getLogger(__name__)
@@ -53,9 +60,19 @@ def generate_all(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_n
     return out
 
 
+def best_response(model: nn.Module, tokenizer: Any, prompt: str, candidates: Sequence[str], max_length: int,
+                  batch_size: int = 16) -> int:
+    """0-based index of the candidate response with the highest length-normalised log-likelihood (the lowest
+    mean token NLL, EOS included) after `prompt`."""
+    enc = [encode(tokenizer, prompt, c, max_length) for c in candidates]
+    scores = torch.cat([sequence_nll(model, list(ch)) for ch in batches(enc, batch_size)])
+    return int(torch.argmin(scores[:, 0] / scores[:, 1].clamp(min=1)).item())
+
+
 def score_accuracy(model: nn.Module, tokenizer: Any, name: str, records: Sequence[dict[str, Any]],
-                   max_new_tokens: int, batch_size: int, max_length: int | None) -> SuiteResult:
-    """Generate an answer for every record with a gold answer and judge it."""
+                   max_new_tokens: int, batch_size: int, max_length: int) -> SuiteResult:
+    """Generate an answer for every record with a gold answer and judge it (and pick the likeliest option of
+    an open question with `options`)."""
     t0 = time.perf_counter()
     gens = generate_all(model, tokenizer, [r["prompt"] for r in records], max_new_tokens, batch_size, max_length, name)
     preds = []
@@ -63,8 +80,14 @@ def score_accuracy(model: nn.Module, tokenizer: Any, name: str, records: Sequenc
         preds.append({"id": r["id"], "prompt": r["prompt"], "prediction": g, "answer": r["answer"],
                       "extracted": extract(r, g), "correct": judge(r, g)})
     n = len(preds)
-    metrics = {"accuracy": sum(p["correct"] for p in preds) / n if n else 0.0, "n": n,
-               "seconds": round(time.perf_counter() - t0, 3)}
+    metrics = {"accuracy": sum(p["correct"] for p in preds) / n if n else 0.0, "n": n}
+    chosen = [(r, p) for r, p in zip(records, preds, strict=True) if answer_kind(r) == "qa" and r.get("options")]
+    for r, p in chosen:
+        pick = best_response(model, tokenizer, r["prompt"], r["options"], max_length, batch_size)
+        p.update(loglik_pick=r["options"][pick], loglik_correct=pick == gold_option(r["options"], aliases_of(r)))
+    if chosen:
+        metrics.update(loglik_accuracy=sum(p["loglik_correct"] for _, p in chosen) / len(chosen), n_loglik=len(chosen))
+    metrics["seconds"] = round(time.perf_counter() - t0, 3)
     return SuiteResult(name, metrics, preds)
 
 
@@ -100,6 +123,29 @@ def score_suite(model: nn.Module, tokenizer: Any, name: str, records: Sequence[d
     log.info("suite %s: %s", name, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in result.metrics.items()))
     return result
+
+
+def with_base(tuned: SuiteResult, base: SuiteResult) -> SuiteResult:
+    """`tuned` with the base model's result on the same records beside it: `base_accuracy`, `n_base_correct`,
+    `retained` (and `base_loglik_accuracy`), or `base_loss` and `base_perplexity` for a loss-only suite; each
+    prediction gets the base's (`base_prediction`, `base_correct`, `base_loglik_correct` or `base_loss`)."""
+    if [p["id"] for p in tuned.predictions] != [p["id"] for p in base.predictions]:
+        raise ValueError(f"suite {tuned.name}: the base and the tuned model were scored on different examples")
+    m, b = tuned.metrics, base.metrics
+    if "accuracy" in m:
+        kept = sum(p["correct"] and q["correct"] for p, q in zip(tuned.predictions, base.predictions, strict=True))
+        n_base = sum(q["correct"] for q in base.predictions)
+        m.update(base_accuracy=b["accuracy"], n_base_correct=n_base, retained=kept / n_base if n_base else 1.0)
+        if "loglik_accuracy" in b:
+            m["base_loglik_accuracy"] = b["loglik_accuracy"]
+        fields = {"prediction": "base_prediction", "correct": "base_correct", "loglik_correct": "base_loglik_correct"}
+    else:
+        m.update(base_loss=b["loss"], base_perplexity=b["perplexity"])
+        fields = {"loss": "base_loss"}
+    for p, q in zip(tuned.predictions, base.predictions, strict=True):
+        p.update({new: q[old] for old, new in fields.items() if old in q})
+    m["base_seconds"] = b["seconds"]
+    return tuned
 
 
 def summary(results: Sequence[SuiteResult]) -> dict[str, Any]:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+import unicodedata
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -65,6 +66,64 @@ def extract_number(text: str) -> float | None:
     return parse_number(nums[-1]) if nums else None
 
 
+# ----------------------------------------------------------------------------- open questions (NQ-open / TriviaQA)
+
+_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+_DECIMAL = re.compile(r"^(\d+)\.(\d*?)0*$")
+
+
+def _number_token(token: str) -> str:
+    """`100.0` -> `100`, `8.50` -> `8.5`: a decimal written with trailing zeros is the same number."""
+    m = _DECIMAL.match(token)
+    return token if m is None else m.group(1) + (f".{m.group(2)}" if m.group(2) else "")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation for open questions: lowercase, punctuation and articles (a, an, the)
+    removed, white space collapsed. Punctuation separates words, as in TriviaQA's evaluation ("90-degree"
+    holds `90`, "Newton's" holds `newton`), except the dot after a single letter (`U.S.A.` is `usa`, as in
+    SQuAD). Numbers: a comma between digits is dropped (`1,000` is `1000`), a decimal point between digits is
+    kept (`8.5` stays apart from `85`) and trailing decimal zeros are not (`100.0` is `100`). Other scripts:
+    accents are folded (`Bogotá` is `bogota`), Unicode symbols separate words (`0°C` holds `0`) and
+    compatibility forms read as their plain letters (`H₂O` is `h2o`)."""
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c)).lower()
+    out = []
+    for i, c in enumerate(text):
+        between_digits = 0 < i < len(text) - 1 and text[i - 1].isdigit() and text[i + 1].isdigit()
+        initial = c == "." and i > 0 and text[i - 1].isalpha() and (i < 2 or not text[i - 2].isalpha())
+        if c in ".," and between_digits:
+            out.append("." if c == "." else "")
+        elif initial:  # the dots of initials and abbreviations: `U.S.A.` is `usa`, `J.K.` is `jk`
+            out.append("")
+        elif unicodedata.category(c)[0] in "PS":  # ASCII punctuation is category P or S too
+            out.append(" ")
+        else:
+            out.append(c)
+    return " ".join(_number_token(t) for t in _ARTICLES.sub(" ", "".join(out)).split())
+
+
+def aliases_of(record: Mapping[str, Any]) -> list[str]:
+    """The accepted answers of an open question: its `aliases`, else its `answer`."""
+    aliases = record.get("aliases")
+    if aliases:
+        return [str(a) for a in aliases]
+    return [str(record.get("answer", ""))]
+
+
+def contains_answer(prediction: str, aliases: Sequence[str]) -> bool:
+    """Whether any alias, normalised, is a whole-word span of the normalised prediction (`8` is in "it is 8."
+    but not in "18", "80" or "8.5")."""
+    pred = f" {normalize_answer(prediction or '')} "
+    return any(a and f" {a} " in pred for a in (normalize_answer(x) for x in aliases))
+
+
+def gold_option(options: Sequence[str], aliases: Sequence[str]) -> int | None:
+    """The 0-based index of the one option equal (normalised) to an alias; None when none or several are."""
+    wanted = {normalize_answer(a) for a in aliases}
+    hits = [i for i, o in enumerate(options) if normalize_answer(o) in wanted]
+    return hits[0] if len(hits) == 1 else None
+
+
 # ----------------------------------------------------------------------------- the one scoring rule
 
 _LABEL = re.compile(r"(option|answer|solution|ending)\s*(\d+)", re.I)
@@ -77,12 +136,14 @@ Extracted = str | float | None
 
 
 def answer_kind(record: Mapping[str, Any]) -> str:
-    """How a record's gold answer is judged: `label` (optionK / answerK / solutionK / endingK), `bool`
-    (true/false), `letter` (A-E), `number`, `latex` (a MATH answer that is not a plain number), `text`, or
-    `none` (no gold answer: loss / perplexity only)."""
+    """How a record's gold answer is judged: `qa` (open question, any alias in the answer), `label`
+    (optionK / answerK / solutionK / endingK), `bool` (true/false), `letter` (A-E), `number`, `latex` (a MATH
+    answer that is not a plain number), `text`, or `none` (no gold answer: loss / perplexity only)."""
     answer = str(record.get("answer") if record.get("answer") is not None else "").strip()
     if not answer:
         return "none"
+    if record.get("task") == "qa":
+        return "qa"
     if record.get("task") == "choice" or record.get("n_options"):
         if _LABEL.fullmatch(answer):
             return "label"
@@ -154,6 +215,8 @@ def extract(record: Mapping[str, Any], prediction: str) -> Extracted:
     kind = answer_kind(record)
     if kind in ("label", "bool", "letter"):
         return extract_option(prediction, record)
+    if kind == "qa":
+        return normalize_answer(prediction or "") or None
     if kind == "number":
         boxed = latex.last_boxed(prediction or "")
         if boxed is not None:
@@ -186,6 +249,8 @@ def judge(record: Mapping[str, Any], prediction: str) -> bool:
       commas, `$`, fractions and `-0` are fine;
     * MATH answers: the last `\\boxed{...}` (or the text after `The answer is`), equal to the gold answer
       after the standard LaTeX normalisation (`milora.model.latex`), or equal in value when both are numbers;
+    * open questions (`qa`: NQ-open / TriviaQA layout): any accepted alias, SQuAD-normalised, a whole-word
+      span of the normalised prediction (`normalize_answer`, `contains_answer`);
     * other answers: the final answer equal to the gold one, ignoring case, spaces and a final period.
 
     A record with no gold answer (alpaca, chat) raises InvalidInput: those are scored by loss only.
@@ -194,6 +259,8 @@ def judge(record: Mapping[str, Any], prediction: str) -> bool:
     if got is None:
         return False
     kind, gold = answer_kind(record), str(record.get("answer", "")).strip()
+    if kind == "qa":
+        return contains_answer(prediction, aliases_of(record))
     if kind in ("label", "bool", "letter"):
         return str(got).lower() == gold.lower() if kind != "letter" else got == gold
     if kind == "number":

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from milora.core.errors import UserError
 from milora.core.schema import AdapterConfig
 
-FORMATS = ("auto", "alpaca", "llm_adapters", "metamath", "gsm8k", "math", "chat")
+FORMATS = ("auto", "alpaca", "llm_adapters", "metamath", "gsm8k", "math", "chat", "qa")
 EMBEDDED = "embedded"
 
 
@@ -71,8 +71,10 @@ class EmbeddedDataConfig(_Section):
     heldout_documents: int = Field(400, ge=1)  # held-out documents for the forgetting metric (read by `base`)
     seed: int = 0  # task rows; the corpus sample follows model.embedded.seed
     # default: the embedded world and tasks | lab: the comparison lab's bigger world, knowledge / skill tasks
-    # and held-out entity splits (milora.data.lab; `milora compare` tunes and evaluates on them)
-    profile: Literal["default", "lab"] = "default"
+    # and held-out entity splits (milora.data.lab; `milora compare` tunes and evaluates on them) | smol: the
+    # real-model profile's facts about invented countries as chat rows, and its held-out-phrasing `qa` suite
+    # (milora.data.smol)
+    profile: Literal["default", "lab", "smol"] = "default"
     skill_rows: int = Field(1000, ge=10)  # lab profile: skill (even/odd) fine-tuning rows
 
 
@@ -211,6 +213,19 @@ class EvalConfig(_Section):
     choice_mode: Literal["generate", "loglik", "both"] = "both"
     suites: list[SuiteConfig] = []
     lm_eval: LmEvalConfig = LmEvalConfig()
+    score_base: bool = False  # also score every suite on the base: suites.<name>.base_accuracy, .retained, ...
+    retention_suite: str | None = None  # the suite whose `retained` is the top-level `retention` (needs score_base)
+
+    @model_validator(mode="after")
+    def _retention_suite(self) -> EvalConfig:
+        names = [s.name for s in self.suites]
+        if self.retention_suite is not None and self.retention_suite not in names:
+            raise ValueError(f"eval.retention_suite = {self.retention_suite!r} is not a suite of eval.suites; "
+                             f"expected one of: {', '.join(names) or '(no suites defined)'}, or null")
+        if self.retention_suite is not None and not self.score_base:
+            raise ValueError(f"eval.retention_suite = {self.retention_suite!r} needs eval.score_base: true "
+                             "(retention compares the tuned model's answers with the base's)")
+        return self
 
     @field_validator("suites")
     @classmethod

@@ -3,7 +3,10 @@ data (task accuracy, perplexity) and forgetting.
 
 * benchmark suites (`eval.suites`, copied to `data/suites/<name>` by `ingest`): greedy generation judged by
   `milora.judge` (`suites.<name>.accuracy`, `suites_average`), or loss / perplexity for suites without
-  gold answers; predictions in `eval/suites/<name>.jsonl`; each suite's content hash in the report;
+  gold answers; predictions in `eval/suites/<name>.jsonl`; each suite's content hash in the report. With
+  `eval.score_base` every suite is scored on the base first (`suites.<name>.base_accuracy`, `.retained`,
+  `.n_base_correct`; `base_prediction`, `base_correct` per example), and `eval.retention_suite`'s `retained`
+  is the top-level `retention`;
 * lm-eval tasks (`eval.lm_eval`): run in process on the base, then on the fine-tuned model with its adapter
   merged into the weights (what an exported merged model computes): `lm_eval.<task>.<metric>` and the
   deltas over the base, `lm_eval_delta.<task>.<metric>`;
@@ -30,14 +33,14 @@ import torch
 from torch import nn
 
 from milora.core.adapter import load_adapter
-from milora.core.errors import MissingInput
+from milora.core.errors import InvalidInput, MissingInput
 from milora.core.io import atomic_dir, atomic_write_text, dump_json, dump_jsonl, file_digest, read_jsonl
 from milora.data.suites import load_suite
 from milora.evaluation import harness
-from milora.evaluation.suites import score_suite, summary
+from milora.evaluation.suites import SuiteResult, best_response, score_suite, summary, with_base
 from milora.model.base import load_base
-from milora.model.generate import batches, generate
-from milora.model.nll import heldout_loss, mean_loss, sequence_nll
+from milora.model.generate import generate
+from milora.model.nll import heldout_loss, mean_loss
 from milora.model.scoring import answer_kind, extract, judge, option_index
 from milora.model.self_text import self_text_loss
 from milora.model.tokenize import encode
@@ -48,9 +51,10 @@ from milora.pipeline.results import write_metrics
 log = logging.getLogger(__name__)
 
 # The numbers of metrics/eval.json (DVC metrics, compared across runs); reports/eval.json has them all.
-SUMMARY = ["average_accuracy", "perplexity", "forgetting", "self_text_forgetting"]
+SUMMARY = ["average_accuracy", "perplexity", "forgetting", "self_text_forgetting", "retention"]
+SUITE_SUMMARY = ["accuracy", "perplexity", "loglik_accuracy", "base_accuracy", "retained"]  # of each suite
 # Run facts: timings/eval.json, not the byte-reproducible report.
-TIMINGS = ["*_seconds", "suites.*.seconds"]
+TIMINGS = ["*_seconds", "suites.*.seconds", "suites.*.base_seconds"]
 
 # ----------------------------------------------------------------------------- model scoring
 
@@ -71,14 +75,8 @@ def _candidate_responses(row: dict[str, Any]) -> list[str]:
 def score_choices_loglik(model: nn.Module, tokenizer: Any, rows: Sequence[dict[str, Any]],
                          max_length: int, batch_size: int = 16) -> list[int]:
     """1-based option picked by the highest length-normalised log-likelihood of each option's response."""
-    picks = []
-    for row in rows:
-        cands = _candidate_responses(row)
-        enc = [encode(tokenizer, row["prompt"], c, max_length) for c in cands]
-        scores = torch.cat([sequence_nll(model, list(ch)) for ch in batches(enc, batch_size)])
-        mean_nll = scores[:, 0] / scores[:, 1].clamp(min=1)
-        picks.append(int(torch.argmin(mean_nll).item()) + 1)
-    return picks
+    return [best_response(model, tokenizer, row["prompt"], _candidate_responses(row), max_length, batch_size) + 1
+            for row in rows]
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -102,7 +100,8 @@ def evaluate_model(model: nn.Module, tokenizer: Any, rows: list[dict[str, Any]],
     metrics: dict[str, float] = {}
     preds: list[dict[str, Any]] = []
     accs: list[float] = []
-    gen_tasks = [t for t in ("math", "choice", "generic") if t in tasks and (t != "choice" or ecfg.choice_mode != "loglik")]
+    gen_tasks = [t for t in ("math", "choice", "qa", "generic")
+                 if t in tasks and (t != "choice" or ecfg.choice_mode != "loglik")]
     for task in gen_tasks:
         trows = tasks[task]
         t0 = time.perf_counter()
@@ -112,7 +111,7 @@ def evaluate_model(model: nn.Module, tokenizer: Any, rows: list[dict[str, Any]],
         correct = []
         for r, g in zip(trows, gens, strict=True):
             rec = {"id": r["id"], "task": task, "prediction": g, "answer": r.get("answer", "")}
-            if task in ("math", "choice") and answer_kind(r) != "none":
+            if task in ("math", "choice", "qa") and answer_kind(r) != "none":
                 rec.update(extracted=extract(r, g), correct=judge(r, g))
                 correct.append(rec["correct"])
             preds.append(rec)
@@ -184,11 +183,21 @@ def load_suites(cfg: Config, paths: Paths, tokenizer: Any) -> list[tuple[str, st
     return out
 
 
+def check_retention_suite(cfg: Config, suites: Sequence[tuple[str, str, list[dict[str, Any]]]]) -> None:
+    """Fail before any scoring when `eval.retention_suite` has no gold answers (retention needs accuracy)."""
+    name = cfg.eval.retention_suite
+    records = next((r for n, _, r in suites if n == name), None)
+    if records is not None and not any(answer_kind(r) != "none" for r in records):
+        raise InvalidInput(f"eval.retention_suite = {name!r}: that suite has no gold answers (it is scored by loss "
+                           "only); name a suite with answers, e.g. a qa probe")
+
+
 def summary_keys(metrics: dict[str, Any]) -> list[str]:
-    """The DVC metrics of this run: `SUMMARY`, the suites' accuracy / perplexity, the lm-eval metrics."""
+    """The DVC metrics of this run: `SUMMARY`, the suites' accuracy / perplexity (and the base's accuracy,
+    retained share and log-likelihood accuracy where measured), the lm-eval metrics."""
     keys = [*SUMMARY, "suites_average"]
     for name, m in metrics.get("suites", {}).items():
-        keys += [f"suites.{name}.{k}" for k in ("accuracy", "perplexity") if k in m]
+        keys += [f"suites.{name}.{k}" for k in SUITE_SUMMARY if k in m]
     for section in ("lm_eval", "lm_eval_delta"):
         for task, values in metrics.get(section, {}).items():
             keys += [f"{section}.{task}.{m}" for m in values if "_stderr" not in m and m != "sample_len"]
@@ -203,6 +212,7 @@ def run(cfg: Config, paths: Paths) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     suites = load_suites(cfg, paths, tokenizer)
+    check_retention_suite(cfg, suites)
     max_length = cfg.data.max_length
     ecfg, lm = cfg.eval, cfg.eval.lm_eval
     docs = heldout_lines(cfg, paths)
@@ -212,16 +222,25 @@ def run(cfg: Config, paths: Paths) -> None:
     manager = harness.task_manager(lm.tasks, lm.include_path) if lm.tasks else None
     lm_args = dict(tasks=lm.tasks, num_fewshot=lm.num_fewshot, limit=lm.limit, batch_size=lm.batch_size, manager=manager)
     lm_base = harness.run_lm_eval(model, tokenizer, **lm_args) if lm.tasks else {}
+
+    def score_suites() -> list[SuiteResult]:
+        return [score_suite(model, tokenizer, name, records, suite.max_new_tokens or ecfg.max_new_tokens,
+                            ecfg.batch_size, max_length)
+                for suite, (name, _, records) in zip(ecfg.suites, suites, strict=True)]
+
+    base_results = score_suites() if ecfg.score_base else []
     # The residual is rebuilt on the CPU, as the served pyfunc does, so both hold the same weights bit for bit.
     model = load_adapter(model.cpu(), paths.adapter_dir).to(device)
     model.eval()
     metrics, preds = evaluate_model(model, tokenizer, rows, cfg, max_length)
-    results = [score_suite(model, tokenizer, name, records, suite.max_new_tokens or ecfg.max_new_tokens,
-                           ecfg.batch_size, max_length)
-               for suite, (name, _, records) in zip(ecfg.suites, suites, strict=True)]
+    results = score_suites()
+    if base_results:
+        results = [with_base(tuned, base) for tuned, base in zip(results, base_results, strict=True)]
     metrics.update(summary(results))
     for name, digest, _ in suites:
         metrics["suites"][name]["sha256"] = digest
+    if ecfg.retention_suite is not None:
+        metrics["retention"] = metrics["suites"][ecfg.retention_suite]["retained"]
     metrics.update(forgetting_metrics(model, tokenizer, cfg, docs, before, sampled, self_before))
     if lm.tasks:
         model.merge_adapter()  # last: the weights of an exported merged model (nothing runs on it after this)

@@ -70,28 +70,37 @@ def copy_source(source: str, dest: Path, key: str = "data.source", split: str = 
 def materialise(cfg: Any, dest: Path) -> int:
     """Write the current contents of `data.source` into the empty directory `dest`; return the file count."""
     if cfg.data.source == EMBEDDED:
-        from milora.data import lab
+        from milora.data import lab, smol
         from milora.data.synthetic import write_task_files
 
         e = cfg.data.embedded
         if e.profile == lab.LAB:
             return len(lab.write_train_files(dest, e.skill_rows, e.seed))
+        if e.profile == smol.SMOL:
+            return len(smol.write_train_files(dest, e.seed))
         return len(write_task_files(dest, e.math_rows, e.choice_rows, e.seed))
     return copy_source(cfg.data.source, dest)
 
 
 def materialise_suite(cfg: Config, index: int, suite: SuiteConfig, dest: Path) -> int:
     """Write benchmark suite `suite` (`eval.suites[index]`) into the empty directory `dest`; return the file
-    count. An `embedded` suite is generated (`data.embedded.seed`), without the embedded training questions."""
+    count. An `embedded` suite is generated (`data.embedded.seed`), without the embedded training questions; in
+    format `qa` it is the smol profile's learning suite (the held-out phrasing of every trained fact)."""
     key = f"eval.suites[{index}].source"
     if suite.source == EMBEDDED:
-        from milora.data import synthetic
+        from milora.data import smol, synthetic
 
         e = cfg.data.embedded
+        if suite.format == "qa":
+            if e.profile != smol.SMOL:
+                raise InvalidInput(f"eval.suites[{index}] ({suite.name}): an embedded qa suite is the smol profile's "
+                                   "learning suite; set data.embedded.profile: smol, or give the suite a source file")
+            smol.write_suite(dest, e.seed, suite.max_examples)
+            return 1
         exclude = synthetic.training_texts(e.math_rows, e.choice_rows, e.seed) if cfg.data.source == EMBEDDED else set()
         if suite.format not in synthetic.SUITE_FORMATS:
             raise InvalidInput(f"eval.suites[{index}] ({suite.name}): an embedded suite is generated in format "
-                               f"{' or '.join(synthetic.SUITE_FORMATS)}, not {suite.format!r}")
+                               f"{', '.join(synthetic.SUITE_FORMATS)} or qa (profile smol), not {suite.format!r}")
         rows = synthetic.suite_rows(suite.format, suite.max_examples or 100, e.seed, exclude)
         synthetic.write_jsonl(dest / "test.jsonl", rows)
         return 1
