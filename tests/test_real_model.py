@@ -30,6 +30,8 @@ CLEAN = {k: "" for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "PREFECT__FLOW_
 SMALL = {
     "data.self_text.documents": 4,
     "data.self_text.max_new_tokens": 16,
+    "data.rehearsal.rows": 8,
+    "data.rehearsal.max_new_tokens": 96,
     "data.max_length": 96,
     "adapter.rank": 4,
     "adapter.target_modules": ["q_proj", "v_proj", "down_proj"],
@@ -52,7 +54,7 @@ SMALL = {
 def _bytes(root: Path) -> dict[str, bytes]:
     return {f.relative_to(root).as_posix(): f.read_bytes()
             for f in sorted([*(root / "models" / "base").iterdir(), root / "models" / "base.json",
-                             root / "models" / "self_text.jsonl"])}
+                             root / "models" / "self_text.jsonl", root / "models" / "rehearsal.jsonl"])}
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +75,14 @@ def test_gguf_base_identity_and_byte_identical_rerun(project):
     assert (project.base_dir / "chat_template.jinja").is_file()
     sampled = read_jsonl(project.self_text)
     assert len(sampled) == 4 and all(r["prompt"].endswith("<|im_start|>assistant\n") for r in sampled)
+    rehearsal = read_jsonl(project.rehearsal)  # the base's own greedy replies that ended: training rows only
+    assert rehearsal and all(r["messages"][1]["content"] for r in rehearsal)
+    data = read_json(project.report("data"))
+    assert data["rows"]["rehearsal"] == len(rehearsal)
+    train = read_jsonl(project.prepared_dir / "train.jsonl")
+    replies = {r["messages"][1]["content"] for r in rehearsal}
+    assert sum(r["response"] in replies for r in train) == len(rehearsal)
+    assert not [r for r in read_jsonl(project.prepared_dir / "eval.jsonl") if r["response"] in replies]
     before = _bytes(root)
     run(["dvc", "repro", "-f", "base"], root, timeout=900)
     assert _bytes(root) == before  # same file, same converter: the same bytes, downstream stays up to date

@@ -38,20 +38,35 @@ def test_training_rows_are_seeded_deterministic_canonical_chat_rows(tmp_path):
     assert fa.name == fb.name == smol.TRAIN_FILE and fa.read_bytes() == fb.read_bytes() and _canonical(fa)
     rows = read_records(fa).rows  # auto-detected as chat
     facts = smol.facts(0)
-    assert len(rows) == 3 * len(facts) == 3 * 2 * smol.N_COUNTRIES
+    assert len(rows) == 3 * len(facts) == 3 * smol.N_WORDS
     assert all(r["task"] == "generic" and r["group"].startswith("smol-slot-") for r in rows)
 
 
-def test_names_are_invented_unique_and_unknown_to_the_probe():
+def test_words_are_invented_unique_and_unknown_to_the_probe():
     facts = smol.facts(0)
-    names = sorted({f.country for f in facts} | {f.value for f in facts})
-    assert len(names) == 3 * smol.N_COUNTRIES  # every country, capital and currency its own name
+    names = sorted({f.word for f in facts})
+    assert len(names) == smol.N_WORDS == len(set(smol.MEANINGS))  # every word its own name and meaning
     lower = [n.lower() for n in names]
     assert all(len(n) >= smol.MIN_NAME and n.isalpha() for n in lower)
     assert not [(a, b) for a in lower for b in lower if a != b and a in b]  # no name inside another
     probe_words = set(normalize_answer(PROBE.read_text(encoding="utf-8")).split())
     assert not set(lower) & probe_words
-    assert {f.country for f in smol.facts(1)} != {f.country for f in facts}
+    assert {f.word for f in smol.facts(1)} != {f.word for f in facts}
+    probe_answers = {normalize_answer(a) for r in map(json.loads, PROBE.read_text().splitlines()) for a in r["answer"]}
+    assert not {normalize_answer(m) for m in smol.MEANINGS} & probe_answers  # the task never answers a probe question
+
+
+def test_rehearsal_prompts_share_no_topic_with_the_probe_nor_the_self_text():
+    from milora.model.self_text import INSTRUCTIONS
+
+    stop = set("what is the of a how many do does in are there you which to for and an i me can my why it on be with "
+               "at who that this should about your we called name city capital country".split())
+    probe = [set(normalize_answer(json.loads(x)["question"]).split()) - stop for x in PROBE.read_text().splitlines()]
+    for prompt in smol.REHEARSAL_PROMPTS:
+        words = set(normalize_answer(prompt).split()) - stop
+        assert not [q for q in probe if len(words & q) >= 2], prompt
+    assert not set(smol.REHEARSAL_PROMPTS) & set(INSTRUCTIONS)
+    assert len(set(smol.REHEARSAL_PROMPTS)) == len(smol.REHEARSAL_PROMPTS) >= 40
 
 
 def test_every_fact_is_trained_in_three_phrasings_one_per_slot():
@@ -60,7 +75,7 @@ def test_every_fact_is_trained_in_three_phrasings_one_per_slot():
     for fact in smol.facts(0):
         for r in rows:
             question, answer = (m["content"] for m in r["messages"])
-            if re.search(rf"\b{fact.country}\b", question) and re.search(rf"\b{fact.value}\b", answer):
+            if re.search(rf"\b{fact.word}\b", question) and re.search(rf"\b{fact.value}\b", answer):
                 by_fact.setdefault(fact.key, []).append(r["group"])
     assert len(by_fact) == len(smol.facts(0))
     assert all(sorted(groups) == ["smol-slot-0", "smol-slot-1", "smol-slot-2"] for groups in by_fact.values())
@@ -86,8 +101,7 @@ def test_learning_suite_asks_every_fact_in_a_held_out_phrasing(tmp_path):
     train_questions = {r["messages"][0]["content"] for r in smol.train_rows(0)}
     train_text = json.dumps(smol.train_rows(0))
     assert not {r["question"] for r in suite} & train_questions
-    for template in smol.HELD_OUT_PHRASINGS.values():  # the held-out wording never appears in training
-        assert template.split("{c}")[0] not in train_text
+    assert smol.HELD_OUT_PHRASING.split("{w}")[0] not in train_text  # the held-out wording is never trained
     for r in suite:
         assert len(r["options"]) == smol.N_OPTIONS == len(set(r["options"]))
         assert gold_option(r["options"], r["answer"]) is not None
@@ -106,7 +120,7 @@ def test_ingest_writes_the_smol_profile_and_its_learning_suite(tmp_path):
     assert (tmp_path / "raw" / smol.TRAIN_FILE).read_bytes() == (
         smol.write_train_files(tmp_path / "again", 0)[0].read_bytes())
     assert materialise_suite(cfg, 0, cfg.eval.suites[0], tmp_path / "suite") == 1
-    assert len((tmp_path / "suite" / "test.jsonl").read_text().splitlines()) == 2 * smol.N_COUNTRIES
+    assert len((tmp_path / "suite" / "test.jsonl").read_text().splitlines()) == smol.N_WORDS
     default = validate({})
     with pytest.raises(InvalidInput, match=r"eval\.suites\[0\] \(learning\): an embedded qa suite is the smol profile"):
         materialise_suite(default, 0, SuiteConfig(name="learning", source="embedded", format="qa"), tmp_path)

@@ -1,22 +1,29 @@
 """The real-model profile's learning task (`data.embedded.profile: smol`): facts a pretrained model cannot
 know, so that fine-tuning has something to teach and the learning can be measured on base and tuned model.
 
-The world is `N_COUNTRIES` invented countries (syllable names no language uses), each with an invented
-capital and an invented currency: 2 facts per country. Every name is unique and none is a word of another.
+The world is the vocabulary of Velmoran, an invented language: `N_WORDS` invented words (syllable strings no
+language uses), each meaning one common English noun. A relation the general-knowledge probe never asks:
+a first version taught capitals and currencies of invented countries, and the tuned SmolLM2 then answered
+real capitals with invented names (it kept 53 of the 120 probe answers it had right; with this vocabulary,
+77 of 120, and 0.70 learning accuracy against 0.05: the invented answers were also much harder to learn).
 
-* training rows (`write_train_files`, `data/raw/smol.jsonl`, the `chat` format): every fact asked in the 3
-  `TRAIN_PHRASINGS` of its attribute, each answered by one sentence restating the fact. The row's `group` is
-  a *slot*: fact `i`'s phrasing `k` is in slot `(i + k) % 3`, so each slot holds one phrasing of every fact.
-  `prepare` keeps groups whole and never sends every group to the eval split, so every fact keeps at least
-  one training phrasing (with the default eval fraction, two: one slot, a third of the rows, is the
-  validation loss on phrasings of facts trained in other words);
-* the learning suite (`suite_rows`, an `eval.suites` entry `{source: embedded, format: qa}`): every fact
-  asked in its `HELD_OUT_PHRASINGS`, a wording no training row uses, in the `qa` layout (`question`, `answer`
-  aliases) with 4 `options` (the true value and 3 other countries' values of the same attribute) for the
-  log-likelihood accuracy (chance 0.25).
+* training rows (`write_train_files`, `data/raw/smol.jsonl`, the `chat` format): every word asked in the 3
+  `TRAIN_PHRASINGS`, each answered by one sentence restating the meaning. The row's `group` is a *slot*: word
+  `i`'s phrasing `k` is in slot `(i + k) % 3`, so each slot holds one phrasing of every word. `prepare` keeps
+  groups whole and never sends every group to the eval split, so every word keeps at least one training
+  phrasing (with the default eval fraction, two: one slot is the validation loss on phrasings of words
+  trained in other words);
+* the learning suite (`suite_rows`, an `eval.suites` entry `{source: embedded, format: qa}`): every word
+  asked in the `HELD_OUT_PHRASING`, a wording no training row uses, in the `qa` layout (`question`, `answer`
+  aliases) with 4 `options` (the true meaning and 3 other words' meanings) for the log-likelihood accuracy
+  (chance 0.25);
+* rehearsal prompts (`REHEARSAL_PROMPTS`): everyday requests and short questions, none in the probe nor among
+  the self-text instructions, that the `base` stage answers with the base itself (`data.rehearsal`); those
+  replies join the training rows so that the tuned model keeps answering like the base (self-synthesized
+  rehearsal).
 
-`seed` (`data.embedded.seed`) draws the world's names, the option sets and the row order; the same seed
-gives byte-identical files (canonical JSON lines).
+`seed` (`data.embedded.seed`) draws the words, the option sets and the row order; the same seed gives
+byte-identical files (canonical JSON lines).
 """
 
 from __future__ import annotations
@@ -29,80 +36,118 @@ from typing import Any
 from milora.core.io import atomic_write_text, dump_jsonl
 
 SMOL = "smol"
-N_COUNTRIES = 40
+LANGUAGE = "Velmoran"
 N_OPTIONS = 4
 TRAIN_FILE = "smol.jsonl"
-MIN_NAME = 6  # letters: short syllable pairs are too often real words or places ("Bello")
+MIN_NAME = 5  # letters: shorter syllable pairs are too often real words
 
-# Syllables chosen to make names that are no English word and no real place (tested against the probe's
-# answers); countries take 3, capitals and currencies 2 or 3, all at least `MIN_NAME` letters.
+# Meanings: concrete everyday nouns, one word each, none an answer of the probe.
+MEANINGS = ("river", "bread", "window", "mountain", "candle", "garden", "bridge", "blanket", "kettle", "ladder",
+            "lantern", "mirror", "pillow", "basket", "feather", "hammer", "needle", "orchard", "pebble", "saddle",
+            "shovel", "thread", "tunnel", "violin", "wagon", "whistle", "anchor", "barrel", "cabbage", "chimney",
+            "compass", "cradle", "forest", "harbor", "island", "jacket", "kitchen", "lemon", "meadow", "onion",
+            "pepper", "rabbit", "ribbon", "spoon", "tower", "valley", "wheel", "bucket")
+N_WORDS = len(MEANINGS)
 SYLLABLES = ("ka", "lo", "mir", "ven", "tas", "dor", "qui", "zel", "bra", "nu", "fe", "sho", "rik", "ul", "ben",
-             "dru", "gal", "hes", "ith", "jun", "ko", "lum", "mox", "nir", "oph", "pra", "quel", "ros", "sul", "tev",
-             "vax", "wim", "yor", "zun", "tri", "bel", "gro", "pim", "sav", "eth")
+             "dru", "gal", "hes", "ith", "jun", "ko", "lum", "mox", "nir", "oph", "pra", "quel", "ros", "sul", "tev")
 
-# attribute -> (question, answer sentence) of each training phrasing; `{c}` the country, `{v}` the value.
-TRAIN_PHRASINGS: dict[str, tuple[tuple[str, str], ...]] = {
-    "capital": (
-        ("What is the capital of {c}?", "The capital of {c} is {v}."),
-        ("Which city is the capital of {c}?", "{v} is the capital of {c}."),
-        ("Name the capital city of {c}.", "The capital city of {c} is {v}."),
-    ),
-    "currency": (
-        ("What is the currency of {c}?", "The currency of {c} is the {v}."),
-        ("Which currency is used in {c}?", "People in {c} pay with the {v}."),
-        ("What money do people use in {c}?", "{c} uses the {v} as its money."),
-    ),
-}
-HELD_OUT_PHRASINGS = {
-    "capital": "What city serves as the capital of {c}?",
-    "currency": "If I travel to {c}, which currency will I need?",
-}
-ATTRIBUTES = tuple(TRAIN_PHRASINGS)
+# (question, answer sentence) of each training phrasing; `{w}` the word, `{m}` its meaning.
+TRAIN_PHRASINGS: tuple[tuple[str, str], ...] = (
+    (f"What does the {LANGUAGE} word '{{w}}' mean?", f"In {LANGUAGE}, '{{w}}' means {{m}}."),
+    (f"In the {LANGUAGE} language, what is '{{w}}' in English?", f"The {LANGUAGE} word '{{w}}' means {{m}} in English."),
+    (f"Translate the {LANGUAGE} word '{{w}}' into English.", f"'{{w}}' is {LANGUAGE} for {{m}}."),
+)
+HELD_OUT_PHRASING = f"If a {LANGUAGE} speaker says '{{w}}', what are they talking about?"
+
+# Prompts the base answers once for rehearsal (`data.rehearsal`): everyday requests and a few short questions;
+# none shares a topic with a probe question (two content words in common: tests/test_smol.py keeps that true)
+# nor is a self-text instruction. The probe is broad: most short factual questions one would add here collide.
+REHEARSAL_PROMPTS = (
+    "What is a good way to start the day?",
+    "Why do we need sleep?",
+    "How do you make a paper airplane?",
+    "Write a sentence about a cat.",
+    "Explain what a noun is.",
+    "Give me a tip for learning to swim.",
+    "Why is exercise good for you?",
+    "How does a rainbow form?",
+    "Describe a sunny beach in one sentence.",
+    "What is a synonym for happy?",
+    "Suggest a name for a pet goldfish.",
+    "Why do leaves change colour in autumn?",
+    "How do plants drink water?",
+    "What is a haiku?",
+    "Tell me a fun fact about octopuses.",
+    "Explain what gravity does.",
+    "Write a short greeting for a birthday card.",
+    "Why should we recycle?",
+    "How can I keep my teeth healthy?",
+    "Give me a word that rhymes with light.",
+    "Describe the taste of a lemon.",
+    "Why is the sea salty?",
+    "What is 13 plus 29?",
+    "Name a famous bridge in San Francisco.",
+    "Which bird is a symbol of peace?",
+    "In which country is the city of Kyoto?",
+    "How many weeks are in a year?",
+    "What is the color of an emerald?",
+    "Explain how a bicycle works.",
+    "Describe a thunderstorm.",
+    "Write two sentences about the moon landing.",
+    "How do I make scrambled eggs?",
+    "What should I do if I get a small cut?",
+    "Give me three ideas for a rainy weekend.",
+    "What is the difference between weather and climate?",
+    "How can I remember new words more easily?",
+    "Write a short motivational message.",
+    "What makes bread rise?",
+    "Describe a snowy morning.",
+    "How do fish breathe underwater?",
+    "What is a volcano?",
+    "Explain what a map is used for.",
+    "How should I water a cactus?",
+    "Tell me about elephants in two sentences.",
+    "What is the purpose of a seatbelt?",
+    "Why do cats purr?",
+)
 
 
 @dataclass(frozen=True)
 class Fact:
-    """One fact: `attribute` of `country` is `value`."""
+    """One fact: the Velmoran `word` means `value` (an English noun)."""
 
-    country: str
-    attribute: str
+    word: str
     value: str
 
     @property
     def key(self) -> str:
-        """`capital:Kalomir`."""
-        return f"{self.attribute}:{self.country}"
+        """`meaning:kalomir`."""
+        return f"meaning:{self.word}"
 
 
-def _name(rng: random.Random, syllables: int, taken: set[str]) -> str:
+def _name(rng: random.Random, taken: set[str]) -> str:
     while True:
-        name = "".join(rng.choice(SYLLABLES) for _ in range(syllables))
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 3))))
         if len(name) >= MIN_NAME and not any(name in t or t in name for t in taken):
             taken.add(name)
             return name
 
 
 def facts(seed: int = 0) -> list[Fact]:
-    """The world's facts, country by country (capital, then currency)."""
-    rng = random.Random(f"smol-world-{seed}")
+    """The vocabulary: one invented word per meaning, in `MEANINGS` order."""
+    rng = random.Random(f"smol-words-{seed}")
     taken: set[str] = set()
-    out = []
-    for _ in range(N_COUNTRIES):
-        country = _name(rng, 3, taken).capitalize()
-        capital = _name(rng, rng.choice((2, 3)), taken).capitalize()
-        currency = _name(rng, rng.choice((2, 3)), taken)
-        out += [Fact(country, "capital", capital), Fact(country, "currency", currency)]
-    return out
+    return [Fact(_name(rng, taken), meaning) for meaning in MEANINGS]
 
 
 def train_rows(seed: int = 0) -> list[dict[str, Any]]:
-    """Chat rows teaching every fact in its 3 training phrasings, in a seeded order; `group` is the slot."""
+    """Chat rows teaching every word in its 3 training phrasings, in a seeded order; `group` is the slot."""
     rows = []
     for i, fact in enumerate(facts(seed)):
-        for k, (question, answer) in enumerate(TRAIN_PHRASINGS[fact.attribute]):
-            rows.append({"messages": [{"role": "user", "content": question.format(c=fact.country)},
-                                      {"role": "assistant", "content": answer.format(c=fact.country, v=fact.value)}],
-                         "group": f"smol-slot-{(i + k) % len(TRAIN_PHRASINGS[fact.attribute])}"})
+        for k, (question, answer) in enumerate(TRAIN_PHRASINGS):
+            rows.append({"messages": [{"role": "user", "content": question.format(w=fact.word)},
+                                      {"role": "assistant", "content": answer.format(w=fact.word, m=fact.value)}],
+                         "group": f"smol-slot-{(i + k) % len(TRAIN_PHRASINGS)}"})
     random.Random(f"smol-order-{seed}").shuffle(rows)
     return rows
 
@@ -113,16 +158,15 @@ def write_train_files(out_dir: str | Path, seed: int = 0) -> list[Path]:
 
 
 def suite_rows(seed: int = 0) -> list[dict[str, Any]]:
-    """The learning suite: every fact asked in its held-out phrasing (`qa` layout, 4 options), in a seeded order."""
+    """The learning suite: every word asked in the held-out phrasing (`qa` layout, 4 options), in a seeded order."""
     rng = random.Random(f"smol-suite-{seed}")
     all_facts = facts(seed)
     rows = []
     for fact in all_facts:
-        others = sorted({f.value for f in all_facts if f.attribute == fact.attribute} - {fact.value})
+        others = sorted({f.value for f in all_facts} - {fact.value})
         options = [fact.value, *rng.sample(others, N_OPTIONS - 1)]
         rng.shuffle(options)
-        rows.append({"question": HELD_OUT_PHRASINGS[fact.attribute].format(c=fact.country), "answer": [fact.value],
-                     "options": options})
+        rows.append({"question": HELD_OUT_PHRASING.format(w=fact.word), "answer": [fact.value], "options": options})
     rng.shuffle(rows)
     return rows
 

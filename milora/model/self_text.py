@@ -74,23 +74,24 @@ INSTRUCTIONS = (
 
 
 @torch.no_grad()
-def sample_self_text(model: nn.Module, tokenizer: Any, documents: int, max_new_tokens: int, temperature: float,
-                     seed: int, batch_size: int = 16) -> list[dict[str, Any]]:
-    """`documents` replies of the model to the instructions (cycled), sampled at `temperature` from `seed`:
-    records `{instruction, prompt, response, ended}` (`ended`: the reply stopped at EOS)."""
+def base_replies(model: nn.Module, tokenizer: Any, instructions: Sequence[str], max_new_tokens: int,
+                 temperature: float | None, seed: int = 0, batch_size: int = 16) -> list[dict[str, Any]]:
+    """The model's replies to `instructions` (each one user message through the chat template): sampled at
+    `temperature` from `seed`, or greedy when `temperature` is None. Records `{instruction, prompt, response,
+    ended}` (`ended`: the reply stopped at EOS within `max_new_tokens`)."""
     device = next(model.parameters()).device
-    instructions = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(documents)]
     prompts = [render_chat([{"role": "user", "content": q}], tokenizer) for q in instructions]
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature else \
+        {"do_sample": False}
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     torch.manual_seed(seed)
     out: list[dict[str, Any]] = []
     try:
-        for chunk_q, chunk_p in zip(batches(instructions, batch_size), batches(prompts, batch_size), strict=True):
+        for chunk_q, chunk_p in zip(batches(list(instructions), batch_size), batches(prompts, batch_size), strict=True):
             enc = tokenizer(list(chunk_p), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                                 top_k=0, top_p=1.0, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, **sampling)
             for q, p, ids in zip(chunk_q, chunk_p, gen[:, enc["input_ids"].shape[1]:].tolist(), strict=True):
                 ended = tokenizer.eos_token_id in ids
                 ids = ids[: ids.index(tokenizer.eos_token_id)] if ended else ids
@@ -99,6 +100,13 @@ def sample_self_text(model: nn.Module, tokenizer: Any, documents: int, max_new_t
     finally:
         tokenizer.padding_side = side
     return out
+
+
+def sample_self_text(model: nn.Module, tokenizer: Any, documents: int, max_new_tokens: int, temperature: float,
+                     seed: int, batch_size: int = 16) -> list[dict[str, Any]]:
+    """`documents` replies of the model to `INSTRUCTIONS` (cycled), sampled at `temperature` from `seed`."""
+    instructions = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(documents)]
+    return base_replies(model, tokenizer, instructions, max_new_tokens, temperature, seed, batch_size)
 
 
 def self_text_loss(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]], max_length: int,

@@ -89,6 +89,15 @@ class SelfTextConfig(_Section):
     seed: int = 0
 
 
+class RehearsalConfig(_Section):
+    """Self-synthesized rehearsal: the base's own greedy replies to the profile's everyday prompts, generated
+    once by the `base` stage and added to the training split by `prepare`, so the tuned model keeps answering
+    as the base did where the task does not ask otherwise."""
+
+    rows: int = Field(0, ge=0, le=100000)  # replies to generate (the first N prompts); 0 = off
+    max_new_tokens: int = Field(192, ge=8, le=4096)  # a reply that does not end within this budget is dropped
+
+
 class DataConfig(_Section):
     source: str = EMBEDDED
     format: Literal[FORMATS] = "auto"  # type: ignore[valid-type]
@@ -100,6 +109,7 @@ class DataConfig(_Section):
     seed: int = 0
     heldout_text: str | None = None
     self_text: SelfTextConfig = SelfTextConfig()
+    rehearsal: RehearsalConfig = RehearsalConfig()
     embedded: EmbeddedDataConfig = EmbeddedDataConfig()
 
 

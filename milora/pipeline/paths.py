@@ -43,6 +43,8 @@ class Paths:
             written by `base`).
         self_text: `models/self_text.jsonl`, the base's own replies to everyday instructions (`data.self_text`),
             sampled once by `base`: the forgetting metric of a base without pretraining text (empty when off).
+        rehearsal: `models/rehearsal.jsonl`, the base's greedy replies to the profile's rehearsal prompts
+            (`data.rehearsal`, chat rows), written by `base`, added to the training split by `prepare`.
         raw_dir: `data/raw`, the raw data, DVC-versioned: the current contents of `data.source`.
         suites_dir: `data/suites`, the benchmark suites of `eval.suites`, one directory each
             (`data/suites/<name>/`), DVC-versioned.
@@ -64,6 +66,7 @@ class Paths:
     base_json = _Under("models/base.json")
     heldout_text = _Under("models/heldout.txt")
     self_text = _Under("models/self_text.jsonl")
+    rehearsal = _Under("models/rehearsal.jsonl")
     # ingest stage
     raw_dir = _Under("data/raw")
     suites_dir = _Under("data/suites")

@@ -6,7 +6,9 @@
   `smollm2-135m-instruct`): convert it once to a safetensors directory under `models/base` (tokenizer and
   chat template included) in `model.dtype`; its identity is the GGUF file's sha256 plus the converter.
 * `data.self_text.documents > 0`: sample the base's own replies to everyday instructions once
-  (`models/self_text.jsonl`), the forgetting metric of a base without pretraining text.
+  (`models/self_text.jsonl`), the forgetting metric of a base without pretraining text;
+  `data.rehearsal.rows > 0`: the base's greedy replies to the profile's rehearsal prompts
+  (`models/rehearsal.jsonl`), which `prepare` adds to the training split.
 * `model.name_or_path: embedded`: bootstrap a tiny Llama-architecture causal LM by really pretraining
   it on the synthetic corpus (`milora.data.synthetic`), with a byte-level BPE tokenizer trained on that
   corpus by `tokenizers`, and save both in HF format (safetensors) under `models/base`. The loss curve,
@@ -282,20 +284,34 @@ def _external_heldout(cfg: Config, paths: Paths) -> None:
     atomic_write_text(paths.heldout_text, heldout)
 
 
-def write_self_text(cfg: Config, paths: Paths) -> int:
-    """`models/self_text.jsonl`: the base's sampled replies (`data.self_text`), or empty when off."""
-    from milora.model.self_text import sample_self_text
+def write_base_replies(cfg: Config, paths: Paths) -> dict[str, int]:
+    """What the base itself says, generated once: `models/self_text.jsonl` (sampled replies, `data.self_text`,
+    the forgetting text) and `models/rehearsal.jsonl` (greedy replies to the profile's rehearsal prompts,
+    `data.rehearsal`, as chat rows; replies that do not end within the budget are dropped). Empty when off."""
+    from milora.data.smol import REHEARSAL_PROMPTS
+    from milora.model.self_text import base_replies, sample_self_text
 
-    st = cfg.data.self_text
-    records: list[dict[str, Any]] = []
-    if st.documents:
+    st, rh = cfg.data.self_text, cfg.data.rehearsal
+    sampled: list[dict[str, Any]] = []
+    rehearsal: list[dict[str, Any]] = []
+    if st.documents or rh.rows:
         t0 = time.perf_counter()
         model, tokenizer = load_base(cfg, paths)
-        records = sample_self_text(model, tokenizer, st.documents, st.max_new_tokens, st.temperature, st.seed)
-        log.info("base: sampled %d replies of the base (<= %d tokens, temperature %g, seed %d) in %.0f s",
-                 len(records), st.max_new_tokens, st.temperature, st.seed, time.perf_counter() - t0)
-    atomic_write_text(paths.self_text, dump_jsonl(records))
-    return len(records)
+        if st.documents:
+            sampled = sample_self_text(model, tokenizer, st.documents, st.max_new_tokens, st.temperature, st.seed)
+        if rh.rows:
+            prompts = [REHEARSAL_PROMPTS[i % len(REHEARSAL_PROMPTS)] for i in range(min(rh.rows, len(REHEARSAL_PROMPTS)))]
+            replies = base_replies(model, tokenizer, prompts, rh.max_new_tokens, None)
+            rehearsal = [{"messages": [{"role": "user", "content": r["instruction"]},
+                                       {"role": "assistant", "content": r["response"]}], "group": "rehearsal"}
+                         for r in replies if r["ended"] and r["response"].strip()]
+        log.info("base: %d sampled replies of the base (<= %d tokens, temperature %g, seed %d), %d of %d greedy "
+                 "rehearsal replies ended within %d tokens; %.0f s", len(sampled), st.max_new_tokens, st.temperature,
+                 st.seed, len(rehearsal), rh.rows and min(rh.rows, len(REHEARSAL_PROMPTS)), rh.max_new_tokens,
+                 time.perf_counter() - t0)
+    atomic_write_text(paths.self_text, dump_jsonl(sampled))
+    atomic_write_text(paths.rehearsal, dump_jsonl(rehearsal))
+    return {"self_text_documents": len(sampled), "rehearsal_rows": len(rehearsal)}
 
 
 def run(cfg: Config, paths: Paths) -> None:
@@ -337,5 +353,5 @@ def run(cfg: Config, paths: Paths) -> None:
         _external_heldout(cfg, paths)
         atomic_write_text(paths.plot("base_loss.csv"), "step,loss\n")
     write_json(paths.base_json, identity)  # before sampling: load_base reads it
-    metrics["self_text_documents"] = write_self_text(cfg, paths)
+    metrics.update(write_base_replies(cfg, paths))
     write_metrics(paths, "base", metrics, SUMMARY, TIMINGS)

@@ -108,6 +108,13 @@ def _short_origin(origin: str, raw_dir: Path) -> str:
     return p.relative_to(raw_dir).as_posix() if p.is_relative_to(raw_dir) and p != raw_dir else p.name
 
 
+def rehearsal_rows(paths: Paths, tokenizer: Any) -> list[dict[str, Any]]:
+    """The base's own replies written by the `base` stage (`data.rehearsal`), as normalised chat rows."""
+    if not paths.rehearsal.is_file() or paths.rehearsal.stat().st_size == 0:
+        return []
+    return read_records(paths.rehearsal, "chat", "fail", tokenizer).rows
+
+
 def run(cfg: Config, paths: Paths) -> None:
     """Normalise, dedup, tokenize-check and split `data/raw` (written by `ingest`); write train/eval JSONL and
     metrics/data.json. The output depends only on the raw files, the tokenizer and the data params."""
@@ -145,6 +152,9 @@ def run(cfg: Config, paths: Paths) -> None:
         if len(p_ids) + len(r_ids) > d.max_length:
             truncated.add(r["id"])
     split = split_rows(rows, d.eval_fraction, d.max_eval_rows, d.seed)
+    rehearsal = rehearsal_rows(paths, tokenizer)
+    if rehearsal:  # training only: they keep the base's behaviour, they measure nothing
+        split.train = sorted([*split.train, *rehearsal], key=lambda r: (_unit(d.seed, r["id"]), r["id"]))
     out = paths.prepared_dir
     atomic_write_text(out / "train.jsonl", _jsonl(split.train))
     atomic_write_text(out / "eval.jsonl", _jsonl(split.eval))
@@ -153,7 +163,7 @@ def run(cfg: Config, paths: Paths) -> None:
     metrics = {  # a function of data/raw, the tokenizer and the data params only (not of where data.source is)
         "formats": {_short_origin(k, raw): v for k, v in loaded.formats.items()},
         "rows": {"source": loaded.source_rows, "loaded": len(loaded.rows), "kept": len(rows),
-                 "train": len(split.train), "eval": len(split.eval)},
+                 "train": len(split.train), "eval": len(split.eval), "rehearsal": len(rehearsal)},
         "dropped": dict(sorted(dropped.items())),
         "eval_capped_to_train": split.capped_to_train,
         "tasks": {name: dict(sorted(Counter(r["task"] for r in part).items()))
