@@ -4,8 +4,9 @@ Each input row is one request (`milora.data.formats.request_prompt`, the code th
 evaluation prompts): `instruction` (+ `input`) gets the training template, chat `messages` the
 tokenizer's chat template (as chat training rows), and a raw `prompt` is used as given. Generation is
 greedy with the evaluate stage's settings (`max_new_tokens`, `batch_size` params; their defaults are the
-training run's `eval.max_new_tokens` / `eval.batch_size`), so the served model answers an example with
-exactly the text the evaluate stage predicted for it in the same batch.
+training run's `eval.max_new_tokens` / `eval.batch_size`) and at its precision (`model_config["precision"]`:
+fp32, or the bf16 / fp16 autocast the adapter was trained and evaluated under), so the served model answers
+an example with exactly the text the evaluate stage predicted for it in the same batch.
 
 Logged as *models from code* by `milora.tracking.registry` (no pickle): MLflow copies this file into the
 model and runs it at load time. The model directory carries everything it needs offline:
@@ -116,6 +117,7 @@ class MiloraGenerator(PythonModel):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         import milora
+        from milora.model.precision import recorded_precision, warn_if_emulated
 
         cfg = dict(context.model_config or {})
         artifacts = context.artifacts
@@ -143,6 +145,9 @@ class MiloraGenerator(PythonModel):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         base = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype, trust_remote_code=trust)
         self.model = milora.load_adapter(base, artifacts["adapter"]).to(device).eval()
+        # the precision the adapter was trained and evaluated at (set when the model was logged; fp32 before)
+        self.precision = warn_if_emulated(recorded_precision({"precision": cfg.get("precision")}), device)
+        self.device = device
         self.max_prompt_tokens = cfg.get("max_prompt_tokens")
         self.defaults = {**DEFAULT_PARAMS, **{k: cfg[k] for k in DEFAULT_PARAMS if cfg.get(k) is not None}}
         self.base_source, self.base_revision, self.dtype, self.trust_remote_code = source, revision, dtype, trust
@@ -165,14 +170,16 @@ class MiloraGenerator(PythonModel):
     # `model_input` has no type hint on purpose: MLflow would derive the signature from it; the logged
     # signature (the request columns and the generation params) is explicit.
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> list[str]:
-        """Greedy generation (as in evaluation): one answer, without the prompt, per request."""
+        """Greedy generation (as in evaluation, under the same autocast): one answer, without the prompt, per
+        request."""
         from milora.model.generate import generate
+        from milora.model.precision import autocast
 
         p = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
         prompts = self.prompts(model_input)
         # One generation at a time: `mlflow models serve` runs concurrent requests in threads, and a fast
         # tokenizer shared across threads fails ("Already borrowed") or pads on the wrong side mid-batch.
-        with self._lock:
+        with self._lock, autocast(self.precision, self.device):
             return generate(self.model, self.tokenizer, prompts, int(p["max_new_tokens"]),
                             max(1, int(p["batch_size"])), self.max_prompt_tokens)
 

@@ -119,13 +119,16 @@ def predict_in_fresh_process(model_uri: str, prompts: list[str], max_new_tokens:
     return json.loads(line.removeprefix("GENERATIONS="))
 
 
-def reference_generations(paths, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """What the trained adapter generates in this process (milora.load_adapter + the evaluate stage's generate)."""
+def reference_generations(paths, prompts: list[str], max_new_tokens: int, precision: str = "fp32") -> list[str]:
+    """What the trained adapter generates in this process (milora.load_adapter + the evaluate stage's generate,
+    under the autocast of `precision`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import milora
     from milora.model.generate import generate
+    from milora.model.precision import autocast
 
     tok = AutoTokenizer.from_pretrained(paths.base_dir)
     model = milora.load_adapter(AutoModelForCausalLM.from_pretrained(paths.base_dir), paths.adapter_dir).eval()
-    return generate(model, tok, prompts, max_new_tokens)
+    with autocast(precision, "cpu"):
+        return generate(model, tok, prompts, max_new_tokens)

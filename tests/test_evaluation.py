@@ -18,6 +18,7 @@ import milora
 from milora.core.io import file_digest, read_json, read_jsonl
 from milora.data import synthetic
 from milora.data.suites import load_suite
+from milora.model.precision import resolve_precision
 from milora.pipeline.config import load_config
 from milora.pipeline.paths import Paths
 from milora.stages import run_stage
@@ -154,6 +155,10 @@ def test_registered_model_gate_milora_eval_and_served_answers(project, tmp_path)
     p = subprocess.run(cmd, env=env(clean), capture_output=True, text=True, timeout=600, cwd=root)
     assert p.returncode == 0, p.stderr[-4000:]
     metrics = read_json(out / "metrics.json")
+    # train.precision auto: bf16 autocast on a CPU with native bf16, else fp32; the evaluate stage, `milora eval`
+    # and the served model all compute at what the adapter was trained at
+    assert report["precision"] == read_json(project.adapter_dir / "lineage.json")["precision"] == resolve_precision("auto")
+    assert metrics["settings"]["precision"] == report["precision"]
     for name in ("gsm", "boolq"):  # the registered model, its own generation settings: the same predictions
         assert metrics["suites"][name]["accuracy"] == report["suites"][name]["accuracy"]
         assert (out / f"{name}.jsonl").read_bytes() == (project.suite_predictions_dir / f"{name}.jsonl").read_bytes()

@@ -268,6 +268,23 @@ def test_champion_loads_offline_in_a_fresh_process_and_generates(project, tmp_pa
     assert len(model.predict(REQUESTS[1:])) == 1  # default max_new_tokens from the signature
 
 
+@pytest.mark.slow
+def test_the_pyfunc_generates_at_the_precision_the_adapter_was_trained_at(project, tmp_path):
+    """An adapter whose lineage says bf16 (train.precision resolved to bf16 autocast) is served under the same
+    autocast as the evaluate stage generates with; `model_config={"precision": "fp32"}` at load time overrides it."""
+    from mlflow.pyfunc import load_model
+
+    lineage = json.loads((project.adapter_dir / "lineage.json").read_text())
+    (project.adapter_dir / "lineage.json").write_text(json.dumps({**lineage, "precision": "bf16"}))
+    model_dir = registry.save_pyfunc(tmp_path / "model", validate({}), project)
+    model = load_model(str(model_dir))
+    assert model.model_config["precision"] == "bf16"
+    assert model.unwrap_python_model().precision == "bf16"
+    assert model.predict(REQUESTS, params={"max_new_tokens": 6}) == reference_generations(project, PROMPTS, 6, "bf16")
+    fp32 = load_model(str(model_dir), model_config={"precision": "fp32"})
+    assert fp32.predict(REQUESTS, params={"max_new_tokens": 6}) == reference_generations(project, PROMPTS, 6)
+
+
 def test_register_needs_the_trained_outputs(tmp_path):
     cfg = validate({})
     with pytest.raises(FileNotFoundError, match="run the train stage first"):

@@ -6,7 +6,8 @@
 
 writes `OUT/metrics.json` (`suites.<name>.accuracy`, `n`, `suites_average`, `lm_eval.<task>.<metric>`,
 `lm_eval_delta.<task>.<metric>` when the model has a base) and `OUT/<suite>.jsonl` (per-example predictions),
-and prints the metrics as one JSON line.
+and prints the metrics as one JSON line. The model computes at the precision it was trained and is served at
+(fp32, or bf16 / fp16 autocast; `--precision` overrides it), so its predictions are the evaluate stage's.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, help="generation budget (default: the model's eval setting, or 48)")
     p.add_argument("--batch-size", type=int, help="prompts per generation batch (default: the model's, or 16)")
     p.add_argument("--max-length", type=int, help="prompt tokens kept (default: the model's data.max_length, or 256)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="compute precision (default: the one the model was trained and is served at; auto for a "
+                        "plain model: bf16 autocast on a GPU or CPU with native bf16, else fp32)")
     p.add_argument("--lm-eval-tasks", nargs="+", default=[], metavar="TASK", help="lm-evaluation-harness tasks")
     p.add_argument("--lm-eval-include", metavar="DIR", help="a directory of local lm-eval task YAMLs")
     p.add_argument("--num-fewshot", type=int, help="lm-eval few-shot examples (default: the task's)")
@@ -47,6 +51,7 @@ def main(args: argparse.Namespace) -> int:
     from milora.data.suites import load_suite, parse_suite
     from milora.evaluation import harness
     from milora.evaluation.suites import score_suite, summary
+    from milora.model.precision import autocast, resolve_precision, warn_if_emulated
     from milora.pipeline.config import DataConfig, EvalConfig
     from milora.tracking.models import load_eval_model
 
@@ -59,27 +64,32 @@ def main(args: argparse.Namespace) -> int:
     limit = args.lm_eval_limit
     limit = int(limit) if limit is not None and limit >= 1 else limit
     manager = harness.task_manager(args.lm_eval_tasks, args.lm_eval_include) if args.lm_eval_tasks else None
+    precision = resolve_precision(args.precision, key="--precision") if args.precision else None
     loaded = load_eval_model(args.model, args.base, args.root)
+    precision = precision or warn_if_emulated(loaded.precision)
     records = {s.name: load_suite(s, tokenizer=loaded.tokenizer) for s in suites}  # bad files fail before generating
     d, e = loaded.defaults, EvalConfig()
     max_new_tokens = args.max_new_tokens or d.get("max_new_tokens") or e.max_new_tokens
     batch_size = args.batch_size or d.get("batch_size") or e.batch_size
     max_length = args.max_length or d.get("max_length") or DataConfig().max_length
 
-    results = [score_suite(loaded.model, loaded.tokenizer, s.name, records[s.name], max_new_tokens, batch_size,
-                           max_length) for s in suites]
-    metrics = {"model": args.model, **summary(results),
-               "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "max_length": max_length}}
-    if args.lm_eval_tasks:
-        lm_args = dict(tasks=args.lm_eval_tasks, num_fewshot=args.num_fewshot, limit=limit,
-                       batch_size=args.lm_eval_batch_size, manager=manager)
-        base_metrics = harness.run_lm_eval(loaded.load_base(), loaded.tokenizer, **lm_args) if loaded.load_base else None
-        if hasattr(loaded.model, "merge_adapter"):
-            loaded.model.merge_adapter()  # evaluated as an exported merged model computes
-        metrics["lm_eval"] = harness.run_lm_eval(loaded.model, loaded.tokenizer, **lm_args)
-        if base_metrics is not None:
-            metrics["lm_eval_base"] = base_metrics
-            metrics["lm_eval_delta"] = harness.deltas(metrics["lm_eval"], base_metrics)
+    settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "max_length": max_length,
+                "precision": precision}
+    with autocast(precision):
+        results = [score_suite(loaded.model, loaded.tokenizer, s.name, records[s.name], max_new_tokens, batch_size,
+                               max_length) for s in suites]
+        metrics = {"model": args.model, **summary(results), "settings": settings}
+        if args.lm_eval_tasks:
+            lm_args = dict(tasks=args.lm_eval_tasks, num_fewshot=args.num_fewshot, limit=limit,
+                           batch_size=args.lm_eval_batch_size, manager=manager)
+            base_metrics = (harness.run_lm_eval(loaded.load_base(), loaded.tokenizer, **lm_args) if loaded.load_base
+                            else None)
+            if hasattr(loaded.model, "merge_adapter"):
+                loaded.model.merge_adapter()  # evaluated as an exported merged model computes
+            metrics["lm_eval"] = harness.run_lm_eval(loaded.model, loaded.tokenizer, **lm_args)
+            if base_metrics is not None:
+                metrics["lm_eval_base"] = base_metrics
+                metrics["lm_eval_delta"] = harness.deltas(metrics["lm_eval"], base_metrics)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for r in results:

@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from milora.core.adapter import load_adapter
@@ -41,6 +40,7 @@ from milora.evaluation.suites import SuiteResult, best_response, score_suite, su
 from milora.model.base import load_base
 from milora.model.generate import generate
 from milora.model.nll import heldout_loss, mean_loss
+from milora.model.precision import adapter_precision, autocast, default_device, warn_if_emulated
 from milora.model.scoring import answer_kind, extract, judge, option_index
 from milora.model.self_text import self_text_loss
 from milora.model.tokenize import encode
@@ -205,14 +205,35 @@ def summary_keys(metrics: dict[str, Any]) -> list[str]:
 
 
 def run(cfg: Config, paths: Paths) -> None:
-    """Evaluate the trained adapter; write metrics/eval.json, eval/predictions.jsonl and eval/suites/."""
+    """Evaluate the trained adapter; write metrics/eval.json, eval/predictions.jsonl and eval/suites/.
+
+    Every forward pass (the base's and the fine-tuned model's) runs at the precision the adapter was trained
+    at (its lineage's `precision`: fp32, or bf16 / fp16 autocast), as the served model does."""
     t0 = time.perf_counter()
     rows = read_jsonl(paths.prepared_dir / "eval.jsonl")
+    device = default_device()
+    precision = warn_if_emulated(adapter_precision(paths.adapter_dir), device)
     model, tokenizer = load_base(cfg, paths)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     suites = load_suites(cfg, paths, tokenizer)
     check_retention_suite(cfg, suites)
+    with autocast(precision, device):
+        metrics, preds, results = _evaluate(cfg, paths, model, tokenizer, rows, suites, device)
+    metrics["precision"] = precision
+    metrics["eval_seconds"] = round(time.perf_counter() - t0, 3)
+    paths.predictions.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(paths.predictions, dump_jsonl(preds))
+    with atomic_dir(paths.suite_predictions_dir) as tmp:
+        for r in results:
+            atomic_write_text(tmp / f"{r.name}.jsonl", dump_jsonl(r.predictions))
+    write_metrics(paths, "eval", metrics, summary_keys(metrics), TIMINGS)
+    log.info("eval: %s", dump_json({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}).strip())
+
+
+def _evaluate(cfg: Config, paths: Paths, model: nn.Module, tokenizer: Any, rows: list[dict[str, Any]],
+              suites: list[tuple[str, str, list[dict[str, Any]]]], device: str) -> tuple[dict[str, Any], list, list]:
+    """The metrics, held-out predictions and suite results of the evaluate stage (the base's forgetting and
+    lm-eval references first, then the fine-tuned model)."""
     max_length = cfg.data.max_length
     ecfg, lm = cfg.eval, cfg.eval.lm_eval
     docs = heldout_lines(cfg, paths)
@@ -249,11 +270,4 @@ def run(cfg: Config, paths: Paths) -> None:
         metrics["lm_eval_base"] = lm_base
         if lm.include_path:
             metrics["lm_eval_include_sha256"] = file_digest(Path(lm.include_path))
-    metrics["eval_seconds"] = round(time.perf_counter() - t0, 3)
-    paths.predictions.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(paths.predictions, dump_jsonl(preds))
-    with atomic_dir(paths.suite_predictions_dir) as tmp:
-        for r in results:
-            atomic_write_text(tmp / f"{r.name}.jsonl", dump_jsonl(r.predictions))
-    write_metrics(paths, "eval", metrics, summary_keys(metrics), TIMINGS)
-    log.info("eval: %s", dump_json({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}).strip())
+    return metrics, preds, results

@@ -30,6 +30,7 @@ from milora.core.errors import InvalidInput
 from milora.core.io import atomic_write_text, file_digest, read_json, read_jsonl, write_json
 from milora.model.base import load_base
 from milora.model.nll import mean_loss
+from milora.model.precision import LINEAGE_FILE, autocast, resolve_precision, trainer_flags
 from milora.model.tokenize import encode
 from milora.pipeline.config import LAUNCH_KEYS, Config
 from milora.pipeline.paths import Paths
@@ -97,18 +98,11 @@ class ProgressCallback(TrainerCallback):
                                    "loss": logs["loss"], "time": time.time()})
 
 
-def _precision(cfg_precision: str) -> dict[str, bool]:
-    cuda = torch.cuda.is_available()
-    if cfg_precision == "auto":
-        return {"bf16": cuda and torch.cuda.is_bf16_supported(), "fp16": False}
-    if cfg_precision in ("bf16", "fp16") and not cuda:
-        raise InvalidInput(f"train.precision = {cfg_precision} needs a GPU; use fp32 or auto on the CPU")
-    return {"bf16": cfg_precision == "bf16", "fp16": cfg_precision == "fp16"}
-
-
-def training_arguments(cfg: Any, output_dir: Path) -> TrainingArguments:
-    """TrainingArguments from the `train:` section (checkpoints, schedule, precision, DDP backend)."""
+def training_arguments(cfg: Any, output_dir: Path, precision: str | None = None) -> TrainingArguments:
+    """TrainingArguments from the `train:` section (checkpoints, schedule, DDP backend) and the resolved
+    `precision` (default: `train.precision` resolved here)."""
     t = cfg.train
+    precision = precision or resolve_precision(t.precision)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by torchrun / accelerate launch
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -140,14 +134,16 @@ def training_arguments(cfg: Any, output_dir: Path) -> TrainingArguments:
         use_cpu=not torch.cuda.is_available(),  # on CPU, lets accelerate set up multi-CPU DDP under torchrun
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
-        **_precision(t.precision),
+        **trainer_flags(precision),
     )
 
 
-def _fingerprint(cfg: Config, paths: Paths) -> dict[str, Any]:
-    """What the checkpoints depend on: train params, the initial adapter, the data and the base."""
+def _fingerprint(cfg: Config, paths: Paths, precision: str) -> dict[str, Any]:
+    """What the checkpoints depend on: train params and the precision they resolved to, the initial adapter, the
+    data and the base."""
     return {
         "train": cfg.train.model_dump(mode="json", exclude=set(LAUNCH_KEYS)),
+        "precision": precision,
         "svd_init": file_digest(paths.svd_init_dir),
         "data": file_digest(paths.prepared_dir / "train.jsonl"),
         "base": json.loads(paths.base_json.read_text()).get("content_hash"),
@@ -168,11 +164,11 @@ def _last_complete_checkpoint(ckpt: Path, is_main: bool) -> str | None:
     return None
 
 
-def _resume_point(cfg: Config, paths: Paths, is_main: bool) -> str | None:
+def _resume_point(cfg: Config, paths: Paths, is_main: bool, precision: str) -> str | None:
     """The checkpoint to resume from, discarding checkpoints of a different configuration."""
     ckpt = paths.checkpoints_dir
     fp_path = ckpt / FINGERPRINT
-    want = _fingerprint(cfg, paths)
+    want = _fingerprint(cfg, paths, precision)
     if ckpt.exists() and fp_path.exists() and json.loads(fp_path.read_text()) == want:
         last = _last_complete_checkpoint(ckpt, is_main)
         if last:
@@ -223,14 +219,17 @@ def _ranks_agree(model: torch.nn.Module) -> tuple[int, list[str]]:
     return dist.get_world_size(), sorted({n for names in gathered for n in (names or [])})
 
 
-def _eval_loss(model: torch.nn.Module, encoded: list[dict[str, Any]], batch_size: int, is_main: bool) -> float | None:
-    """Token-weighted eval loss of the (unwrapped) model in eval mode; computed by each node's main process only."""
+def _eval_loss(model: torch.nn.Module, encoded: list[dict[str, Any]], batch_size: int, is_main: bool,
+               precision: str) -> float | None:
+    """Token-weighted eval loss of the (unwrapped) model in eval mode, under the training's autocast; computed by
+    each node's main process only."""
     if not encoded or not is_main:
         return None
     was_training = model.training
     model.eval()
     try:
-        return mean_loss(model, encoded, batch_size)
+        with autocast(precision):
+            return mean_loss(model, encoded, batch_size)
     finally:
         model.train(was_training)
 
@@ -246,6 +245,7 @@ def encode_rows(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> 
 
 def run(cfg: Config, paths: Paths) -> None:
     """Train the adapter from `models/svd_init`, resuming from `checkpoints/` when possible."""
+    precision = resolve_precision(cfg.train.precision)  # a precision this machine lacks fails before any work
     if wants_launch(cfg):
         launch(cfg, paths, "train")
         return
@@ -256,11 +256,11 @@ def run(cfg: Config, paths: Paths) -> None:
         model.enable_input_require_grads()
     train_ds, eval_encoded = _datasets(cfg, paths, tokenizer)
 
-    args = training_arguments(cfg, paths.checkpoints_dir)
+    args = training_arguments(cfg, paths.checkpoints_dir, precision)
     is_main = is_local_main()  # writes this node's checkpoints and outputs (one node: global rank 0)
     paths.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     check_own_workspaces(paths.root)
-    resume = same_on_every_rank(_resume_point(cfg, paths, is_main), "the checkpoint to resume from")
+    resume = same_on_every_rank(_resume_point(cfg, paths, is_main, precision), "the checkpoint to resume from")
     if args.world_size > 1:
         torch.distributed.barrier()
     # No `trainer.evaluate()` before `train()`: it prepares the model for evaluation, and accelerate then
@@ -269,18 +269,18 @@ def run(cfg: Config, paths: Paths) -> None:
         model=model, args=args, train_dataset=train_ds, data_collator=PadCollator(tokenizer.pad_token_id),
         callbacks=[ProgressCallback(paths.checkpoints_dir / PROGRESS)],
     )
-    start_eval = _start_eval_loss(model, eval_encoded, cfg, paths, resume, is_main)
+    start_eval = _start_eval_loss(model, eval_encoded, cfg, paths, resume, is_main, precision)
 
     t0 = time.perf_counter()
     resumed_step = int(Path(resume).name.split("-")[-1]) if resume else 0
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
-    end_eval = _eval_loss(model, eval_encoded, cfg.eval.batch_size, is_main)
+    end_eval = _eval_loss(model, eval_encoded, cfg.eval.batch_size, is_main, precision)
     world = _check_ranks_agree(model)
     if not is_main:
         return
 
-    _save_trained_adapter(cfg, paths, model)
+    _save_trained_adapter(cfg, paths, model, precision)
     metrics = {
         "train_loss": result.training_loss,
         "eval_loss_start": start_eval,
@@ -291,7 +291,7 @@ def run(cfg: Config, paths: Paths) -> None:
     }
     write_metrics(paths, "train", metrics, SUMMARY, TIMINGS)
     atomic_write_text(paths.plot("train_loss.csv"), _loss_csv(trainer.state.log_history))
-    log.info("train: %d steps in %.1fs, loss %.4f, eval loss %s -> %s", metrics["steps"], seconds,
+    log.info("train: %d steps in %.1fs (%s), loss %.4f, eval loss %s -> %s", metrics["steps"], seconds, precision,
              result.training_loss, start_eval, end_eval)
 
 
@@ -306,13 +306,13 @@ def _datasets(cfg: Config, paths: Paths, tokenizer: Any) -> tuple[EncodedDataset
 
 
 def _start_eval_loss(model: torch.nn.Module, encoded: list[dict[str, Any]], cfg: Config, paths: Paths,
-                     resume: str | None, is_main: bool) -> float | None:
+                     resume: str | None, is_main: bool, precision: str) -> float | None:
     """The eval loss before training: measured on a fresh start (and kept in `checkpoints/`), read back when
     resuming (the model no longer is at its start)."""
     start_file = paths.checkpoints_dir / START_EVAL
     if resume is not None:
         return read_json(start_file)["eval_loss"] if start_file.exists() else None
-    loss = _eval_loss(model, encoded, cfg.eval.batch_size, is_main)
+    loss = _eval_loss(model, encoded, cfg.eval.batch_size, is_main, precision)
     if is_main:
         write_json(start_file, {"eval_loss": loss})
     return loss
@@ -327,14 +327,17 @@ def _check_ranks_agree(model: torch.nn.Module) -> int:
     return world
 
 
-def _save_trained_adapter(cfg: Config, paths: Paths, model: torch.nn.Module) -> None:
-    """`models/adapter`: the trained adapter and its lineage.
+def _save_trained_adapter(cfg: Config, paths: Paths, model: torch.nn.Module, precision: str) -> None:
+    """`models/adapter`: the trained adapter (in the model's dtype: autocast leaves the weights in it) and its
+    lineage.
 
     What made these weights, and nothing else: the lineage is part of the adapter (a DVC out the evaluate
     stage and the registry depend on), so it holds no git commit, timestamp, path or unrelated param (the
-    register step tags the MLflow run with the git commit and logs every param)."""
+    register step tags the MLflow run with the git commit and logs every param). `precision` is what
+    `train.precision` resolved to on this machine: the evaluate stage and the served model compute under it."""
     lineage = {
         "method": cfg.adapter.method,
+        "precision": precision,
         "rank": cfg.adapter.rank,
         "alpha": cfg.adapter.alpha,
         "base": read_json(paths.base_json),
@@ -345,7 +348,7 @@ def _save_trained_adapter(cfg: Config, paths: Paths, model: torch.nn.Module) -> 
     }
     save_adapter(model, paths.adapter_dir, base_name=cfg.model.name_or_path,
                  extra={"lineage": {k: lineage[k] for k in ("method", "rank", "data_hash")}})
-    write_json(paths.adapter_dir / "lineage.json", lineage)
+    write_json(paths.adapter_dir / LINEAGE_FILE, lineage)
 
 
 def _run_numbers(trainer: Trainer, model: torch.nn.Module, resumed_step: int, seconds: float,

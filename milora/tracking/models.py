@@ -6,6 +6,10 @@
 * a MiLoRA adapter directory (`milora.json`; `models/adapter` of a project): loaded on its base, found
   from `--base`, else from the adapter's `lineage.json` (relative to its project) or `adapter_config.json`;
 * a plain Hugging Face model directory (`config.json`, safetensors): evaluated as it is (no base to compare).
+
+Each is evaluated at its precision (`EvalModel.precision`): a registered model's and an adapter's are the
+ones they were trained at (the pyfunc's `model_config`, the adapter's lineage), so `milora eval` scores as the
+evaluate stage and the served model compute; a plain model's is `auto` resolved on this machine.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class EvalModel:
     load_base: Callable[[], Any] | None = None
     defaults: dict[str, Any] = field(default_factory=dict)  # max_new_tokens, batch_size, max_length
     description: str = ""
+    precision: str = "fp32"  # fp32 | bf16 | fp16 autocast: what the model was trained, evaluated and served at
 
 
 def _pretrained(source: str | Path, dtype: str = "float32", revision: str | None = None,
@@ -92,7 +97,8 @@ def _registered(uri: str, root: str | os.PathLike[str]) -> EvalModel:
         raise MissingInput(f"cannot load {uri} from {tracking.redact_uri(store)}: {exc.message} (check the name, "
                            "alias or version, and MLFLOW_TRACKING_URI)") from None
     defaults = {**served.defaults, "max_length": served.max_prompt_tokens}
-    return EvalModel(served.model, served.tokenizer, served.load_base, defaults, f"{uri} (MLflow pyfunc)")
+    return EvalModel(served.model, served.tokenizer, served.load_base, defaults, f"{uri} (MLflow pyfunc)",
+                     getattr(served, "precision", "fp32"))  # models logged before precision was recorded: fp32
 
 
 def load_eval_model(spec: str, base: str | None = None, root: str | os.PathLike[str] = ".") -> EvalModel:
@@ -102,15 +108,18 @@ def load_eval_model(spec: str, base: str | None = None, root: str | os.PathLike[
     path = Path(os.path.expanduser(spec))
     if (path / "milora.json").is_file():
         import milora
+        from milora.model.precision import adapter_precision
 
         base_dir = adapter_base(path, base)
         model, tokenizer = _pretrained(base_dir)
         peft_model = _on_device(milora.load_adapter(model, path))  # the residual is rebuilt where the factors are
         return EvalModel(peft_model, tokenizer, lambda: _on_device(_pretrained(base_dir)[0]), {},
-                         f"adapter {path} on base {base_dir}")
+                         f"adapter {path} on base {base_dir}", adapter_precision(path))
     if (path / "config.json").is_file():
+        from milora.model.precision import resolve_precision
+
         model, tokenizer = _pretrained(path)
-        return EvalModel(_on_device(model), tokenizer, None, {}, f"model {path}")
+        return EvalModel(_on_device(model), tokenizer, None, {}, f"model {path}", resolve_precision("auto"))
     if not path.exists():
         raise MissingInput(f"--model {spec!r}: no such directory, and not a models:/ or runs:/ URI")
     raise InvalidInput(f"--model {spec!r}: not a MiLoRA adapter directory (milora.json) nor a Hugging Face model "

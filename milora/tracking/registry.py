@@ -286,11 +286,13 @@ def save_pyfunc(dest: str | os.PathLike[str], cfg: Config, paths: Paths, run_id:
     from mlflow.pyfunc import save_model
 
     import milora
+    from milora.model.precision import adapter_precision
 
     identity = base_identity(paths)
     artifacts = {"adapter": str(Path(adapter_dir or paths.adapter_dir).resolve())}
     model_config: dict[str, Any] = {
         "dtype": _dtype_name(identity, cfg),
+        "precision": adapter_precision(artifacts["adapter"]),  # trained and evaluated at: served at it too
         "trust_remote_code": cfg.model.trust_remote_code,
         "max_prompt_tokens": cfg.data.max_length,
         "device": "auto",

@@ -54,6 +54,7 @@ TAG_LOGGED = "milora.logged"
 TAG_PREFECT = "milora.prefect_flow_run_id"
 PREFIXED = ("data", "base", "svd", "train")  # logged as `<name>.<key>`; eval metrics are unprefixed
 LOSS_METRIC = "train_loss"
+PARAM_PRECISION = "train.precision_resolved"  # what train.precision resolved to (lineage `precision`)
 
 _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|API_KEY|PRIVATE_KEY|CREDENTIAL|SESSION_KEY", re.I)
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@]+@")
@@ -464,6 +465,8 @@ def lineage_tags(cfg: Config, paths: Paths, lineage: Mapping[str, Any] | None = 
         if len(blob) <= 5000:
             tags["milora.svd_cache_keys"] = blob
     tags["milora.method"] = str(lin.get("method") or cfg.adapter.method)
+    if lin.get("precision"):
+        tags["milora.precision"] = str(lin["precision"])  # what train.precision resolved to: fp32 | bf16 | fp16
     tags["milora.rank"] = str(lin.get("rank") or cfg.adapter.rank)
     flow = prefect_flow_run_id()
     if flow:
@@ -485,8 +488,11 @@ def suite_tags(paths: Paths) -> dict[str, str]:
 
 
 def run_params(cfg: Config, lineage: Mapping[str, Any]) -> dict[str, str]:
-    """Flattened params: the config, overridden by the adapter's lineage params (what trained it); scrubbed."""
+    """Flattened params: the config, overridden by the adapter's lineage params (what trained it), and
+    `train.precision_resolved`, what `train.precision` (e.g. `auto`) resolved to when it trained; scrubbed."""
     merged = {**cfg.flat(), **flatten(lineage.get("params") or {})}
+    if lineage.get("precision"):
+        merged[PARAM_PRECISION] = lineage["precision"]
     out = {}
     for k, v in merged.items():
         text = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
