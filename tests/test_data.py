@@ -564,7 +564,7 @@ def test_prepare_local_source_skips_bad_rows_dedups_and_counts_truncation(projec
     m = read_json(project.report("data"))
     assert m["dropped"] == {"bad row: instruction empty": 1, "bad row: output missing": 1,
                             "bad row: output wrong type": 1, "duplicate": 1}
-    assert m["rows"] == {"source": 7, "loaded": 4, "kept": 3, "train": 2, "eval": 1}
+    assert m["rows"] == {"source": 7, "loaded": 4, "kept": 3, "train": 2, "eval": 1, "rehearsal": 0}
     assert m["truncated"]["train"] + m["truncated"]["eval"] == 1 and m["formats"] == {"mine.jsonl": "alpaca"}
     cfg.data.on_bad_rows = "fail"
     with pytest.raises(ValueError, match=r"mine\.jsonl, line 2, field 'output': missing"):
