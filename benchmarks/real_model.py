@@ -1,7 +1,7 @@
 """The real model, SmolLM2-135M-Instruct (params.smol.yaml), on this machine: what a user of `make run-real` gets.
 
-    python benchmarks/real_model.py                 # all parts, writes the section of docs/benchmarks.md
-    python benchmarks/real_model.py --parts stages  # one part (stages | throughput | serve | methods)
+    python benchmarks/real_model.py --write                 # all parts, writes the section of docs/benchmarks.md
+    python benchmarks/real_model.py --parts stages serve    # some parts (stages | throughput | serve | methods)
 
 * stages: the pipeline stage by stage, as `dvc repro` / `milora run` run it, each step in its own process
   (`real_scale.measure`: wall time and the step's process-tree peak RSS), then `milora register`;
@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     ap.add_argument("--work", type=Path, default=Path("/tmp/milora-real-model"))
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    ap.add_argument("--write", action="store_true", help="write the section of --out (with every part measured)")
     a = ap.parse_args(argv)
     import torch
 
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     loads.append(load())
     saved = a.work / "results.json"
     old = json.loads(saved.read_text()) if saved.exists() else {}
-    old.update({k: v[1] for k, v in done.items()})
+    old.update({k: {"rows": v[0], "data": v[1]} for k, v in done.items()})
     saved.write_text(json.dumps(old, indent=2, default=str) + "\n")
     head = [SECTION, "",
             f"Reproduce: `python benchmarks/real_model.py` (parts: {', '.join(PARTS)}). Machine: "
@@ -211,10 +212,11 @@ def main(argv: list[str] | None = None) -> int:
                        "`eval.max_new_tokens`); requests are served one generation at a time:",
               "methods": "Base vs tuned, one seed, each method at the profile's rate (`milora compare --params "
                          "params.smol.yaml`; the lab issue does the tuned comparison with intervals):"}
-    body = [line for part, (rows, _) in done.items() for line in (titles[part], "", *rows, "")]
+    # The section shows every part measured in this work directory (this run's and earlier runs' parts).
+    body = [line for part in PARTS if part in old for line in (titles[part], "", *old[part]["rows"], "")]
     text = "\n".join(head + body)
     print(text)
-    if set(a.parts) == set(PARTS):
+    if a.write:
         write_section(a.out, SECTION, text)
         print(f"wrote the '{SECTION[3:]}' section of {a.out}")
     return 0
