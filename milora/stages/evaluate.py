@@ -244,17 +244,17 @@ def _evaluate(cfg: Config, paths: Paths, model: nn.Module, tokenizer: Any, rows:
     lm_args = dict(tasks=lm.tasks, num_fewshot=lm.num_fewshot, limit=lm.limit, batch_size=lm.batch_size, manager=manager)
     lm_base = harness.run_lm_eval(model, tokenizer, **lm_args) if lm.tasks else {}
 
-    def score_suites() -> list[SuiteResult]:
-        return [score_suite(model, tokenizer, name, records, suite.max_new_tokens or ecfg.max_new_tokens,
+    def score_suites(scored: nn.Module) -> list[SuiteResult]:
+        return [score_suite(scored, tokenizer, name, records, suite.max_new_tokens or ecfg.max_new_tokens,
                             ecfg.batch_size, max_length)
                 for suite, (name, _, records) in zip(ecfg.suites, suites, strict=True)]
 
-    base_results = score_suites() if ecfg.score_base else []
+    base_results = score_suites(model) if ecfg.score_base else []  # before the adapter changes the model
     # The residual is rebuilt on the CPU, as the served pyfunc does, so both hold the same weights bit for bit.
     model = load_adapter(model.cpu(), paths.adapter_dir).to(device)
     model.eval()
     metrics, preds = evaluate_model(model, tokenizer, rows, cfg, max_length)
-    results = score_suites()
+    results = score_suites(model)
     if base_results:
         results = [with_base(tuned, base) for tuned, base in zip(results, base_results, strict=True)]
     metrics.update(summary(results))
