@@ -217,7 +217,7 @@ def test_schedule_agrees_with_prefect():
             validate({"schedule": {"cron": cron}})
 
 
-@pytest.mark.parametrize("params_file", ["params.yaml", "params.lab.yaml"])
+@pytest.mark.parametrize("params_file", ["params.yaml", "params.lab.yaml", "params.smol.yaml"])
 def test_every_param_a_dvc_stage_names_is_in_the_params_file(params_file):
     """DVC refuses to run a stage whose `params:` key is missing from params.yaml (a pydantic default is not
     enough): every key dvc.yaml lists must be written out in each params file the pipeline runs with."""
