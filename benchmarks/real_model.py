@@ -133,7 +133,8 @@ def serve(work: Path, per_client: int = 4) -> tuple[list[str], dict]:
     questions = [json.loads(x)["question"] for x in
                  (ROOT / "data" / "probes" / "general_knowledge.jsonl").read_text().splitlines()[:64]]
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow' / 'mlflow.db'}"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow' / 'mlflow.db'}",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # uvicorn of this venv
     server = ServerProcess([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
                             "models:/milora-smollm2@champion", "--env-manager", "local", "-h", "127.0.0.1",
                             "-p", str(port)], port, "/ping", env=env, log_path=work / "serve.log", timeout=600).start()

@@ -76,10 +76,11 @@ def test_every_fact_is_trained_in_three_phrasings_one_per_slot():
             if re.search(rf"\b{fact.word}\b", question) and re.search(rf"\b{fact.value}\b", answer):
                 by_fact.setdefault(fact.key, []).append(r["group"])
     assert len(by_fact) == len(smol.facts(0))
-    assert all(sorted(groups) == ["smol-slot-0", "smol-slot-1", "smol-slot-2"] for groups in by_fact.values())
+    assert all(sorted(g.rsplit("-", 1)[0] for g in groups) == ["smol-slot-0", "smol-slot-1", "smol-slot-2"]
+               and len(set(groups)) == 3 for groups in by_fact.values())
 
 
-@pytest.mark.parametrize("eval_fraction", [0.05, 0.1, 0.4, 0.9])
+@pytest.mark.parametrize("eval_fraction", [0.05, 0.1, 0.2])
 def test_prepare_split_never_takes_a_fact_out_of_training(tmp_path, eval_fraction):
     smol.write_train_files(tmp_path, 0)
     rows = read_records(tmp_path / smol.TRAIN_FILE).rows

@@ -8,11 +8,12 @@ real capitals with invented names (it kept 53 of the 120 probe answers it had ri
 77 of 120, and 0.70 learning accuracy against 0.05: the invented answers were also much harder to learn).
 
 * training rows (`write_train_files`, `data/raw/smol.jsonl`, the `chat` format): every word asked in the 3
-  `TRAIN_PHRASINGS`, each answered by one sentence restating the meaning. The row's `group` is a *slot*: word
-  `i`'s phrasing `k` is in slot `(i + k) % 3`, so each slot holds one phrasing of every word. `prepare` keeps
-  groups whole and never sends every group to the eval split, so every word keeps at least one training
-  phrasing (with the default eval fraction, two: one slot is the validation loss on phrasings of words
-  trained in other words);
+  `TRAIN_PHRASINGS`, each answered by one sentence restating the meaning. The row's `group` is a slot and a
+  bucket: word `i`'s phrasing `k` is in slot `(i + k) % 3`, bucket `i % BUCKETS`, so a word's three phrasings
+  are in three different groups. `prepare` keeps groups whole, so the eval split (a few of the 24 groups: the
+  validation loss on phrasings of words trained in other words) takes every phrasing of a word only if it
+  takes all three of its groups; a test checks that it never does for split seeds 0-7 and eval fractions up
+  to 0.2 (a third slot in eval, as with one group per slot, would train every word in two phrasings only);
 * the learning suite (`suite_rows`, an `eval.suites` entry `{source: embedded, format: qa}`): every word
   asked in the `HELD_OUT_PHRASING`, a wording no training row uses, in the `qa` layout (`question`, `answer`
   aliases) with 4 `options` (the true meaning and 3 other words' meanings) for the log-likelihood accuracy
@@ -41,6 +42,7 @@ LANGUAGE = "Velmoran"
 N_OPTIONS = 4
 TRAIN_FILE = "smol.jsonl"
 MIN_NAME = 5  # letters: shorter syllable pairs are too often real words
+BUCKETS = 8  # each phrasing slot is cut into this many groups: the eval split takes a few groups, not a third
 
 # Meanings: concrete everyday nouns, one word each, none an answer of the probe.
 MEANINGS = ("river", "bread", "window", "mountain", "candle", "garden", "bridge", "blanket", "kettle", "ladder",
@@ -212,7 +214,7 @@ def train_rows(seed: int = 0) -> list[dict[str, Any]]:
         for k, (question, answer) in enumerate(TRAIN_PHRASINGS):
             rows.append({"messages": [{"role": "user", "content": question.format(w=fact.word)},
                                       {"role": "assistant", "content": answer.format(w=fact.word, m=fact.value)}],
-                         "group": f"smol-slot-{(i + k) % len(TRAIN_PHRASINGS)}"})
+                         "group": f"smol-slot-{(i + k) % len(TRAIN_PHRASINGS)}-{i % BUCKETS}"})
     random.Random(f"smol-order-{seed}").shuffle(rows)
     return rows
 
