@@ -267,6 +267,7 @@ def main() -> None:
     p.add_argument("--smol-worker", nargs=3, help=argparse.SUPPRESS)
     p.add_argument("--embedded-worker", nargs=4, help=argparse.SUPPRESS)
     a = p.parse_args()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (the embedded base pretrains in here)
     steps = 4 if a.quick else a.smol_steps
     if a.smol_worker:
         prec, seed, base = a.smol_worker
