@@ -230,7 +230,8 @@ def prepare_embedded(shared: Path, quick: bool) -> None:
 def _run(args: list[str]) -> dict[str, Any]:
     p = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                            "PYTHONPATH": str(ROOT)})
+                            "OMP_WAIT_POLICY": "PASSIVE",  # as the milora CLI sets it (busy-waiting threads on a
+                            "PYTHONPATH": str(ROOT)})      # shared machine make training many times slower)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{p.stderr[-4000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -266,6 +267,7 @@ def main() -> None:
     p.add_argument("--smol-worker", nargs=3, help=argparse.SUPPRESS)
     p.add_argument("--embedded-worker", nargs=4, help=argparse.SUPPRESS)
     a = p.parse_args()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (the embedded base pretrains in here)
     steps = 4 if a.quick else a.smol_steps
     if a.smol_worker:
         prec, seed, base = a.smol_worker

@@ -47,3 +47,15 @@ def test_svd_init_spectra_quick(tmp_path):
     text = _bench(tmp_path, "svd_init.py", "--spectra", "--quick", "--kinds", "power1,clustered", "--no-wide")
     assert "## SVD initialisation on every spectrum" in text
     assert "| power law sigma_i = i^-1 + noise | 1376x512 | 8 |" in text and "| clustered small end" in text
+
+
+@pytest.mark.slow
+def test_precision_quick_on_the_embedded_base(tmp_path):
+    """fp32 vs bf16 autocast through the pipeline's stages at toy size (SmolLM2 is the benchmark's job)."""
+    from milora.model.precision import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        pytest.skip("bf16 is refused on a CPU without native bf16")
+    text = _bench(tmp_path, "precision.py", "--quick", "--parts", "embedded")
+    assert "## bf16 autocast on the CPU" in text and "### The embedded base" in text
+    assert "| training tokens/s |" in text and "| forgetting (held-out pretraining loss increase) |" in text
