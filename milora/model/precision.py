@@ -3,7 +3,8 @@
 * `fp32`: plain float32.
 * `bf16`: the weights (and the optimizer state) stay in the model's dtype, float32 by default; the forward pass
   runs under `torch.autocast(dtype=torch.bfloat16)`, so matmuls run in bfloat16 (tensor cores on a GPU;
-  oneDNN on a CPU with AMX-BF16 or AVX512-BF16) and reductions, norms and softmax stay in float32.
+  oneDNN on a CPU with AMX-BF16 or AVX512-BF16), while the ops autocast keeps in float32 and the model's own
+  upcasts (RMSNorm, the loss on float logits) stay in float32.
 * `fp16`: float16 autocast with the Trainer's loss scaling; GPU only.
 * `auto`: bf16 where the device runs it natively (a CUDA GPU that supports it, a CPU with AMX-BF16 or
   AVX512-BF16 as `torch.cpu.get_capabilities()` reports), fp32 elsewhere.

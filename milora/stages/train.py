@@ -260,6 +260,8 @@ def run(cfg: Config, paths: Paths) -> None:
     is_main = is_local_main()  # writes this node's checkpoints and outputs (one node: global rank 0)
     paths.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     check_own_workspaces(paths.root)
+    same_on_every_rank(precision, f"what train.precision = {cfg.train.precision} resolved to (nodes with and without "
+                                  "native bf16: set fp32 or bf16 explicitly)")
     resume = same_on_every_rank(_resume_point(cfg, paths, is_main, precision), "the checkpoint to resume from")
     if args.world_size > 1:
         torch.distributed.barrier()
