@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from milora.core.io import read_json, read_jsonl
+from milora.core.io import read_json, read_jsonl, sha256_file
 from milora.model import gguf
 from milora.pipeline.paths import Paths
 from tests.project import env, make_project, run
@@ -68,7 +68,7 @@ def test_gguf_base_identity_and_byte_identical_rerun(project):
     root = project.root
     info = read_json(project.base_json)
     src = gguf.resolve_gguf("smollm2-135m-instruct")
-    assert (info["gguf_file"], info["gguf_sha256"]) == (src.name, gguf.file_sha256(src))
+    assert (info["gguf_file"], info["gguf_sha256"]) == (src.name, sha256_file(src))
     assert info["converter"] == gguf.converter() and info["load_path"] == "models/base"
     assert info["n_params"] == 134_515_008 and info["architecture"] == "LlamaForCausalLM"
     assert "quantization_config" not in read_json(project.base_dir / "config.json")

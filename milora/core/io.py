@@ -127,6 +127,15 @@ def dump_jsonl(rows: Iterable[Any]) -> str:
     return "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows)
 
 
+def sha256_file(path: Path) -> str:
+    """The sha256 of one file's bytes (hex), as `sha256sum` prints it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def file_digest(*paths: Path) -> str:
     """sha256 over the bytes of the given files (and of every file under given directories), in order."""
     h = hashlib.sha256()

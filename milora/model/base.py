@@ -36,13 +36,11 @@ WEIGHT_PATTERNS = ("*.safetensors",)
 
 def content_hash(files: Sequence[Path]) -> str:
     """sha256 over the (name, sha256 of bytes) of each file, in name order: the weights' identity."""
+    from milora.core.io import sha256_file
+
     outer = hashlib.sha256()
     for f in sorted(files, key=lambda p: p.name):
-        inner = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                inner.update(block)
-        outer.update(f"{f.name}\0{inner.hexdigest()}\n".encode())
+        outer.update(f"{f.name}\0{sha256_file(f)}\n".encode())
     return "sha256:" + outer.hexdigest()
 
 

@@ -14,7 +14,6 @@ to a plain Hugging Face safetensors directory that the rest of the pipeline load
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from milora.core.errors import InvalidInput, MissingInput, Unsupported
+from milora.core.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +77,6 @@ def resolve_gguf(name_or_path: str, root: Path = Path(".")) -> Path:
         raise MissingInput(f"{name_or_path}: no such GGUF file (model.name_or_path; packaged names: "
                            f"{', '.join(sorted(PACKAGED))})")
     return path
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -145,12 +137,12 @@ def inspect_gguf(path: Path) -> GgufInfo:
                     len(tensors))
 
 
-def load_gguf(path: Path, dtype: str = "float32") -> tuple[Any, Any]:
-    """(plain model in eval mode, tokenizer) dequantized from the GGUF file, in `dtype`."""
+def load_gguf(path: Path, dtype: str = "float32") -> tuple[Any, Any, GgufInfo]:
+    """(plain model in eval mode, tokenizer, what the header says) dequantized from the GGUF file, in `dtype`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    inspect_gguf(path)
+    info = inspect_gguf(path)
     where, name = str(path.parent), path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
@@ -169,15 +161,17 @@ def load_gguf(path: Path, dtype: str = "float32") -> tuple[Any, Any]:
     model.generation_config = loaded.generation_config
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model, tokenizer, info
 
 
-def convert_gguf(path: Path, out: Path, dtype: str = "float32") -> None:
-    """Write the HF directory (model.safetensors, config, generation config, tokenizer) of the GGUF file."""
-    model, tokenizer = load_gguf(path, dtype)
+def convert_gguf(path: Path, out: Path, dtype: str = "float32") -> GgufInfo:
+    """Write the HF directory (model.safetensors, config, generation config, tokenizer) of the GGUF file;
+    return what its header says."""
+    model, tokenizer, info = load_gguf(path, dtype)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     _canonical_json(out)
+    return info
 
 
 def _canonical_json(out: Path) -> None:
@@ -191,7 +185,7 @@ def converted_copy(name_or_path: str, sha256: str, dtype: str, root: Path = Path
     """A fresh conversion of the GGUF base `name_or_path`, checked to be the file with `sha256`, in a
     temporary directory (for loading a registered model on a machine without the pipeline's models/base)."""
     path = resolve_gguf(name_or_path, root)
-    found = file_sha256(path)
+    found = sha256_file(path)
     if found != sha256:
         raise InvalidInput(f"{path}: sha256 {found}, but the model was trained on the GGUF file with sha256 "
                            f"{sha256}: refusing to load the adapter onto a different base")

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from milora.core.errors import InvalidInput, MissingInput
-from milora.core.io import atomic_dir, atomic_write_text, dump_jsonl, write_json
+from milora.core.io import atomic_dir, atomic_write_text, dump_jsonl, sha256_file, write_json
 from milora.data import lab
 from milora.model import gguf
 from milora.model.base import BOS, EOS, PAD, content_hash, external_identity, load_base, weight_files
@@ -238,11 +238,10 @@ def bootstrap_embedded(cfg: Config, paths: Paths) -> dict[str, Any]:
 def convert_gguf_base(cfg: Config, paths: Paths) -> dict[str, Any]:
     """Convert the GGUF base to `models/base` (safetensors + tokenizer); return its `models/base.json` record."""
     src = gguf.resolve_gguf(cfg.model.name_or_path, paths.root)
-    info = gguf.inspect_gguf(src)
     dtype = "float32" if cfg.model.dtype == "auto" else cfg.model.dtype
     t0 = time.perf_counter()
     with atomic_dir(paths.base_dir) as d:
-        gguf.convert_gguf(src, d, dtype)
+        info = gguf.convert_gguf(src, d, dtype)
     config = json.loads((paths.base_dir / "config.json").read_text(encoding="utf-8"))
     weights = weight_files(paths.base_dir)
     from transformers import AutoConfig
@@ -261,7 +260,7 @@ def convert_gguf_base(cfg: Config, paths: Paths) -> dict[str, Any]:
         "architecture": (config.get("architectures") or ["?"])[0],
         "model_type": config.get("model_type"),
         "gguf_file": src.name,
-        "gguf_sha256": gguf.file_sha256(src),
+        "gguf_sha256": sha256_file(src),
         "gguf_architecture": info.architecture,
         "gguf_quantization": "+".join(info.quant_types),
         "converter": gguf.converter(),
