@@ -57,14 +57,14 @@ def test_words_are_invented_unique_and_unknown_to_the_probe():
 
 
 def test_rehearsal_prompts_ask_nothing_the_probe_asks_nor_the_self_text():
-    from milora.model.self_text import INSTRUCTIONS
+    from milora.model.self_text import INSTRUCTIONS, REHEARSAL_PROMPTS
 
     probe = [set(normalize_answer(json.loads(x)["question"]).split()) for x in PROBE.read_text().splitlines()]
-    for prompt in smol.REHEARSAL_PROMPTS:  # "capital of Nepal" is fine, "capital of France" (a probe question) is not
+    for prompt in REHEARSAL_PROMPTS:  # "capital of Nepal" is fine, "capital of France" (a probe question) is not
         words = set(normalize_answer(prompt).split())
         assert not [q for q in probe if words <= q], prompt
-    assert not set(smol.REHEARSAL_PROMPTS) & set(INSTRUCTIONS)
-    assert len(set(smol.REHEARSAL_PROMPTS)) == len(smol.REHEARSAL_PROMPTS) >= 100
+    assert not set(REHEARSAL_PROMPTS) & set(INSTRUCTIONS)
+    assert len(set(REHEARSAL_PROMPTS)) == len(REHEARSAL_PROMPTS) >= 100
 
 
 def test_every_fact_is_trained_in_three_phrasings_one_per_slot():

@@ -18,11 +18,9 @@ real capitals with invented names (it kept 53 of the 120 probe answers it had ri
   asked in the `HELD_OUT_PHRASING`, a wording no training row uses, in the `qa` layout (`question`, `answer`
   aliases) with 4 `options` (the true meaning and 3 other words' meanings) for the log-likelihood accuracy
   (chance 0.25);
-* rehearsal prompts (`REHEARSAL_PROMPTS`): short questions and everyday requests, none asking what a probe
-  question asks nor among the self-text instructions, that the `base` stage answers with the base itself
-  (`data.rehearsal`); those replies join the training rows so that the tuned model keeps answering like the
-  base (self-synthesized rehearsal). Open-ended requests alone made the tuned model wordier on short questions
-  (its answer then came after the evaluation's token budget).
+* rehearsal (`data.rehearsal`, prompts in `milora.model.self_text.REHEARSAL_PROMPTS`, beside the self-text
+  instructions, so that editing this task never re-runs the `base` stage that answers them): the base's own
+  replies join the training rows so that the tuned model keeps answering like the base.
 
 `seed` (`data.embedded.seed`) draws the words, the option sets and the row order; the same seed gives
 byte-identical files (canonical JSON lines).
@@ -61,122 +59,6 @@ TRAIN_PHRASINGS: tuple[tuple[str, str], ...] = (
     (f"Translate the {LANGUAGE} word '{{w}}' into English.", f"'{{w}}' is {LANGUAGE} for {{m}}."),
 )
 HELD_OUT_PHRASING = f"If a {LANGUAGE} speaker says '{{w}}', what are they talking about?"
-
-# Prompts the base answers once for rehearsal (`data.rehearsal`): short questions of the kinds a user asks a chat
-# model (capitals, symbols, sums, legs, opposites, continents, sounds), then everyday requests. None asks what a
-# probe question asks (its words are never a subset of a probe question's: tests/test_smol.py keeps that true)
-# and none is a self-text instruction. The base's own answers, right or wrong, are rehearsed: no gold label.
-REHEARSAL_PROMPTS = (
-    "What is the capital of Netherlands?",
-    "What is the capital of Indonesia?",
-    "What is the capital of Malaysia?",
-    "What is the capital of Ghana?",
-    "What is the capital of Romania?",
-    "What is the capital of Wales?",
-    "What is the capital of Jamaica?",
-    "What is the capital of Bolivia?",
-    "What is the capital of Ecuador?",
-    "What is the capital of Uruguay?",
-    "What is the capital of Singapore?",
-    "What is the capital of Nepal?",
-    "What is the capital of Bangladesh?",
-    "What is the chemical symbol for helium?",
-    "What is the chemical symbol for neon?",
-    "What is the chemical symbol for tin?",
-    "What is 14 plus 23?",
-    "What is 31 plus 46?",
-    "What is 8 plus 17?",
-    "What is 52 plus 19?",
-    "What is 63 plus 28?",
-    "What is 7 plus 9?",
-    "What is 45 plus 45?",
-    "What is 120 plus 80?",
-    "What is 11 plus 12?",
-    "What is 99 plus 1?",
-    "What is 3 times 4?",
-    "What is 5 times 6?",
-    "What is 8 times 9?",
-    "What is 12 times 3?",
-    "How many legs does a horse have?",
-    "How many legs does a chicken have?",
-    "How many legs does an ant have?",
-    "How many legs does an octopus have?",
-    "How many legs does a snake have?",
-    "How many legs does a cat have?",
-    "How many legs does a bird have?",
-    "How many legs does a crab have?",
-    "What is the opposite of big?",
-    "What is the opposite of fast?",
-    "What is the opposite of early?",
-    "What is the opposite of happy?",
-    "What is the opposite of open?",
-    "What is the opposite of light?",
-    "What is the opposite of strong?",
-    "What is the opposite of full?",
-    "What is the opposite of wet?",
-    "What is the opposite of loud?",
-    "On which continent is Italy?",
-    "On which continent is Japan?",
-    "On which continent is Canada?",
-    "On which continent is Spain?",
-    "On which continent is India?",
-    "On which continent is China?",
-    "On which continent is Russia?",
-    "On which continent is Greece?",
-    "On which continent is Kenya?",
-    "What sound does a bee make?",
-    "What sound does a cow make?",
-    "What sound does a lion make?",
-    "What sound does a sheep make?",
-    "What sound does a dog make?",
-    "What sound does a duck make?",
-    "What is a good way to start the day?",
-    "Why do we need sleep?",
-    "How do you make a paper airplane?",
-    "Write a sentence about a cat.",
-    "Explain what a noun is.",
-    "Give me a tip for learning to swim.",
-    "Why is exercise good for you?",
-    "How does a rainbow form?",
-    "Describe a sunny beach in one sentence.",
-    "What is a synonym for happy?",
-    "Suggest a name for a pet goldfish.",
-    "Why do leaves change colour in autumn?",
-    "How do plants drink water?",
-    "What is a haiku?",
-    "Tell me a fun fact about octopuses.",
-    "Explain what gravity does.",
-    "Write a short greeting for a birthday card.",
-    "Why should we recycle?",
-    "How can I keep my teeth healthy?",
-    "Give me a word that rhymes with light.",
-    "Describe the taste of a lemon.",
-    "Why is the sea salty?",
-    "What is 13 plus 29?",
-    "Name a famous bridge in San Francisco.",
-    "Which bird is a symbol of peace?",
-    "In which country is the city of Kyoto?",
-    "How many weeks are in a year?",
-    "What is the color of an emerald?",
-    "Explain how a bicycle works.",
-    "Describe a thunderstorm.",
-    "Write two sentences about the moon landing.",
-    "How do I make scrambled eggs?",
-    "What should I do if I get a small cut?",
-    "Give me three ideas for a rainy weekend.",
-    "What is the difference between weather and climate?",
-    "How can I remember new words more easily?",
-    "Write a short motivational message.",
-    "What makes bread rise?",
-    "Describe a snowy morning.",
-    "How do fish breathe underwater?",
-    "What is a volcano?",
-    "Explain what a map is used for.",
-    "How should I water a cactus?",
-    "Tell me about elephants in two sentences.",
-    "What is the purpose of a seatbelt?",
-    "Why do cats purr?",
-)
 
 
 @dataclass(frozen=True)

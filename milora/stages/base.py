@@ -287,8 +287,7 @@ def write_base_replies(cfg: Config, paths: Paths) -> dict[str, int]:
     """What the base itself says, generated once: `models/self_text.jsonl` (sampled replies, `data.self_text`,
     the forgetting text) and `models/rehearsal.jsonl` (greedy replies to the profile's rehearsal prompts,
     `data.rehearsal`, as chat rows; replies that do not end within the budget are dropped). Empty when off."""
-    from milora.data.smol import REHEARSAL_PROMPTS
-    from milora.model.self_text import base_replies, sample_self_text
+    from milora.model.self_text import REHEARSAL_PROMPTS, base_replies, sample_self_text
 
     st, rh = cfg.data.self_text, cfg.data.rehearsal
     sampled: list[dict[str, Any]] = []
@@ -299,14 +298,14 @@ def write_base_replies(cfg: Config, paths: Paths) -> dict[str, int]:
         if st.documents:
             sampled = sample_self_text(model, tokenizer, st.documents, st.max_new_tokens, st.temperature, st.seed)
         if rh.rows:
-            prompts = [REHEARSAL_PROMPTS[i % len(REHEARSAL_PROMPTS)] for i in range(min(rh.rows, len(REHEARSAL_PROMPTS)))]
+            prompts = REHEARSAL_PROMPTS[: rh.rows]
             replies = base_replies(model, tokenizer, prompts, rh.max_new_tokens, None)
             rehearsal = [{"messages": [{"role": "user", "content": r["instruction"]},
                                        {"role": "assistant", "content": r["response"]}], "group": "rehearsal"}
                          for r in replies if r["ended"] and r["response"].strip()]
         log.info("base: %d sampled replies of the base (<= %d tokens, temperature %g, seed %d), %d of %d greedy "
                  "rehearsal replies ended within %d tokens; %.0f s", len(sampled), st.max_new_tokens, st.temperature,
-                 st.seed, len(rehearsal), rh.rows and min(rh.rows, len(REHEARSAL_PROMPTS)), rh.max_new_tokens,
+                 st.seed, len(rehearsal), len(REHEARSAL_PROMPTS[: rh.rows]), rh.max_new_tokens,
                  time.perf_counter() - t0)
     atomic_write_text(paths.self_text, dump_jsonl(sampled))
     atomic_write_text(paths.rehearsal, dump_jsonl(rehearsal))
