@@ -53,12 +53,14 @@ class Split:
     capped_dropped: int = 0
 
 
-def split_rows(rows: Sequence[dict[str, Any]], eval_fraction: float, max_eval_rows: int, seed: int = 0) -> Split:
+def split_rows(rows: Sequence[dict[str, Any]], eval_fraction: float, max_eval_rows: int, seed: int = 0,
+               train_only: Sequence[dict[str, Any]] = ()) -> Split:
     """Deterministic split by hashing each row's group (or id) with the seed; eval capped at `max_eval_rows`.
 
     A row's side depends only on its own content and the seed, so appending data never moves existing
     rows between splits. Groups stay whole; eval groups beyond the cap go to train. Both splits are
-    ordered by a seeded hash of the row id (a shuffle that interleaves tasks).
+    ordered by a seeded hash of the row id (a shuffle that interleaves tasks). `train_only` rows (rehearsal)
+    join the training side, in the same order, and are never held out.
     """
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -84,7 +86,8 @@ def split_rows(rows: Sequence[dict[str, Any]], eval_fraction: float, max_eval_ro
             train_rows.extend(groups[g])
             capped_to_train += len(groups[g])
     order = lambda r: (_unit(seed, r["id"]), r["id"])  # noqa: E731
-    return Split(sorted(train_rows, key=order), sorted(eval_rows, key=order), capped_to_train, capped_dropped)
+    return Split(sorted([*train_rows, *train_only], key=order), sorted(eval_rows, key=order), capped_to_train,
+                 capped_dropped)
 
 
 def _percentiles(values: Sequence[int]) -> dict[str, float]:
@@ -151,10 +154,8 @@ def run(cfg: Config, paths: Paths) -> None:
         lengths["total"].append(len(p_ids) + len(r_ids))
         if len(p_ids) + len(r_ids) > d.max_length:
             truncated.add(r["id"])
-    split = split_rows(rows, d.eval_fraction, d.max_eval_rows, d.seed)
-    rehearsal = rehearsal_rows(paths, tokenizer)
-    if rehearsal:  # training only: they keep the base's behaviour, they measure nothing
-        split.train = sorted([*split.train, *rehearsal], key=lambda r: (_unit(d.seed, r["id"]), r["id"]))
+    rehearsal = rehearsal_rows(paths, tokenizer)  # training only: they keep the base's behaviour, measure nothing
+    split = split_rows(rows, d.eval_fraction, d.max_eval_rows, d.seed, train_only=rehearsal)
     out = paths.prepared_dir
     atomic_write_text(out / "train.jsonl", _jsonl(split.train))
     atomic_write_text(out / "eval.jsonl", _jsonl(split.eval))
