@@ -117,7 +117,7 @@ class MiloraGenerator(PythonModel):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         import milora
-        from milora.model.precision import recorded_precision, warn_if_emulated
+        from milora.model.precision import default_device, recorded_precision, warn_if_emulated
 
         cfg = dict(context.model_config or {})
         artifacts = context.artifacts
@@ -139,7 +139,7 @@ class MiloraGenerator(PythonModel):
         dtype = getattr(torch, str(cfg.get("dtype") or "float32"))
         device = str(cfg.get("device") or "auto")
         if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = default_device()
         self.tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

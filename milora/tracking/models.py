@@ -55,9 +55,9 @@ def _pretrained(source: str | Path, dtype: str = "float32", revision: str | None
 
 
 def _on_device(model: Any) -> Any:
-    import torch
+    from milora.model.precision import default_device
 
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    return model.to(default_device()).eval()
 
 
 def adapter_base(adapter_dir: Path, base: str | os.PathLike[str] | None = None) -> Path:
