@@ -19,6 +19,24 @@ from tests.models import tiny_gpt2, tiny_llama  # noqa: E402
 from tests.prefect_fixtures import prefect_api, prefect_env, prefect_server  # noqa: E402, F401
 
 
+@pytest.fixture(autouse=True)
+def _no_process_wide_mlflow_uri():
+    """A test (or the code it runs in-process) that sets mlflow's process-wide tracking or registry URI
+    sends every later test in the process to that store (CI saw "Registered Model ... not found" two
+    files later): pass the store per call instead (MlflowClient(uri), download_artifacts(tracking_uri=))."""
+    yield
+    import sys
+
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        leaked = {"tracking": tracking_utils._tracking_uri, "registry": registry_utils._registry_uri}
+        leaked = {k: v for k, v in leaked.items() if v}
+        tracking_utils._tracking_uri = registry_utils._registry_uri = None
+        assert not leaked, f"the test left mlflow's process-wide URI set: {leaked}"
+
+
 @pytest.fixture
 def llama():
     """A tiny randomly initialised Llama-architecture causal LM (fp32, eval mode)."""

@@ -108,12 +108,18 @@ def _post(url: str, records: list[dict]) -> list[str]:
         return json.loads(resp.read())["predictions"]
 
 
-def test_served_champion_answers_chat_messages_as_evaluate_predicted(project, tmp_path):
+@pytest.fixture(scope="module")
+def registered(project) -> dict:
+    """`milora register` on the module's run: the champion the serving and loading tests use."""
     root = project.root
     reg = run([str(BIN / "milora"), "register", "--root", str(root), "--params", str(root / "params.yaml")], root,
               extra_env=CLEAN, timeout=900)
-    registration = json.loads(reg.stdout.strip().splitlines()[-1])
-    assert registration["model_name"] == MODEL and registration["decision"]["promote"]
+    return json.loads(reg.stdout.strip().splitlines()[-1])
+
+
+def test_served_champion_answers_chat_messages_as_evaluate_predicted(project, registered, tmp_path):
+    root = project.root
+    assert registered["model_name"] == MODEL and registered["decision"]["promote"]
     preds = read_jsonl(project.suite_predictions_dir / "learning.jsonl")
     questions = [json.loads(x)["question"] for x in (project.suites_dir / "learning" / "test.jsonl").read_text()
                  .splitlines()][: len(preds)]
@@ -134,7 +140,7 @@ def test_served_champion_answers_chat_messages_as_evaluate_predicted(project, tm
         server.stop()
 
 
-def test_registered_model_reconverts_the_gguf_where_the_converted_base_is_missing(project, tmp_path):
+def test_registered_model_reconverts_the_gguf_where_the_converted_base_is_missing(project, registered, tmp_path):
     """On a machine without the pipeline's models/base (moved away here), the pyfunc converts the same GGUF file
     again, checked by its sha256, and answers the same."""
     root = project.root
@@ -171,7 +177,7 @@ def _lm_eval_task(folder: Path, suite_file: Path) -> Path:
     return folder
 
 
-def test_milora_eval_and_the_lm_eval_cli_on_the_merged_model_agree(project, tmp_path):
+def test_milora_eval_and_the_lm_eval_cli_on_the_merged_model_agree(project, registered, tmp_path):
     import mlflow
 
     root = project.root
@@ -181,9 +187,10 @@ def test_milora_eval_and_the_lm_eval_cli_on_the_merged_model_agree(project, tmp_
          "--lm-eval-tasks", "smol_learning", "--lm-eval-include", str(tasks)], root, extra_env=CLEAN, timeout=900)
     ours = read_json(out / "metrics.json")["lm_eval"]["smol_learning"]
 
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
-    version = mlflow.MlflowClient().get_model_version_by_alias(MODEL, "champion")
-    merged = Path(mlflow.artifacts.download_artifacts(f"runs:/{version.run_id}/merged", dst_path=str(tmp_path)))
+    store = f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"  # per call: a process-wide URI would leak into later tests
+    version = mlflow.MlflowClient(store, store).get_model_version_by_alias(MODEL, "champion")
+    merged = Path(mlflow.artifacts.download_artifacts(f"runs:/{version.run_id}/merged", dst_path=str(tmp_path),
+                                                      tracking_uri=store))
     lm_out = tmp_path / "lm_eval_out"
     run([str(BIN / "lm_eval"), "run", "--model", "hf", "--model_args", f"pretrained={merged},dtype=float32",
          "--tasks", "smol_learning", "--include_path", str(tasks), "--device", "cpu", "--batch_size", "8",

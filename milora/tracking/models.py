@@ -85,14 +85,16 @@ def adapter_base(adapter_dir: Path, base: str | os.PathLike[str] | None = None) 
 
 def _registered(uri: str, root: str | os.PathLike[str]) -> EvalModel:
     import mlflow
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     from milora.tracking import runs as tracking
 
     store = tracking.tracking_uri(root)
-    mlflow.set_tracking_uri(store)
-    mlflow.set_registry_uri(store)
+    # The store for this load only (the registry follows it): a process-wide set_tracking_uri would outlive the
+    # call. Not download_artifacts(tracking_uri=): MLflow 3 resolves a models:/ URI with the process-wide store.
     try:
-        served = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+        with _use_tracking_uri(store):
+            served = mlflow.pyfunc.load_model(uri).unwrap_python_model()
     except mlflow.exceptions.MlflowException as exc:
         raise MissingInput(f"cannot load {uri} from {tracking.redact_uri(store)}: {exc.message} (check the name, "
                            "alias or version, and MLFLOW_TRACKING_URI)") from None
