@@ -103,7 +103,9 @@ def test_learning_suite_asks_every_fact_in_a_held_out_phrasing(tmp_path):
     assert smol.HELD_OUT_PHRASING.split("{w}")[0] not in train_text  # the held-out wording is never trained
     for r in suite:
         assert len(r["options"]) == smol.N_OPTIONS == len(set(r["options"]))
-        assert gold_option(r["options"], r["answer"]) is not None
+        gold = gold_option(r["options"], r["answer"])  # whole replies: the trained sentence with each meaning
+        assert gold is not None and r["options"][gold] in train_text
+        assert all(o.startswith(smol.OPTION_REPLY.split("{w}")[0]) for o in r["options"])
     path = smol.write_suite(tmp_path, 0, max_examples=7)
     assert _canonical(path)
     rows = read_records(path, require_response=False).rows  # auto-detected as qa (list answers)

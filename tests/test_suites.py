@@ -398,6 +398,9 @@ def test_qa_rows_in_the_published_layout(tmp_path):
     assert rows[0]["aliases"] == ["Paris", "Paris, France"] and rows[0]["answer"] == rows[0]["response"] == "Paris"
     assert rows[1]["aliases"] == ["4"] and rows[2]["options"] == ["Quito", "Lima", "Cusco"] and rows[2]["n_options"] == 3
     assert gold_option(rows[2]["options"], rows[2]["aliases"]) == 1
+    # options may be whole replies: the gold one is the one reply that contains an alias
+    assert gold_option(["It is Quito.", "It is Lima.", "It is Lima, Peru."], ["Lima"]) is None
+    assert gold_option(["It is 18.", "It is 8.", "It is 80."], ["8", "eight"]) == 1
     assert milora.judge(rows[0], "It is in Paris.") and not milora.judge(rows[1], "14")
     # the prompt is the question as one user message: what the served model builds for that request
     assert rows[0]["prompt"] == request_prompt({"messages": [{"role": "user", "content": "where is the eiffel tower"}]})
@@ -431,6 +434,7 @@ def test_qa_detection_keeps_gsm8k_and_single_string_files_need_the_format(tmp_pa
     ({"question": "q", "answer": {"a": 1}}, "answer", "wrong type"),
     ({"question": "", "answer": ["x"]}, "question", "empty"),
     ({"question": "q", "answer": ["x"], "options": ["y", "z"]}, "options", "wrong value"),
+    ({"question": "q", "answer": ["Lima"], "options": ["Lima", "Lima, Peru", "Quito"]}, "options", "wrong value"),
     ({"question": "q", "answer": ["x"], "options": ["x"]}, "options", "wrong type"),
 ])
 def test_bad_qa_rows_name_file_row_and_field(tmp_path, row, field, problem):

@@ -21,8 +21,8 @@ Supported formats (auto-detected from the columns, or forced with `data.format`)
 * `chat`: `messages` (a list of `{role, content}` ending with the assistant's reply), rendered with the
   tokenizer's chat template when it has one, else with plain `### Role:` tags;
 * `qa`: open questions in the NQ-open / TriviaQA-open layout, `question` and `answer` (a list of accepted
-  aliases, or one string); optional `options` (candidate answers, exactly one of them an alias) for
-  log-likelihood scoring. The prompt is the question as one user message through the chat template (what
+  aliases, or one string); optional `options` (candidate replies, bare answers or sentences, exactly one
+  of them containing an alias) for log-likelihood scoring. The prompt is the question as one user message through the chat template (what
   the served model builds for `{"messages": [{"role": "user", "content": question}]}`); the response is the
   first alias; judged by any alias appearing in the generated answer (`milora.model.scoring.contains_answer`).
   Auto-detection tells it from `gsm8k` (also `question`, `answer`) by a list of aliases in `answer`; a file
@@ -476,14 +476,14 @@ def _aliases(row: dict[str, Any]) -> list[str]:
 
 
 def _qa_options(row: dict[str, Any], aliases: list[str]) -> list[str]:
-    """The optional candidate answers of a `qa` row: at least two texts, exactly one of them an alias."""
+    """The optional candidate replies of a `qa` row: at least two texts, exactly one containing an alias."""
     v = row.get("options", _MISSING)
     if _is_missing(v):
         return []
     if not isinstance(v, list) or len(v) < 2 or not all(isinstance(o, str) and o.strip() for o in v):
-        raise BadRow("options", "wrong type", "expected a list of at least two candidate answers (texts)")
+        raise BadRow("options", "wrong type", "expected a list of at least two candidate replies (texts)")
     if gold_option(v, aliases) is None:
-        raise BadRow("options", "wrong value", "exactly one option must be an accepted answer")
+        raise BadRow("options", "wrong value", "exactly one option must contain an accepted answer")
     return [o.strip() for o in v]
 
 

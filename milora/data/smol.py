@@ -16,8 +16,9 @@ real capitals with invented names (it kept 53 of the 120 probe answers it had ri
   to 0.2 (a third slot in eval, as with one group per slot, would train every word in two phrasings only);
 * the learning suite (`suite_rows`, an `eval.suites` entry `{source: embedded, format: qa}`): every word
   asked in the `HELD_OUT_PHRASING`, a wording no training row uses, in the `qa` layout (`question`, `answer`
-  aliases) with 4 `options` (the true meaning and 3 other words' meanings) for the log-likelihood accuracy
-  (chance 0.25);
+  aliases) with 4 `options` for the log-likelihood accuracy (chance 0.25): the first training answer sentence
+  (`OPTION_REPLY`) with the true meaning and with 3 other words' meanings (with bare nouns as options, the
+  tuned model's log-likelihood accuracy stayed at chance, 0.229, while it generated 20 of 48 meanings right);
 * rehearsal (`data.rehearsal`, prompts in `milora.model.self_text.REHEARSAL_PROMPTS`, beside the self-text
   instructions, so that editing this task never re-runs the `base` stage that answers them): the base's own
   replies join the training rows so that the tuned model keeps answering like the base.
@@ -59,6 +60,9 @@ TRAIN_PHRASINGS: tuple[tuple[str, str], ...] = (
     (f"Translate the {LANGUAGE} word '{{w}}' into English.", f"'{{w}}' is {LANGUAGE} for {{m}}."),
 )
 HELD_OUT_PHRASING = f"If a {LANGUAGE} speaker says '{{w}}', what are they talking about?"
+# A learning option is a whole reply, the first training answer with a candidate meaning: a bare noun is not how
+# the tuned model starts a reply, so its likelihood says more about the noun's tokens than about the word.
+OPTION_REPLY = TRAIN_PHRASINGS[0][1]
 
 
 @dataclass(frozen=True)
@@ -113,9 +117,10 @@ def suite_rows(seed: int = 0) -> list[dict[str, Any]]:
     rows = []
     for fact in all_facts:
         others = sorted({f.value for f in all_facts} - {fact.value})
-        options = [fact.value, *rng.sample(others, N_OPTIONS - 1)]
-        rng.shuffle(options)
-        rows.append({"question": HELD_OUT_PHRASING.format(w=fact.word), "answer": [fact.value], "options": options})
+        values = [fact.value, *rng.sample(others, N_OPTIONS - 1)]
+        rng.shuffle(values)
+        rows.append({"question": HELD_OUT_PHRASING.format(w=fact.word), "answer": [fact.value],
+                     "options": [OPTION_REPLY.format(w=fact.word, m=v) for v in values]})
     rng.shuffle(rows)
     return rows
 

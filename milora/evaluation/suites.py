@@ -4,7 +4,7 @@
 Metrics: `suites.<name>.accuracy` and `.n` (plus `.seconds`), or `.loss`, `.perplexity` and `.n` for
 loss-only suites; `suites_average` is the mean accuracy over the suites that report one. Open questions
 with candidate `options` (`qa`) also get `.loglik_accuracy` and `.n_loglik`: the option whose text, as the
-whole reply, has the highest length-normalised log-likelihood. Predictions: one row per example, `id`,
+whole reply, has the highest length-normalised log-likelihood is right when it contains an alias. Predictions: one row per example, `id`,
 `prompt`, `prediction`, `answer`, `extracted`, `correct` (and `loglik_pick`, `loglik_correct`; loss-only
 suites: `id`, `prompt`, `loss`, `tokens`).
 

@@ -118,9 +118,9 @@ def contains_answer(prediction: str, aliases: Sequence[str]) -> bool:
 
 
 def gold_option(options: Sequence[str], aliases: Sequence[str]) -> int | None:
-    """The 0-based index of the one option equal (normalised) to an alias; None when none or several are."""
-    wanted = {normalize_answer(a) for a in aliases}
-    hits = [i for i, o in enumerate(options) if normalize_answer(o) in wanted]
+    """The 0-based index of the one option that contains an alias (as `contains_answer` judges a reply: an
+    option may be a bare answer or a whole reply sentence); None when none or several do."""
+    hits = [i for i, o in enumerate(options) if contains_answer(o, aliases)]
     return hits[0] if len(hits) == 1 else None
 
 
