@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from docs_section import write_section  # noqa: E402
+
 SECTION = "## Fan-out: 1 vs 2 workers"
 GRID = ["--grid", "adapter.method=lora,pissa,milora", "--grid", "train.seed=0,1"]
 
@@ -108,15 +110,6 @@ machine was shared with other jobs (load averages in the table).
 """
 
 
-def write_section(doc: Path, text: str, section: str = SECTION) -> None:
-    """Put `text` in place of `section` in the markdown file `doc` (or at its end), other sections kept."""
-    current = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
-    match = re.search(rf"^{re.escape(section)}$.*?(?=^## |\Z)", current, re.S | re.M)
-    updated = (current[:match.start()] + text.rstrip() + "\n\n" + current[match.end():].lstrip("\n")
-               if match else current.rstrip("\n") + "\n\n" + text)
-    doc.write_text(updated.rstrip("\n") + "\n", encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run both settings and write the section."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -144,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         prefect.stop()
     text = render(results, os.cpu_count() or 1)
     print(text)
-    write_section(args.out, text)
+    write_section(args.out, SECTION, text)
     print(f"wrote the '{SECTION[3:]}' section of {args.out} (work directory {base})")
     return 0
 

@@ -41,7 +41,7 @@ from mlflow.pyfunc import PythonModel
 # `predict` takes no type hint for its input on purpose (see there); MLflow's nudge to add one is noise.
 warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
 
-DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 48, "batch_size": 16}
+DEFAULT_PARAMS = ("max_new_tokens", "batch_size")  # defaults: EvalConfig's, unless the run recorded its own
 REQUEST_COLUMNS = ("instruction", "input", "messages", "prompt")
 
 
@@ -118,6 +118,7 @@ class MiloraGenerator(PythonModel):
 
         import milora
         from milora.model.precision import default_device, recorded_precision, warn_if_emulated
+        from milora.pipeline.config import EvalConfig
 
         cfg = dict(context.model_config or {})
         artifacts = context.artifacts
@@ -149,7 +150,8 @@ class MiloraGenerator(PythonModel):
         self.precision = warn_if_emulated(recorded_precision({"precision": cfg.get("precision")}), device)
         self.device = device
         self.max_prompt_tokens = cfg.get("max_prompt_tokens")
-        self.defaults = {**DEFAULT_PARAMS, **{k: cfg[k] for k in DEFAULT_PARAMS if cfg.get(k) is not None}}
+        self.defaults = {k: cfg[k] if cfg.get(k) is not None else EvalConfig.model_fields[k].default
+                         for k in DEFAULT_PARAMS}
         self.base_source, self.base_revision, self.dtype, self.trust_remote_code = source, revision, dtype, trust
         self._lock = threading.Lock()
 

@@ -64,3 +64,45 @@ def prefect_api(prefect_server) -> Iterator[str]:
                                      PREFECT_SERVER_ANALYTICS_ENABLED: False}):
         yield prefect_server.api_url
         APILogWorker.drain_all(timeout=10)  # send the test's logs while the server is still up
+
+
+# ----------------------------------------------------------------------------- reading a run back
+
+def task_runs(flow_run_id) -> list:
+    """The task runs of a flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def flow_run(flow_run_id):
+    """The flow run as the server has it."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+def log_contains(flow_run_id, text: str) -> bool:
+    """Whether any log line of the flow run contains `text` (read page by page)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                limit=200, offset=0)
+        offset = 200
+        while logs and not any(text in log.message for log in logs):
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                    limit=200, offset=offset)
+            offset += 200
+        return bool(logs)
+
+
+def flow_run_id(cli_output: str) -> str:
+    """The flow run id a `prefect deployment run` / `milora` command printed."""
+    import re
+
+    return re.search(r"UUID: ([0-9a-f-]{36})", cli_output).group(1)

@@ -24,6 +24,7 @@ from milora.pipeline.lock import WorkspaceBusy, WorkspaceLock, held_lock, read_r
 from milora.pipeline.results import StepResult
 from milora.tracking.runs import dvc_data_hashes
 from tests.faults import fault_env
+from tests.prefect_fixtures import flow_run, flow_run_id, log_contains, task_runs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -414,14 +415,6 @@ def _tiny_dvc_project(root: Path) -> Path:
     return root
 
 
-def _task_runs(flow_run_id) -> list:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-
-
 @pytest.mark.slow
 def test_stage_task_retries_transient_failures_only(prefect_api, tmp_path):
     from prefect import flow
@@ -438,7 +431,7 @@ def test_stage_task_retries_transient_failures_only(prefect_api, tmp_path):
         state = one_stage(stage, return_state=True)
         assert state.is_completed(), state.message
         assert state.result()["outcome"] == "ran" and state.result()["attempts"] == 2
-        (task_run,) = _task_runs(state.state_details.flow_run_id)
+        (task_run,) = task_runs(state.state_details.flow_run_id)
         assert task_run.run_count == 2 and task_run.state.is_completed()
         assert (root / f"{stage}.txt").read_text() == "ok\n"
 
@@ -449,7 +442,7 @@ def test_stage_task_retries_transient_failures_only(prefect_api, tmp_path):
         exc = state.result(raise_on_failure=False)
         assert isinstance(exc, StageFailed) and exc.kind == kind and exc.attempt == 1
         assert exc.detail.startswith(detail)
-        (task_run,) = _task_runs(state.state_details.flow_run_id)
+        (task_run,) = task_runs(state.state_details.flow_run_id)
         assert task_run.run_count == 1 and task_run.state.is_failed()
         assert (root / "attempts" / f"{stage}.txt").read_text() == "1"
 
@@ -483,7 +476,7 @@ def test_register_and_push_data_retry_transient_failures_as_configured(prefect_a
     assert isinstance(exc, StageFailed) and exc.kind == "transient" and (exc.attempt, exc.max_attempts) == (3, 3)
     assert str(exc).startswith("stage 'register' failed (transient failure, retried with backoff; attempt 3 of 3; "
                                f"exit 1): MLflow tracking server {dead} is unreachable")
-    (task_run,) = _task_runs(state.state_details.flow_run_id)
+    (task_run,) = task_runs(state.state_details.flow_run_id)
     assert task_run.run_count == 3
 
     # push-data: the DVC remote's S3 endpoint is down (`dvc push` would exit 255, "unexpected error")
@@ -511,7 +504,7 @@ def test_register_and_push_data_retry_transient_failures_as_configured(prefect_a
     exc = state.result(raise_on_failure=False)
     assert isinstance(exc, StageFailed) and exc.kind == "transient" and (exc.attempt, exc.max_attempts) == (2, 2)
     assert "dvc push ingest to remote 'down': cannot reach it (EndpointConnectionError" in exc.detail
-    (task_run,) = _task_runs(state.state_details.flow_run_id)
+    (task_run,) = task_runs(state.state_details.flow_run_id)
     assert task_run.run_count == 2
 
 
@@ -564,13 +557,6 @@ def _versions(root: Path, name: str = "milora") -> list:
                   key=lambda v: int(v.version))
 
 
-def _flow_run(flow_run_id):
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return client.read_flow_run(flow_run_id)
-
-
 def _artifacts(flow_run_id) -> dict[str, object]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -596,8 +582,8 @@ def test_full_flow_run(workspace, prefect_env, prefect_api):
     assert report.data_version and report.data_version.endswith(".dir") and report.data_changed
 
     # The flow's return value is the metrics; the summary says where the model and the runs are.
-    flow_run = _flow_run(report.flow_run_id)
-    assert flow_run.state.is_completed() and flow_run.parameters["root"] == str(root)
+    fr = flow_run(report.flow_run_id)
+    assert fr.state.is_completed() and fr.parameters["root"] == str(root)
     assert report.metrics["eval"]["average_accuracy"] >= 0
     assert json.loads((root / "metrics" / "eval.json").read_text()) == report.metrics["eval"]
     assert "stages:" in out.stdout and "average_accuracy" in out.stdout
@@ -619,26 +605,11 @@ def test_full_flow_run(workspace, prefect_env, prefect_api):
     assert "| eval.average_accuracy |" in md
     assert float(arts["milora-progress"].data) == 100.0
     # The stages' output is in the task logs.
-    assert _log_contains(report.flow_run_id, "milora.stages: stage train: done in")
+    assert log_contains(report.flow_run_id, "milora.stages: stage train: done in")
     # The run's overrides never leak into the committed params.yaml.
     from tests.project import run
 
     assert run(["git", "status", "--porcelain", "params.yaml"], root).stdout == ""
-
-
-def _log_contains(flow_run_id, text: str) -> bool:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-                                limit=200, offset=0)
-        offset = 200
-        while logs and not any(text in log.message for log in logs):
-            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-                                    limit=200, offset=offset)
-            offset += 200
-        return bool(logs)
 
 
 @pytest.mark.slow
@@ -653,8 +624,8 @@ def test_second_run_skips_every_stage_and_registers_nothing(workspace, prefect_e
     assert "nothing to retrain" in out.stdout
     assert _mtimes(root, *before) == before
     assert len(_versions(root)) == 1
-    flow_run = _flow_run(report.flow_run_id)
-    assert flow_run.state.is_completed() and "nothing to retrain" in flow_run.state.message
+    fr = flow_run(report.flow_run_id)
+    assert fr.state.is_completed() and "nothing to retrain" in fr.state.message
     assert report.metrics["eval"] == json.loads((root / "metrics" / "eval.json").read_text())
 
 
@@ -675,7 +646,7 @@ def test_a_params_round_trip_returns_the_registered_version(workspace, prefect_e
     assert report.registration["version"] == "1" and report.registration["reused"] is True
     assert "already registered: milora version 1 holds this exact adapter" in out.stdout
     assert report.message.endswith("already registered as milora v1 (a byte-identical adapter)")
-    assert _flow_run(report.flow_run_id).state.message == report.message
+    assert flow_run(report.flow_run_id).state.message == report.message
     assert [str(v.version) for v in _versions(root)] == ["1", "2"]
 
 
@@ -717,9 +688,9 @@ def test_s3_cache_down_ends_the_run_with_the_stages_own_message_after_retries(wo
     svd = report.stage("svd")
     assert (report.status, svd.outcome, svd.attempts) == ("failed", "failed", 2)
     assert report.message == last.removeprefix("milora run: error: ") and "cannot reach the S3 endpoint" in svd.detail
-    state = _flow_run(report.flow_run_id).state
+    state = flow_run(report.flow_run_id).state
     assert state.is_failed() and state.message == report.message
-    (task_run,) = [t for t in _task_runs(report.flow_run_id) if t.name == "svd"]
+    (task_run,) = [t for t in task_runs(report.flow_run_id) if t.name == "svd"]
     assert task_run.run_count == 2
     from tests.project import run
 
@@ -782,7 +753,7 @@ def test_killed_in_train_resumes_then_fault_at_evaluate_and_retry_skips_train(wo
     assert _stage_processes(root) == []
     assert read_record(root) is None
     assert run(["git", "status", "--porcelain", "params.yaml"], root).stdout == ""
-    assert _flow_run(killed_id).state.is_crashed()
+    assert flow_run(killed_id).state.is_crashed()
     assert sorted(root.joinpath("checkpoints").glob("checkpoint-*"))
 
     # Run again, with a fault injected into `evaluate`: training resumes, then evaluate fails, not retried.
@@ -799,7 +770,7 @@ def test_killed_in_train_resumes_then_fault_at_evaluate_and_retry_skips_train(wo
     assert [s.attempts for s in failed.stages if s.name == "evaluate"] == [1]  # a bug is not retried
     assert f"prefect flow-run retry {failed.flow_run_id} --entrypoint {FLOW_ENTRYPOINT}" in failing.stdout
     assert json.loads(progress_file.read_text())["step"] == 60
-    assert _flow_run(failed.flow_run_id).state.is_failed()
+    assert flow_run(failed.flow_run_id).state.is_failed()
     assert run(["git", "status", "--porcelain", "params.yaml"], root).stdout == ""
     trained = _mtimes(root, "models/adapter", "checkpoints")
 
@@ -815,7 +786,7 @@ def test_killed_in_train_resumes_then_fault_at_evaluate_and_retry_skips_train(wo
     versions = _versions(root)
     assert len(versions) == versions_before + 1
     assert versions[-1].tags["milora.prefect_flow_run_id"] == failed.flow_run_id
-    assert _flow_run(failed.flow_run_id).state.is_completed()
+    assert flow_run(failed.flow_run_id).state.is_completed()
 
 
 def _add_rows(source: Path, seed: int = 123) -> None:
@@ -842,12 +813,6 @@ def _wait_for_deployment(name: str, timeout: float = 180) -> object:
                 time.sleep(1)
 
 
-def _flow_run_id(cli_output: str) -> str:
-    import re
-
-    return re.search(r"UUID: ([0-9a-f-]{36})", cli_output).group(1)
-
-
 @pytest.mark.slow
 def test_deployment_scheduled_retraining_with_override(workspace, prefect_env, prefect_api, tmp_path):
     """`milora deploy` serves nightly-retrain in the background; the real CLI triggers it."""
@@ -869,7 +834,7 @@ def test_deployment_scheduled_retraining_with_override(workspace, prefect_env, p
         versions_before = len(_versions(root))
         started = run(["prefect", "deployment", "run", DEPLOYMENT, "--params",
                        '{"overrides": {"adapter.rank": 2}}'], root, extra_env=prefect_env)
-        fid = _flow_run_id(started.stdout)
+        fid = flow_run_id(started.stdout)
         # While it runs (held in `train`), a second run on the same workspace is refused with the holder's name.
         deadline = time.monotonic() + 300
         from milora.pipeline.lock import read_record
@@ -883,9 +848,9 @@ def test_deployment_scheduled_retraining_with_override(workspace, prefect_env, p
         assert "another run holds the workspace" in busy.stderr and fid in busy.stderr
         (hold / "release").touch()
         watched = run(["prefect", "flow-run", "watch", fid], root, extra_env=prefect_env, check=False)
-        flow_run = _flow_run(fid)
-        assert flow_run.state.is_completed(), watched.stdout[-3000:]
-        assert flow_run.parameters["overrides"] == {"adapter.rank": 2}
+        fr = flow_run(fid)
+        assert fr.state.is_completed(), watched.stdout[-3000:]
+        assert fr.parameters["overrides"] == {"adapter.rank": 2}
         report = _report(root)
         assert report.flow_run_id == fid and report.data_changed is True
         outcomes = _outcomes(report)
@@ -903,7 +868,7 @@ def test_deployment_scheduled_retraining_with_override(workspace, prefect_env, p
         # The same parameters and an unchanged source: nothing to retrain, no new version.
         again = run(["prefect", "deployment", "run", DEPLOYMENT, "--params", '{"overrides": {"adapter.rank": 2}}',
                      "--watch", "--watch-timeout", "600"], root, extra_env=prefect_env)
-        state = _flow_run(_flow_run_id(again.stdout)).state
+        state = flow_run(flow_run_id(again.stdout)).state
         assert state.is_completed() and "nothing to retrain" in state.message
         assert len(_versions(root)) == versions_before + 1
 
@@ -911,10 +876,10 @@ def test_deployment_scheduled_retraining_with_override(workspace, prefect_env, p
         bad = run(["prefect", "deployment", "run", DEPLOYMENT, "--params", '{"overrides": {"adapter.rnak": 2}}',
                    "--watch", "--watch-timeout", "300"], root, extra_env=prefect_env, check=False)
         assert bad.returncode == 1
-        bad_id = _flow_run_id(bad.stdout)
-        state = _flow_run(bad_id).state
+        bad_id = flow_run_id(bad.stdout)
+        state = flow_run(bad_id).state
         assert state.is_failed() and "did you mean 'adapter.rank'" in state.message
-        assert _task_runs(bad_id) == []
+        assert task_runs(bad_id) == []
     finally:
         os.killpg(serve.pid, signal.SIGINT)
         try:
@@ -936,5 +901,5 @@ def test_a_config_error_in_a_stage_fails_without_retries(workspace, prefect_env,
     report = _report(root)
     svd = next(s for s in report.stages if s.name == "svd")
     assert (svd.outcome, svd.attempts) == ("failed", 1)
-    (task_run,) = [t for t in _task_runs(report.flow_run_id) if t.name == "svd"]
+    (task_run,) = [t for t in task_runs(report.flow_run_id) if t.name == "svd"]
     assert task_run.run_count == 1 and task_run.state.is_failed()

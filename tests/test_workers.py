@@ -21,11 +21,10 @@ import pytest
 import yaml
 
 from tests.faults import SITE
-from tests.prefect_fixtures import PREFECT_ENV
+from tests.prefect_fixtures import PREFECT_ENV, flow_run, flow_run_id, log_contains, task_runs
 from tests.project import env as project_env
 from tests.project import make_project, run
 from tests.servers import stop_group
-from tests.test_flow import _flow_run, _flow_run_id, _log_contains, _task_runs
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +80,7 @@ def _deployment_run(c: Cluster, name: str, overrides: dict, job_env: dict | None
     args = ["deployment", "run", name, "--params", json.dumps({"overrides": overrides})]
     if job_env:
         args += ["--job-variable", "env=" + json.dumps(job_env)]
-    return _flow_run_id(c.prefect(*args).stdout)
+    return flow_run_id(c.prefect(*args).stdout)
 
 
 def _wait(what: str, ok, timeout: float = 900, every: float = 1.0, during=None):
@@ -95,11 +94,11 @@ def _wait(what: str, ok, timeout: float = 900, every: float = 1.0, during=None):
 
 
 def _final(fid: str) -> bool:
-    return _flow_run(fid).state.is_final()
+    return flow_run(fid).state.is_final()
 
 
 def _task_done(fid: str, name: str) -> bool:
-    return any(t.name == name and t.state.is_completed() for t in _task_runs(fid))
+    return any(t.name == name and t.state.is_completed() for t in task_runs(fid))
 
 
 def _report(fid: str) -> str:
@@ -152,11 +151,11 @@ def test_two_workers_run_two_deployment_runs_in_parallel_each_in_its_own_workspa
             both_locked.append(True)
 
     _wait("run A to fail", lambda: _final(a), every=0.5, during=watch)
-    assert _flow_run(a).state.is_failed() and "fault injected into stage 'evaluate'" in _flow_run(a).state.message
+    assert flow_run(a).state.is_failed() and "fault injected into stage 'evaluate'" in flow_run(a).state.message
     kept = c.workspaces / a
     assert (kept / "models" / "adapter").is_dir() and sorted(kept.glob("checkpoints/checkpoint-*"))
-    assert _log_contains(a, "resuming from checkpoints/checkpoint-4")  # the killed train resumed in place
-    (train_a,) = [t for t in _task_runs(a) if t.name == "train"]
+    assert log_contains(a, "resuming from checkpoints/checkpoint-4")  # the killed train resumed in place
+    (train_a,) = [t for t in task_runs(a) if t.name == "train"]
     assert train_a.run_count == 2
 
     # Retrying the failed flow run brings it back to its workspace: train is not run again, evaluate completes.
@@ -164,7 +163,7 @@ def test_two_workers_run_two_deployment_runs_in_parallel_each_in_its_own_workspa
     _wait("runs A (retried) and B", lambda: _final(a) and _final(b), every=0.5, during=watch)
     assert both_locked, "the two runs never held their workspaces at the same time"
     for fid in (a, b):
-        assert _flow_run(fid).state.is_completed(), _flow_run(fid).state.message
+        assert flow_run(fid).state.is_completed(), flow_run(fid).state.message
         _wait("the workspace removed after success", lambda fid=fid: not (c.workspaces / fid).exists(), 120)
     report_a = _report(a)
     assert f"Workspace: `{c.workspaces / a}`" in report_a and "| train | skipped (unchanged) |" in report_a

@@ -712,10 +712,9 @@ def _register(cfg: Config, paths: Paths, key: str) -> Registration:
         return reg
     experiment_id = tracking.ensure_experiment(c, rc.experiment, paths.root)
     lineage = tracking.read_lineage(paths)
-    method = lineage.get("method") or cfg.adapter.method
-    rank = lineage.get("rank") or cfg.adapter.rank
-    run_id = tracking.ensure_run(c, experiment_id, key, run_name=f"{method}-r{rank}-{key[:8]}")
     lineage_tags = tracking.lineage_tags(cfg, paths, lineage)  # once: it hashes data/prepared
+    run_name = f"{lineage_tags['milora.method']}-r{lineage_tags['milora.rank']}-{key[:8]}"
+    run_id = tracking.ensure_run(c, experiment_id, key, run_name=run_name)
     tracking.log_pipeline_run(c, run_id, cfg, paths, key, lineage_tags)
     source = log_model(c, run_id, cfg, paths)
     version_tags = {k: v for k, v in lineage_tags.items() if not k.startswith("mlflow.") and k != "milora.svd_cache_keys"}
