@@ -62,6 +62,12 @@ def test_stages_are_byte_reproducible_and_registration_is_idempotent_across_work
     run(["dvc", "repro"], other, extra_env={"PYTHONHASHSEED": "2"})
     mine, theirs = _outs(root), _outs(other)
     assert set(mine) == set(ALL)
+    # `train.precision: auto`: bf16 autocast on a CPU with AVX512-BF16/AMX (this machine), so the reruns below
+    # are byte-identical under the precision this CPU trains at
+    from milora.model.precision import resolve_precision
+
+    lineage = json.loads((root / "models/adapter/lineage.json").read_text())
+    assert lineage["precision"] == resolve_precision("auto", "cpu")
     for stage in ALL:
         assert theirs[stage] == mine[stage], stage
     for path in ("models/base.json", "models/adapter/lineage.json", "models/adapter/adapter_config.json"):

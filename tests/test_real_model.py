@@ -17,6 +17,7 @@ import pytest
 
 from milora.core.io import read_json, read_jsonl, sha256_file
 from milora.model import gguf
+from milora.model.scoring import gold_option
 from milora.pipeline.paths import Paths
 from tests.project import env, make_project, run
 from tests.servers import ServerProcess, free_port
@@ -165,8 +166,8 @@ def test_registered_model_reconverts_the_gguf_where_the_converted_base_is_missin
 def _lm_eval_task(folder: Path, suite_file: Path) -> Path:
     """A local multiple-choice lm-eval task over the learning suite's questions and options."""
     rows = [json.loads(x) for x in suite_file.read_text().splitlines()][:8]
-    data = [{"question": r["question"], "choices": r["options"], "label": r["options"].index(r["answer"][0])}
-            for r in rows]
+    data = [{"question": r["question"], "choices": r["options"], "label": gold_option(r["options"], r["answer"])}
+            for r in rows]  # options are whole replies: the gold one contains the answer
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "smol_learning.json").write_text(json.dumps(data))
     (folder / "smol_learning.yaml").write_text(
