@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from milora.core.errors import InvalidInput, MissingInput
+from milora.core.io import sha256_file
 from milora.pipeline.config import Config
 from milora.pipeline.paths import Paths
 
@@ -36,8 +37,6 @@ WEIGHT_PATTERNS = ("*.safetensors",)
 
 def content_hash(files: Sequence[Path]) -> str:
     """sha256 over the (name, sha256 of bytes) of each file, in name order: the weights' identity."""
-    from milora.core.io import sha256_file
-
     outer = hashlib.sha256()
     for f in sorted(files, key=lambda p: p.name):
         outer.update(f"{f.name}\0{sha256_file(f)}\n".encode())

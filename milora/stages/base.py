@@ -297,15 +297,15 @@ def write_base_replies(cfg: Config, paths: Paths) -> dict[str, int]:
         model, tokenizer = load_base(cfg, paths)
         if st.documents:
             sampled = sample_self_text(model, tokenizer, st.documents, st.max_new_tokens, st.temperature, st.seed)
-        if rh.rows:
-            prompts = REHEARSAL_PROMPTS[: rh.rows]
+        prompts = REHEARSAL_PROMPTS[: rh.rows]
+        if prompts:
             replies = base_replies(model, tokenizer, prompts, rh.max_new_tokens, None)
             rehearsal = [{"messages": [{"role": "user", "content": r["instruction"]},
                                        {"role": "assistant", "content": r["response"]}], "group": "rehearsal"}
                          for r in replies if r["ended"] and r["response"].strip()]
         log.info("base: %d sampled replies of the base (<= %d tokens, temperature %g, seed %d), %d of %d greedy "
                  "rehearsal replies ended within %d tokens; %.0f s", len(sampled), st.max_new_tokens, st.temperature,
-                 st.seed, len(rehearsal), len(REHEARSAL_PROMPTS[: rh.rows]), rh.max_new_tokens,
+                 st.seed, len(rehearsal), len(prompts), rh.max_new_tokens,
                  time.perf_counter() - t0)
     atomic_write_text(paths.self_text, dump_jsonl(sampled))
     atomic_write_text(paths.rehearsal, dump_jsonl(rehearsal))
