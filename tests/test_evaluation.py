@@ -155,10 +155,10 @@ def test_registered_model_gate_milora_eval_and_served_answers(project, tmp_path)
     p = subprocess.run(cmd, env=env(clean), capture_output=True, text=True, timeout=600, cwd=root)
     assert p.returncode == 0, p.stderr[-4000:]
     metrics = read_json(out / "metrics.json")
-    # train.precision auto: bf16 autocast on a CPU with native bf16, else fp32; the evaluate stage, `milora eval`
-    # and the served model all compute at what the adapter was trained at
-    assert report["precision"] == read_json(project.adapter_dir / "lineage.json")["precision"] == resolve_precision("auto")
-    assert metrics["settings"]["precision"] == report["precision"]
+    # train.precision auto trains under bf16 autocast on a CPU with native bf16; the evaluate stage, `milora eval`
+    # and the served model all compute at eval.precision (fp32 by default)
+    assert read_json(project.adapter_dir / "lineage.json")["precision"] == resolve_precision("auto")
+    assert report["precision"] == metrics["settings"]["precision"] == "fp32"
     for name in ("gsm", "boolq"):  # the registered model, its own generation settings: the same predictions
         assert metrics["suites"][name]["accuracy"] == report["suites"][name]["accuracy"]
         assert (out / f"{name}.jsonl").read_bytes() == (project.suite_predictions_dir / f"{name}.jsonl").read_bytes()

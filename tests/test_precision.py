@@ -15,7 +15,13 @@ from milora.cli import main
 from milora.core.errors import InvalidInput
 from milora.model.generate import generate
 from milora.model.nll import mean_loss
-from milora.model.precision import adapter_precision, autocast, recorded_precision, resolve_precision
+from milora.model.precision import (
+    adapter_precision,
+    autocast,
+    inference_precision,
+    recorded_precision,
+    resolve_precision,
+)
 from milora.pipeline.config import validate
 from milora.stages.train import training_arguments
 from milora.tracking import runs as tracking
@@ -91,6 +97,24 @@ def test_the_recorded_precision_comes_from_the_adapter_lineage(tmp_path):
     assert adapter_precision(tmp_path) == "fp32"
     (tmp_path / "lineage.json").write_text(json.dumps({"precision": "bf16"}))
     assert adapter_precision(tmp_path) == "bf16"
+
+
+def test_inference_runs_in_fp32_unless_eval_precision_says_otherwise(monkeypatch, tmp_path):
+    """eval.precision (the evaluate stage, the served pyfunc, compare) is fp32 by default, whatever training ran at;
+    `train` follows the adapter's lineage; a precision this machine lacks is refused in one line naming the key."""
+    cpu_with(monkeypatch, AMX)
+    assert validate({}).eval.precision == "fp32"
+    assert inference_precision(validate({}).eval.precision, tmp_path) == "fp32"
+    assert inference_precision("auto") == "bf16"
+    (tmp_path / "lineage.json").write_text(json.dumps({"precision": "bf16"}))
+    assert inference_precision("train", tmp_path) == "bf16"
+    with pytest.raises(InvalidInput, match="eval.precision = train needs a trained adapter"):
+        inference_precision("train")
+    cpu_with(monkeypatch, NO_BF16)
+    with pytest.raises(InvalidInput, match="^eval.precision = bf16: this CPU"):
+        inference_precision("bf16", tmp_path)
+    with pytest.raises(Exception, match="eval.precision"):
+        validate({"eval": {"precision": "int8"}})
 
 
 def test_run_params_and_tags_record_what_auto_resolved_to(tmp_path):

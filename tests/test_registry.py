@@ -269,14 +269,24 @@ def test_champion_loads_offline_in_a_fresh_process_and_generates(project, tmp_pa
 
 
 @pytest.mark.slow
-def test_the_pyfunc_generates_at_the_precision_the_adapter_was_trained_at(project, tmp_path):
-    """An adapter whose lineage says bf16 (train.precision resolved to bf16 autocast) is served under the same
-    autocast as the evaluate stage generates with; `model_config={"precision": "fp32"}` at load time overrides it."""
+def test_the_pyfunc_generates_at_the_precision_the_evaluate_stage_scored_at(project, tmp_path):
+    """The served model computes as the evaluate stage did: at the precision its report records (fp32 by default);
+    without a report, at `eval.precision` (`train`: the adapter's lineage). `model_config={"precision": ...}` at
+    load time overrides it."""
     from mlflow.pyfunc import load_model
+
+    def served(name, cfg):
+        return load_model(str(registry.save_pyfunc(tmp_path / name, cfg, project))).model_config["precision"]
 
     lineage = json.loads((project.adapter_dir / "lineage.json").read_text())
     (project.adapter_dir / "lineage.json").write_text(json.dumps({**lineage, "precision": "bf16"}))
-    model_dir = registry.save_pyfunc(tmp_path / "model", validate({}), project)
+    assert not project.report("eval").exists()
+    assert served("default", validate({})) == "fp32"  # eval.precision's default, whatever training ran at
+    project.report("eval").parent.mkdir(parents=True, exist_ok=True)
+    project.report("eval").write_text(json.dumps({"precision": "bf16"}))
+    assert served("reported", validate({})) == "bf16"  # what the evaluate stage scored at wins
+    project.report("eval").unlink()
+    model_dir = registry.save_pyfunc(tmp_path / "model", validate({"eval": {"precision": "train"}}), project)
     model = load_model(str(model_dir))
     assert model.model_config["precision"] == "bf16"
     assert model.unwrap_python_model().precision == "bf16"

@@ -313,7 +313,7 @@ def run_trial(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(job["threads"])
     from milora.evaluation.lab import evaluate_trial
     from milora.model.base import load_base
-    from milora.model.precision import adapter_precision, autocast
+    from milora.model.precision import autocast, inference_precision
 
     t0 = time.perf_counter()
     root = Path(job["run_root"])
@@ -326,7 +326,7 @@ def run_trial(job: dict[str, Any]) -> dict[str, Any]:
     sets = {name: read_jsonl(Path(job["sets_dir"]) / f"{name}.jsonl") for name in lab.EVAL_SETS}
     heldout = [ln for ln in run.heldout_text.read_text(encoding="utf-8").splitlines() if ln.strip()][:200]
     model, tokenizer = load_base(cfg, run)
-    with autocast(adapter_precision(run.adapter_dir)):  # the base and the trial at the precision it trained at
+    with autocast(inference_precision(cfg.eval.precision, run.adapter_dir)):  # the base and the trial alike
         ev = evaluate_trial(model, tokenizer, run.adapter_dir, sets, heldout, cfg.data.max_length, cfg.eval.batch_size,
                             score_base=job["score_base"])
     train = read_json(run.report("train"))

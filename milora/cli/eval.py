@@ -6,8 +6,9 @@
 
 writes `OUT/metrics.json` (`suites.<name>.accuracy`, `n`, `suites_average`, `lm_eval.<task>.<metric>`,
 `lm_eval_delta.<task>.<metric>` when the model has a base) and `OUT/<suite>.jsonl` (per-example predictions),
-and prints the metrics as one JSON line. The model computes at the precision it was trained and is served at
-(fp32, or bf16 / fp16 autocast; `--precision` overrides it), so its predictions are the evaluate stage's.
+and prints the metrics as one JSON line. A registered model computes at the precision it was
+evaluated and is served at (the pyfunc's; fp32 unless `eval.precision` said otherwise), so its predictions are the
+evaluate stage's; an adapter or model directory at fp32. `--precision` overrides either.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="prompts per generation batch (default: the model's, or 16)")
     p.add_argument("--max-length", type=int, help="prompt tokens kept (default: the model's data.max_length, or 256)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="compute precision (default: the one the model was trained and is served at; auto for a "
-                        "plain model: bf16 autocast on a GPU or CPU with native bf16, else fp32)")
+                   help="compute precision (default: a registered model's served precision, else fp32; auto: bf16 "
+                        "autocast on a GPU or CPU with native bf16, else fp32)")
     p.add_argument("--lm-eval-tasks", nargs="+", default=[], metavar="TASK", help="lm-evaluation-harness tasks")
     p.add_argument("--lm-eval-include", metavar="DIR", help="a directory of local lm-eval task YAMLs")
     p.add_argument("--num-fewshot", type=int, help="lm-eval few-shot examples (default: the task's)")

@@ -84,6 +84,21 @@ def autocast(precision: str, device: str | None = None) -> contextlib.AbstractCo
     return torch.autocast(device or default_device(), dtype=_AUTOCAST_DTYPES[precision])
 
 
+def inference_precision(requested: str, adapter_dir: str | os.PathLike[str] | None = None,
+                        device: str | None = None, key: str = "eval.precision") -> Precision:
+    """The precision generation and scoring run at (`eval.precision`): `train` is the precision the adapter in
+    `adapter_dir` was trained at (its lineage), anything else resolves as `resolve_precision` does.
+
+    fp32 by default: on SmolLM2 under bf16 autocast, the adapter before its first training step (the base's function,
+    split into residual and factors) lost 14 of the 184 probe answers the base had right, bf16 rounding alone (fp32:
+    0 of 179), noise that retention would count as forgetting."""
+    if requested == "train":
+        if adapter_dir is None:
+            raise InvalidInput(f"{key} = train needs a trained adapter to read its precision from")
+        return adapter_precision(adapter_dir)
+    return resolve_precision(requested, device, key)
+
+
 def trainer_flags(precision: str) -> dict[str, bool]:
     """`TrainingArguments(bf16=..., fp16=...)` for a resolved precision: the Trainer (through accelerate) then
     runs the forward pass under the same autocast as `autocast`, keeping the weights and AdamW state in fp32."""

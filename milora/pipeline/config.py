@@ -225,6 +225,9 @@ class EvalConfig(_Section):
     lm_eval: LmEvalConfig = LmEvalConfig()
     score_base: bool = False  # also score every suite on the base: suites.<name>.base_accuracy, .retained, ...
     retention_suite: str | None = None  # the suite whose `retained` is the top-level `retention` (needs score_base)
+    # What generation and scoring compute at (the evaluate stage, the registered pyfunc, compare): fp32 (faithful to
+    # the weights), bf16 / fp16 autocast, auto (bf16 where native), or train (the adapter's training precision).
+    precision: Literal["fp32", "bf16", "fp16", "auto", "train"] = "fp32"
 
     @model_validator(mode="after")
     def _retention_suite(self) -> EvalConfig:

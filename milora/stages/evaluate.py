@@ -40,7 +40,7 @@ from milora.evaluation.suites import SuiteResult, best_response, score_suite, su
 from milora.model.base import load_base
 from milora.model.generate import generate
 from milora.model.nll import heldout_loss, mean_loss
-from milora.model.precision import adapter_precision, autocast, default_device, warn_if_emulated
+from milora.model.precision import autocast, default_device, inference_precision, warn_if_emulated
 from milora.model.scoring import answer_kind, extract, judge, option_index
 from milora.model.self_text import self_text_loss
 from milora.model.tokenize import encode
@@ -207,12 +207,12 @@ def summary_keys(metrics: dict[str, Any]) -> list[str]:
 def run(cfg: Config, paths: Paths) -> None:
     """Evaluate the trained adapter; write metrics/eval.json, eval/predictions.jsonl and eval/suites/.
 
-    Every forward pass (the base's and the fine-tuned model's) runs at the precision the adapter was trained
-    at (its lineage's `precision`: fp32, or bf16 / fp16 autocast), as the served model does."""
+    Every forward pass (the base's and the fine-tuned model's) runs at `eval.precision` (fp32 unless set; `train`:
+    the adapter's training precision), as the registered pyfunc then serves."""
     t0 = time.perf_counter()
     rows = read_jsonl(paths.prepared_dir / "eval.jsonl")
     device = default_device()
-    precision = warn_if_emulated(adapter_precision(paths.adapter_dir), device)
+    precision = warn_if_emulated(inference_precision(cfg.eval.precision, paths.adapter_dir, device), device)
     model, tokenizer = load_base(cfg, paths)
     model.to(device)
     suites = load_suites(cfg, paths, tokenizer)

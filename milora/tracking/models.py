@@ -7,9 +7,9 @@
   from `--base`, else from the adapter's `lineage.json` (relative to its project) or `adapter_config.json`;
 * a plain Hugging Face model directory (`config.json`, safetensors): evaluated as it is (no base to compare).
 
-Each is evaluated at its precision (`EvalModel.precision`): a registered model's and an adapter's are the
-ones they were trained at (the pyfunc's `model_config`, the adapter's lineage), so `milora eval` scores as the
-evaluate stage and the served model compute; a plain model's is `auto` resolved on this machine.
+Each is evaluated at its precision (`EvalModel.precision`): a registered model's is the one it was evaluated and
+is served at (the pyfunc's `model_config`), so `milora eval` scores as the evaluate stage and the served model
+compute; an adapter directory's and a plain model's is fp32 (`eval.precision`'s default; `--precision` overrides).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class EvalModel:
     load_base: Callable[[], Any] | None = None
     defaults: dict[str, Any] = field(default_factory=dict)  # max_new_tokens, batch_size, max_length
     description: str = ""
-    precision: str = "fp32"  # fp32 | bf16 | fp16 autocast: what the model was trained, evaluated and served at
+    precision: str = "fp32"  # fp32 | bf16 | fp16 autocast: what the model was evaluated and is served at
 
 
 def _pretrained(source: str | Path, dtype: str = "float32", revision: str | None = None,
@@ -110,18 +110,14 @@ def load_eval_model(spec: str, base: str | None = None, root: str | os.PathLike[
     path = Path(os.path.expanduser(spec))
     if (path / "milora.json").is_file():
         import milora
-        from milora.model.precision import adapter_precision
-
         base_dir = adapter_base(path, base)
         model, tokenizer = _pretrained(base_dir)
         peft_model = _on_device(milora.load_adapter(model, path))  # the residual is rebuilt where the factors are
         return EvalModel(peft_model, tokenizer, lambda: _on_device(_pretrained(base_dir)[0]), {},
-                         f"adapter {path} on base {base_dir}", adapter_precision(path))
+                         f"adapter {path} on base {base_dir}", "fp32")
     if (path / "config.json").is_file():
-        from milora.model.precision import resolve_precision
-
         model, tokenizer = _pretrained(path)
-        return EvalModel(_on_device(model), tokenizer, None, {}, f"model {path}", resolve_precision("auto"))
+        return EvalModel(_on_device(model), tokenizer, None, {}, f"model {path}", "fp32")
     if not path.exists():
         raise MissingInput(f"--model {spec!r}: no such directory, and not a models:/ or runs:/ URI")
     raise InvalidInput(f"--model {spec!r}: not a MiLoRA adapter directory (milora.json) nor a Hugging Face model "

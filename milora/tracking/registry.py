@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from milora.core.errors import InvalidInput, MissingInput, UnavailableError
-from milora.core.io import write_json
+from milora.core.io import read_json, write_json
 from milora.pipeline.config import Config, RegisterConfig
 from milora.pipeline.paths import Paths
 from milora.tracking import runs as tracking
@@ -279,6 +279,15 @@ def _dtype_name(identity: Mapping[str, Any], cfg: Config) -> str:
     return name if name in ("float32", "bfloat16", "float16") else "auto"
 
 
+def _evaluated_precision(cfg: Config, paths: Paths, adapter_dir: str) -> str:
+    """The precision the evaluate stage scored at (its report), else `eval.precision` resolved here."""
+    from milora.model.precision import inference_precision
+
+    report = paths.report("eval")
+    recorded = read_json(report).get("precision") if report.is_file() else None
+    return recorded or inference_precision(cfg.eval.precision, adapter_dir)
+
+
 def save_pyfunc(dest: str | os.PathLike[str], cfg: Config, paths: Paths, run_id: str | None = None,
                 adapter_dir: str | os.PathLike[str] | None = None) -> Path:
     """Write the pyfunc model directory (models from code, no pickle) for the outputs under `paths`."""
@@ -286,13 +295,11 @@ def save_pyfunc(dest: str | os.PathLike[str], cfg: Config, paths: Paths, run_id:
     from mlflow.pyfunc import save_model
 
     import milora
-    from milora.model.precision import adapter_precision
-
     identity = base_identity(paths)
     artifacts = {"adapter": str(Path(adapter_dir or paths.adapter_dir).resolve())}
     model_config: dict[str, Any] = {
         "dtype": _dtype_name(identity, cfg),
-        "precision": adapter_precision(artifacts["adapter"]),  # trained and evaluated at: served at it too
+        "precision": _evaluated_precision(cfg, paths, artifacts["adapter"]),  # served as the evaluate stage scored
         "trust_remote_code": cfg.model.trust_remote_code,
         "max_prompt_tokens": cfg.data.max_length,
         "device": "auto",
