@@ -83,6 +83,8 @@ def test_gguf_base_identity_and_byte_identical_rerun(project):
     train = read_jsonl(project.prepared_dir / "train.jsonl")
     replies = {r["messages"][1]["content"] for r in rehearsal}
     assert sum(r["response"] in replies for r in train) == len(rehearsal)
+    distilled = [r for r in train if r["task"] == "rehearsal"]  # what train.rehearsal_kl distils the base on
+    assert len(distilled) == len(rehearsal) and all(r["response"] in replies for r in distilled)
     assert not [r for r in read_jsonl(project.prepared_dir / "eval.jsonl") if r["response"] in replies]
     before = _bytes(root)
     run(["dvc", "repro", "-f", "base"], root, timeout=900)

@@ -168,6 +168,8 @@ class TrainConfig(_Section):
     logging_steps: int = Field(10, gt=0)
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # weight of KL(base || tuned) on the rehearsal rows' reply tokens (milora.model.distill); 0 = cross-entropy only
+    rehearsal_kl: float = Field(0.0, ge=0)
     processes: int = Field(1, ge=1, le=1024)  # DDP processes on this node (the stage launches torchrun itself)
     nnodes: int = Field(1, ge=1, le=4096)  # nodes of a multi-node run (each node runs the stage; torchrun rendezvous)
     node_rank: int = Field(0, ge=0)  # this node's rank (the `static` rendezvous orders nodes by it)
@@ -366,6 +368,9 @@ class Config(_Section):
                 "model.embedded.hidden_size must be divisible by model.embedded.num_heads "
                 f"({self.model.embedded.hidden_size} % {self.model.embedded.num_heads} != 0)"
             )
+        if self.train.rehearsal_kl and not self.data.rehearsal.rows:
+            raise ValueError(f"train.rehearsal_kl = {self.train.rehearsal_kl} distils the base on its rehearsal replies: "
+                             "set data.rehearsal.rows > 0 (or train.rehearsal_kl: 0)")
         return self
 
     def flat(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from milora.core.errors import MissingInput
 from milora.core.io import atomic_write_text
-from milora.data.formats import ROW_KEYS, copied_from, read_records
+from milora.data.formats import REHEARSAL, ROW_KEYS, copied_from, read_records
 from milora.model.base import load_tokenizer
 from milora.model.tokenize import tokenize_pair
 from milora.pipeline.config import Config
@@ -112,10 +112,11 @@ def _short_origin(origin: str, raw_dir: Path) -> str:
 
 
 def rehearsal_rows(paths: Paths, tokenizer: Any) -> list[dict[str, Any]]:
-    """The base's own replies written by the `base` stage (`data.rehearsal`), as normalised chat rows."""
+    """The base's own replies written by the `base` stage (`data.rehearsal`), as normalised chat rows of task
+    `rehearsal` (the train stage distils the base on them with `train.rehearsal_kl`)."""
     if not paths.rehearsal.is_file() or paths.rehearsal.stat().st_size == 0:
         return []
-    return read_records(paths.rehearsal, "chat", "fail", tokenizer).rows
+    return [{**r, "task": REHEARSAL} for r in read_records(paths.rehearsal, "chat", "fail", tokenizer).rows]
 
 
 def run(cfg: Config, paths: Paths) -> None:

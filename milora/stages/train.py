@@ -28,6 +28,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from milora.core.adapter import load_adapter, read_adapter_meta, save_adapter
 from milora.core.errors import InvalidInput
 from milora.core.io import atomic_write_text, file_digest, read_json, read_jsonl, write_json
+from milora.data.formats import REHEARSAL
+from milora.model import distill
 from milora.model.base import load_base
 from milora.model.nll import mean_loss
 from milora.model.precision import LINEAGE_FILE, autocast, resolve_precision, trainer_flags
@@ -70,10 +72,12 @@ class EncodedDataset(Dataset):
 
 
 class PadCollator:
-    """Right-pads a batch; labels padded with -100 so padding never counts in the loss."""
+    """Right-pads a batch; labels padded with -100 so padding never counts in the loss. With `teacher`, also the
+    batch's rehearsal distillation targets (`milora.model.distill.collate`)."""
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, teacher: bool = False):
         self.pad_id = pad_id
+        self.teacher = teacher
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Stack a padded batch."""
@@ -82,8 +86,31 @@ class PadCollator:
         def pad(key: str, value: int) -> torch.Tensor:
             return torch.tensor([b[key] + [value] * (n - len(b[key])) for b in batch])
 
-        return {"input_ids": pad("input_ids", self.pad_id), "attention_mask": pad("attention_mask", 0),
-                "labels": pad("labels", -100)}
+        out = {"input_ids": pad("input_ids", self.pad_id), "attention_mask": pad("attention_mask", 0),
+               "labels": pad("labels", -100)}
+        return {**out, **distill.collate(batch, n)} if self.teacher else out
+
+
+class RehearsalKLTrainer(Trainer):
+    """The `Trainer` whose loss adds `train.rehearsal_kl` x KL(base || tuned) summed over the rehearsal rows' reply
+    tokens, normalised as the cross-entropy is (per label token of the batch; across devices and accumulation
+    steps as the Trainer counts them)."""
+
+    def __init__(self, *args: Any, kl_weight: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.kl_weight = kl_weight
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
+        teacher = {k: inputs.pop(k) for k in distill.KEYS}
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        scale = 1
+        if num_items_in_batch is None:
+            num_items_in_batch = (inputs["labels"][:, 1:] != -100).sum()
+        elif self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
+            scale = self.accelerator.num_processes // self.get_tp_size()  # as the Trainer scales the cross-entropy
+        kl = distill.topk_kl(outputs.logits, **teacher) / num_items_in_batch * scale
+        loss = loss + self.kl_weight * kl
+        return (loss, outputs) if return_outputs else loss
 
 
 class ProgressCallback(TrainerCallback):
@@ -235,11 +262,11 @@ def _eval_loss(model: torch.nn.Module, encoded: list[dict[str, Any]], batch_size
 
 
 def encode_rows(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
-    """Encode prepared rows for training (response-only labels)."""
+    """Encode prepared rows for training (response-only labels; `task` kept: rehearsal rows get teacher targets)."""
     out = []
     for r in rows:
         e = encode(tokenizer, r["prompt"], r["response"], max_length)
-        out.append({k: list(e[k]) for k in ("input_ids", "attention_mask", "labels")})
+        out.append({**{k: list(e[k]) for k in ("input_ids", "attention_mask", "labels")}, "task": r.get("task")})
     return out
 
 
@@ -251,10 +278,13 @@ def run(cfg: Config, paths: Paths) -> None:
         return
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_base(cfg, paths)
+    train_ds, eval_encoded = _datasets(cfg, paths, tokenizer)
+    kl_weight = cfg.train.rehearsal_kl
+    if kl_weight:  # the base's own distribution, read before the adapter turns its weights into residuals
+        distill.teacher_targets(model, [ex for ex in train_ds.examples if ex["task"] == REHEARSAL])
     model = load_adapter(model, paths.svd_init_dir, is_trainable=True)
     if cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()
-    train_ds, eval_encoded = _datasets(cfg, paths, tokenizer)
 
     args = training_arguments(cfg, paths.checkpoints_dir, precision)
     is_main = is_local_main()  # writes this node's checkpoints and outputs (one node: global rank 0)
@@ -267,10 +297,12 @@ def run(cfg: Config, paths: Paths) -> None:
         torch.distributed.barrier()
     # No `trainer.evaluate()` before `train()`: it prepares the model for evaluation, and accelerate then
     # refuses to prepare it again, so DDP would never wrap it and the ranks would train unsynchronised.
-    trainer = Trainer(
-        model=model, args=args, train_dataset=train_ds, data_collator=PadCollator(tokenizer.pad_token_id),
+    trainer_kwargs: dict[str, Any] = dict(
+        model=model, args=args, train_dataset=train_ds,
+        data_collator=PadCollator(tokenizer.pad_token_id, teacher=bool(kl_weight)),
         callbacks=[ProgressCallback(paths.checkpoints_dir / PROGRESS)],
     )
+    trainer = RehearsalKLTrainer(**trainer_kwargs, kl_weight=kl_weight) if kl_weight else Trainer(**trainer_kwargs)
     start_eval = _start_eval_loss(model, eval_encoded, cfg, paths, resume, is_main, precision)
 
     t0 = time.perf_counter()
