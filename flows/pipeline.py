@@ -66,7 +66,7 @@ from milora.pipeline.config import Config, FlowConfig
 from milora.pipeline.lock import WorkspaceBusy, WorkspaceLock, held_lock
 from milora.pipeline.paths import Paths
 from milora.pipeline.results import TOKEN_ENV, StepResult, read_result
-from milora.tracking.runs import ENV_PREFECT_FLOW_RUN
+from milora.tracking.identity import ENV_PREFECT_FLOW_RUN
 
 FLOW_NAME = "milora-pipeline"
 INGEST = "ingest"  # forced on every run: it reads the data source's current contents

@@ -22,7 +22,7 @@ from milora.core.errors import UnavailableError, UserError
 from milora.pipeline.config import ConfigError
 from milora.pipeline.lock import WorkspaceBusy, WorkspaceLock, held_lock, read_record
 from milora.pipeline.results import StepResult
-from milora.tracking.runs import dvc_data_hashes
+from milora.tracking.lineage import dvc_data_hashes
 from tests.faults import fault_env
 from tests.prefect_fixtures import flow_run, flow_run_id, log_contains, task_runs
 

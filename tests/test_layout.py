@@ -106,7 +106,7 @@ def test_the_layer_rules_see_the_imports_they_judge():
     assert "milora.core.adapter" in imports_of("milora.stages.svd")
     assert "milora.pipeline.config" in imports_of("milora.stages.__init__".removesuffix(".__init__"))
     assert "milora.core.adapter" not in imports_of("milora")  # only under TYPE_CHECKING / __getattr__
-    assert "milora.tracking.registry" in imports_of("milora.cli.register")  # imported inside main()
+    assert "milora.tracking.registration" in imports_of("milora.cli.register")  # imported inside main()
 
 
 # ------------------------------------------------------------------------------------------------ DVC deps
