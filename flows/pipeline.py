@@ -45,15 +45,10 @@ from prefect.states import Completed, Failed, State
 from flows.dvc import (
     DvcResult,
     StageFailed,
-    default_remote,
     dvc_command,
-    dvc_status,
-    lock_digest,
-    lock_entry,
-    out_hash,
+    pipeline_status,
     repro_outcome,
     run_streamed,
-    stage_order,
     step_failure,
     venv_env,
 )
@@ -63,6 +58,7 @@ from flows.workspace import is_workspace, keep_after_failure, remove_after_succe
 from milora.core.errors import UserError
 from milora.core.io import read_json, write_json
 from milora.pipeline.config import Config, FlowConfig
+from milora.pipeline.dvcstate import default_remote, lock_digest, lock_record, out_hash, stage_order
 from milora.pipeline.lock import WorkspaceBusy, WorkspaceLock, held_lock
 from milora.pipeline.paths import Paths
 from milora.pipeline.results import TOKEN_ENV, StepResult, read_result
@@ -195,9 +191,9 @@ def run_stage(stage: str, root: str, force: bool = False, progress_id: str | Non
 
     args = ["repro", "--single-item", *(["--force"] if force else []), *(["--pull"] if sync else []), stage]
     get_run_logger().info("$ dvc %s", " ".join(args))
-    before = lock_entry(rootp, stage)
+    before = lock_record(rootp, stage)
     result, attempt, step = _run_step(stage, dvc_command(*args), rootp, on_tick, result_step=stage)
-    outcome = repro_outcome(step, before, lock_entry(rootp, stage))
+    outcome = repro_outcome(step, before, lock_record(rootp, stage))
     if sync and outcome != "restored":  # (a skipped stage too: an earlier attempt may have run it, not pushed)
         get_run_logger().info("$ dvc push --run-cache %s", stage)
         _run_step(f"push {stage}", dvc_command("push", "--run-cache", stage), rootp)
@@ -396,7 +392,7 @@ class _PipelineRun:
             self.ingest()
             rest = [s for s in stages if s != INGEST]
         self.current = "dvc status"
-        pending = dvc_status(self.root)
+        pending = pipeline_status(self.root)
         if not pending and self.already_registered(rest):
             return
         for name in rest:

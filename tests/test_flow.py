@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from flows.dvc import StageFailed, repro_outcome, stage_order, step_failure
+from flows.dvc import StageFailed, repro_outcome, step_failure
 from flows.params import BACKUP, render_params, restore_leftover, run_params, validate_run_config
 from flows.report import RunReport, StageRun, render_markdown, render_summary
 from milora.core.errors import UnavailableError, UserError
 from milora.pipeline.config import ConfigError
+from milora.pipeline.dvcstate import data_hashes, stage_order
 from milora.pipeline.lock import WorkspaceBusy, WorkspaceLock, held_lock, read_record
 from milora.pipeline.results import StepResult
-from milora.tracking.lineage import dvc_data_hashes
 from tests.faults import fault_env
 from tests.prefect_fixtures import flow_run, flow_run_id, log_contains, task_runs
 
@@ -594,7 +594,7 @@ def test_full_flow_run(workspace, prefect_env, prefect_api):
     assert v1.tags["milora.prefect_flow_run_id"] == report.flow_run_id
     lineage = json.loads((root / "models" / "adapter" / "lineage.json").read_text())
     assert v1.tags["milora.data_sha256"] == lineage["data_hash"] and "milora.data_stale" not in v1.tags
-    assert v1.tags["milora.data_hash"] == dvc_data_hashes(root)["data_hash"]  # DVC's md5 of data/prepared
+    assert v1.tags["milora.data_hash"] == data_hashes(root)["data_hash"]  # DVC's md5 of data/prepared
 
     # Artifacts: the markdown report and the progress bar, finished.
     arts = _artifacts(report.flow_run_id)

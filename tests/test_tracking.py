@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from milora.pipeline.config import Config, RegisterConfig, validate
+from milora.pipeline.dvcstate import data_hashes
 from milora.pipeline.paths import Paths
 from milora.pipeline.results import read_result
 from milora.tracking import identity, runlog, scrub, store
-from milora.tracking.lineage import dvc_data_hashes, lineage_tags
+from milora.tracking.lineage import lineage_tags
 from tests.mlflow_fixtures import seed_embedded_store
 from tests.pipeline_outputs import RAW_MD5, build_pipeline_outputs, clone_outputs, tree_digest
 from tests.servers import S3_TEST_ENV, free_port
@@ -184,7 +185,7 @@ def test_data_hash_is_dvcs_version_and_stale_training_data_is_flagged(project, c
     lineage["data_hash"] = file_digest(prepared)
     lineage_file.write_text(json.dumps(lineage))
     tags = lineage_tags(Config(), project)
-    assert tags["milora.data_hash"] == dvc_data_hashes(project.root)["data_hash"]
+    assert tags["milora.data_hash"] == data_hashes(project.root)["data_hash"]
     assert tags["milora.data_sha256"] == lineage["data_hash"] and "milora.data_stale" not in tags
     (prepared / "train.jsonl").write_text('{"prompt": "a", "response": "c"}\n')  # re-prepared, not retrained
     with caplog.at_level("WARNING"):

@@ -1,9 +1,9 @@
 """What a registered model comes from: the adapter's `lineage.json`, the git commit, DVC's data hashes, the base
-identity, the SVD cache keys and the benchmark suites' content hashes, as the lineage tags of its MLflow run."""
+identity, the SVD cache keys and the benchmark suites' content hashes, as the lineage tags of its MLflow run (DVC's
+data hashes come from `milora.pipeline.dvcstate`, the one reader of dvc.lock)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -15,6 +15,7 @@ from typing import Any
 
 from milora.core.io import file_digest
 from milora.pipeline.config import Config
+from milora.pipeline.dvcstate import data_hashes
 from milora.pipeline.paths import Paths
 from milora.tracking.identity import TAG_PREFECT, prefect_flow_run_id
 from milora.tracking.scrub import scrub
@@ -39,34 +40,6 @@ def _git_commit(root: Path) -> str | None:
         return None
     sha = out.stdout.strip()
     return sha if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", sha) else None
-
-
-def dvc_data_hashes(root: Path) -> dict[str, str]:
-    """DVC content hashes: `data_hash` (the `data/prepared` out of `prepare` in dvc.lock), `raw_data_hash` (data/raw.dvc)."""
-    import yaml
-
-    out: dict[str, str] = {}
-    lock = root / "dvc.lock"
-    if lock.is_file():
-        try:
-            stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
-            # the prepared data (prepare's out) and the raw data version (ingest's out)
-            for stage, path, key in (("prepare", "data/prepared", "data_hash"), ("ingest", "data/raw", "raw_data_hash"),
-                                     ("ingest", "data/suites", "suites_data_hash")):
-                for o in (stages.get(stage) or {}).get("outs", []) or []:
-                    if str(o.get("path", "")).rstrip("/") == path and o.get("md5"):
-                        out[key] = str(o["md5"])
-        except (yaml.YAMLError, AttributeError) as exc:
-            log.warning("cannot read %s (%s): no DVC data hash from it", lock, exc)
-    else:
-        log.info("no %s: no DVC data hash from it", lock)
-    raw = root / "data" / "raw.dvc"
-    if raw.is_file():
-        with contextlib.suppress(yaml.YAMLError, AttributeError, IndexError, TypeError):
-            outs = (yaml.safe_load(raw.read_text(encoding="utf-8")) or {}).get("outs") or []
-            if outs and outs[0].get("md5"):
-                out["raw_data_hash"] = str(outs[0]["md5"])
-    return out
 
 
 def read_lineage(paths: Paths) -> dict[str, Any]:
@@ -101,7 +74,7 @@ def lineage_tags(cfg: Config, paths: Paths, lineage: Mapping[str, Any] | None = 
     if commit:
         tags["milora.git_commit"] = str(commit)
         tags["mlflow.source.git.commit"] = str(commit)
-    dvc = dvc_data_hashes(paths.root)
+    dvc = data_hashes(paths.root)
     content = lin.get("data_hash")  # sha256 over data/prepared's files, recorded by the train stage
     data_hash = dvc.get("data_hash") or content  # the DVC version of data/prepared when there is one
     if data_hash:
