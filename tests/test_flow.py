@@ -163,36 +163,45 @@ HOLDER = textwrap.dedent(f"""
 """)
 
 
-def test_a_dead_holders_lock_is_detected_stale_and_taken_over(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                            cwd=REPO)
+@contextlib.contextmanager
+def held_elsewhere(root):
+    """Another process holds the workspace lock of `root` (flow run "doomed") until the block ends (SIGKILL)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(root)], stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert proc.stdout.readline().strip() == "locked"
-        with pytest.raises(WorkspaceBusy, match=f"pid {proc.pid} .*flow run doomed"):
-            WorkspaceLock(tmp_path).acquire()
+        yield proc
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def test_a_dead_holders_lock_is_detected_stale_and_taken_over(tmp_path):
+    with held_elsewhere(tmp_path) as proc, pytest.raises(WorkspaceBusy, match=f"pid {proc.pid} .*flow run doomed"):
+        WorkspaceLock(tmp_path).acquire()
     with WorkspaceLock(tmp_path, flow_run_id="next") as lock:
         assert lock.stale is not None and lock.stale.pid == proc.pid and not lock.stale.pid_alive()
         assert read_record(tmp_path).flow_run_id == "next"
+
+
+def test_check_free_fails_on_a_held_lock_and_creates_nothing(tmp_path):
+    WorkspaceLock(tmp_path / "fresh").check_free()  # never locked: nothing to say, nothing created
+    assert not (tmp_path / "fresh").exists()
+    with held_elsewhere(tmp_path) as proc, pytest.raises(WorkspaceBusy, match=f"pid {proc.pid}"):
+        WorkspaceLock(tmp_path).check_free()
+    WorkspaceLock(tmp_path).check_free()  # its holder died: free again
+    with WorkspaceLock(tmp_path) as lock:
+        assert lock.held
 
 
 def test_a_busy_workspace_fails_in_under_2_seconds_before_any_server_starts(project):
     """`milora run` tries the workspace lock before Prefect (whose temporary server takes 10+ s to start)."""
     from tests.project import env
 
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(project)], stdout=subprocess.PIPE, text=True,
-                              cwd=REPO)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with held_elsewhere(project) as holder:
         t0 = time.monotonic()
         busy = subprocess.run(["milora", "run", "--root", str(project)], env=env(), capture_output=True, text=True,
                               timeout=60)
         elapsed = time.monotonic() - t0
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
     assert busy.returncode == 2, busy.stderr
     last = busy.stderr.strip().splitlines()[0]
     assert last.startswith("milora run: error: another run holds the workspace") and f"pid {holder.pid}" in last
