@@ -166,6 +166,17 @@ def pipeline_status(root: str | os.PathLike[str]) -> dict[str, Any]:
 # what happened
 
 
+# DVC's hints after each stage (about git, autostage, push): noise in a task log (display only).
+_DVC_HINTS = ("To track the changes with git, run:", "git add ", "To enable auto staging, run:",
+              "dvc config core.autostage true", "Use `dvc push` to send your updates to remote storage.")
+
+
+def shown(line: str) -> bool:
+    """Whether an output line belongs in the task log: not blank, not one of DVC's hints (display only)."""
+    text = line.strip()
+    return bool(text) and not text.startswith(_DVC_HINTS)
+
+
 def last_line(output: str) -> str:
     """The last non-empty line of a command's output: shown when a command failed without a structured
     result (DVC itself failed before or around the stage); never used to decide anything."""

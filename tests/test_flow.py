@@ -353,8 +353,7 @@ def test_summary_and_report_round_trip(tmp_path):
 
 
 def test_a_reused_version_is_said_so_in_the_summary_and_the_message(tmp_path):
-    from flows.pipeline import registration_line_short, registration_summary
-    from flows.report import registration_line
+    from flows.report import registration_line, registration_line_short, registration_summary
 
     reg = registration_summary({"model_name": "m", "version": "1", "run_id": "r", "created": False, "reused": True,
                                 "decision": {"promote": True, "reason": "no champion yet"}}, tmp_path)
@@ -365,7 +364,7 @@ def test_a_reused_version_is_said_so_in_the_summary_and_the_message(tmp_path):
 
 
 def test_registration_summary_reads_the_register_steps_result(tmp_path):
-    from flows.pipeline import registration_summary
+    from flows.report import registration_summary
 
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "register.json").write_text(json.dumps({"tracking_uri": "http://127.0.0.1:5000"}))
@@ -428,7 +427,7 @@ def _tiny_dvc_project(root: Path) -> Path:
 def test_stage_task_retries_transient_failures_only(prefect_api, tmp_path):
     from prefect import flow
 
-    from flows.pipeline import run_stage
+    from flows.tasks import run_stage
 
     root = _tiny_dvc_project(tmp_path)
 
@@ -463,7 +462,7 @@ def test_register_and_push_data_retry_transient_failures_as_configured(prefect_a
     that far apart, and the step's own message is the failure's last words."""
     from prefect import flow
 
-    from flows.pipeline import push_data, register, with_retries
+    from flows.tasks import push_data, register, with_retries
     from milora.pipeline.config import FlowConfig
     from tests.pipeline_outputs import build_pipeline_outputs
     from tests.project import run
