@@ -30,9 +30,9 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.states import Completed, Failed, State
 
-from flows.dvc import StageFailed, pipeline_status
 from flows.params import parse_overrides, run_params, validate_run_config
 from flows.report import RunReport, read_metrics, render_markdown
+from flows.steps import StageFailed, pipeline_status
 from flows.tasks import (
     INGEST,
     PUSH_DATA,

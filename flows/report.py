@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.dvc import StageFailed
+from flows.steps import StageFailed
 from milora.core.io import read_json, write_json
 from milora.pipeline.paths import Paths
 from milora.pipeline.retrain import NOTHING_TO_RETRAIN

@@ -20,8 +20,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.runtime import task_run as runtime_task_run
 
-from flows.dvc import StageFailed, dvc_command, repro_outcome, run_streamed, shown, step_failure, venv_env
 from flows.report import registration_line, registration_summary
+from flows.steps import StageFailed, dvc_command, repro_outcome, run_streamed, shown, step_failure, venv_env
 from milora.pipeline import progress
 from milora.pipeline.config import FlowConfig
 from milora.pipeline.dvcstate import default_remote, lock_record
@@ -39,7 +39,7 @@ def with_retries(task: Any, policy: FlowConfig) -> Any:
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect `retry_condition_fn`: retry only failures classified transient (see `flows.dvc`)."""
+    """Prefect `retry_condition_fn`: retry only failures classified transient (see `flows.steps`)."""
     exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
     return isinstance(exc, StageFailed) and exc.kind == "transient"
 

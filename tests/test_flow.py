@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.dvc import StageFailed, repro_outcome, step_failure
 from flows.params import BACKUP, render_params, restore_leftover, run_params, validate_run_config
 from flows.report import RunReport, StageRun, render_markdown, render_summary
+from flows.steps import StageFailed, repro_outcome, step_failure
 from milora.core.errors import UnavailableError, UserError
 from milora.pipeline.config import ConfigError
 from milora.pipeline.dvcstate import data_hashes, stage_order

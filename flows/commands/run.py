@@ -132,9 +132,9 @@ def _run(args: argparse.Namespace, root: Path, overrides: dict[str, str]) -> int
     for noisy in ("httpx", "httpcore"):  # one line per API call otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from flows.dvc import StageFailed
     from flows.pipeline import milora_pipeline
     from flows.report import load_report, render_summary
+    from flows.steps import StageFailed
     from milora.pipeline.paths import Paths
 
     # `kill` (SIGTERM) ends a run as cleanly as Ctrl-C: the running stage's process group is stopped, the

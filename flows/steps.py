@@ -1,6 +1,9 @@
-"""DVC as the flow sees it: `dvc repro` as a streamed subprocess, and what happened, read from structured
-sources only: each stage's result file (`milora.pipeline.results`), DVC's own record of the pipeline
-(`milora.pipeline.dvcstate`: stage graph, `dvc.lock`, status) and exit codes. Nothing here parses log text.
+"""A step of the flow as a subprocess (`dvc repro`, `milora register`, the data push), streamed, and what happened,
+read from structured sources only: each step's result file (`milora.pipeline.results`), DVC's own record of the
+pipeline (`milora.pipeline.dvcstate`: stage graph, `dvc.lock`, status) and exit codes. Nothing here parses log text.
+
+(Not named `dvc.py`: Prefect loads a flow by its file path with this folder on `sys.path`, where a `dvc.py`
+would shadow DVC itself for the flow's in-process DVC API calls.)
 
 Nothing here computes pipeline results: every stage is `milora stage <name>` run by DVC.
 """
