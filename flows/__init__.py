@@ -1,7 +1,8 @@
 """Prefect flows of the pipeline: thin orchestration over the DVC stages (see `flows.pipeline`).
 
-`from flows import milora_pipeline` imports Prefect; the helper modules (`flows.dvc`, `flows.params`,
-`flows.report`, `flows.workspace`) do not, so Prefect settings can still be chosen before it loads.
+`from flows import milora_pipeline` imports Prefect (so do its tasks, `flows.tasks`); the helper modules
+(`flows.steps`, `flows.params`, `flows.report`, `flows.workspace`) do not, so Prefect settings can still be
+chosen before it loads.
 `flows.fanout` is the fan-out flow over many runs of a deployment (`python -m flows.fanout`).
 """
 

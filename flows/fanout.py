@@ -99,7 +99,7 @@ def trial(index: int, deployment: str, overrides: dict[str, Any], model_name: st
 
 
 def _mlflow() -> Any:
-    from milora.tracking.runs import client
+    from milora.tracking.store import client
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         from milora.core.errors import MissingInput
@@ -110,7 +110,8 @@ def _mlflow() -> Any:
 
 
 def _parent_run(mlflow_client: Any, experiment: str, trials: list[dict[str, Any]], flow_run_id: str | None) -> str:
-    from milora.tracking.runs import TAG_PREFECT, ensure_experiment
+    from milora.tracking.identity import TAG_PREFECT
+    from milora.tracking.store import ensure_experiment
 
     exp = ensure_experiment(mlflow_client, experiment)
     tags = {SWEEP_TAG: "parent", **({TAG_PREFECT: flow_run_id} if flow_run_id else {})}
@@ -125,7 +126,8 @@ def _parent_run(mlflow_client: Any, experiment: str, trials: list[dict[str, Any]
 
 def _adopt(mlflow_client: Any, experiment: str, parent: str, row: dict[str, Any]) -> None:
     """Find the trial's MLflow run (by its Prefect flow-run id), make it a child of the sweep, read its metrics."""
-    from milora.tracking.runs import TAG_PREFECT, ensure_experiment
+    from milora.tracking.identity import TAG_PREFECT
+    from milora.tracking.store import ensure_experiment
 
     if not row.get("flow_run_id"):
         return

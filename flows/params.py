@@ -23,7 +23,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
 from milora.core.io import atomic_write_bytes
-from milora.pipeline.config import Config, ConfigError, load_config, parse_override_value
+from milora.pipeline.config import Config, ConfigError, load_config, parse_override_value, set_dotted
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +80,7 @@ def _yaml() -> YAML:
 def render_params(text: str, overrides: Mapping[str, Any] | None) -> bytes:
     """`text` (a params YAML document) with dotted-key overrides set, comments and layout kept."""
     y = _yaml()
-    data = y.load(text) or CommentedMap()
-    for dotted, value in (overrides or {}).items():
-        parts = str(dotted).split(".")
-        node = data
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = CommentedMap()
-            node = node[part]
-        node[parts[-1]] = value
+    data = set_dotted(y.load(text) or CommentedMap(), overrides, CommentedMap)
     buf = io.StringIO()
     y.dump(data, buf)
     return buf.getvalue().encode("utf-8")

@@ -1,8 +1,10 @@
-"""What a pipeline run did, as data (`RunReport`), as the run's markdown artifact and as the summary
-`milora run` prints. Pure functions of the report: no Prefect, DVC or MLflow calls here."""
+"""What a pipeline run did, as data (`RunReport`, filled in step by step by the flow), as the run's markdown
+artifact and as the summary `milora run` prints. No Prefect, DVC or MLflow calls here: the registration is read
+from the register step's structured result and `metrics/register.json`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -10,10 +12,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flows.steps import StageFailed
 from milora.core.io import read_json, write_json
+from milora.pipeline.paths import Paths
+from milora.pipeline.retrain import NOTHING_TO_RETRAIN
 
 REPORT_FILE = Path(".milora") / "last_run.json"
-REGISTERED_FILE = Path(".milora") / "registered.json"
 
 # How each stage outcome reads in the artifact and the summary.
 OUTCOME_TEXT = {
@@ -74,6 +78,52 @@ class RunReport:
         self.stages.append(s)
         return s
 
+    @classmethod
+    def planned(cls, root: str | os.PathLike[str], steps: list[str], **fields: Any) -> RunReport:
+        """A new report listing every step the run will take, in order, none run yet."""
+        report = cls(root=str(root), **fields)
+        for name in steps:
+            report.stage(name)
+        return report
+
+    def record(self, result: dict[str, Any]) -> None:
+        """A finished stage task's result (`name`, `outcome`, `seconds`, ...)."""
+        s = self.stage(result["name"])
+        s.outcome, s.seconds = result["outcome"], result["seconds"]
+        s.compute_seconds, s.attempts = result.get("compute_seconds"), result.get("attempts", 1)
+
+    def record_failure(self, name: str, exc: BaseException) -> None:
+        """Step `name` failed with `exc`: the run failed, with the error's message."""
+        s = self.stage(name)
+        s.outcome = "failed"
+        if isinstance(exc, StageFailed):
+            s.attempts, s.seconds, s.detail = exc.attempt, exc.seconds, exc.detail
+        else:
+            s.attempts, s.detail = max(s.attempts, 1), f"{type(exc).__name__}: {exc}"
+        self.status, self.message = "failed", str(exc)
+
+    def nothing_to_retrain(self, last: dict[str, Any], stages: list[str], register: str) -> None:
+        """Every stage was up to date and this pipeline state was registered already (`last`): the run ends."""
+        for name in stages:
+            self.stage(name).outcome = "up to date"
+        self.stage(register).outcome = "already registered"
+        self.registration = {
+            **(last.get("registration") or {}), "skipped": True,
+            "reason": f"{NOTHING_TO_RETRAIN}: data and params unchanged since {last.get('model_name')} "
+                      f"version {last.get('version')} was registered"}
+        self.status, self.message = NOTHING_TO_RETRAIN, (
+            f"{NOTHING_TO_RETRAIN}: data version {self.data_version} and params unchanged since "
+            f"the last registered run")
+
+    def registered(self, register: str, reg: dict[str, Any]) -> None:
+        """The register task's result: the run completed."""
+        s = self.stage(register)
+        s.outcome, s.seconds, s.attempts = "ran", reg["seconds"], reg["attempts"]
+        self.registration = reg["decision"]
+        self.status = "completed"
+        self.message = (f"ran {', '.join(self.ran)}" if self.ran else "every stage was up to date") + \
+            f"; {registration_line_short(self.registration)}"
+
     @property
     def ran(self) -> list[str]:
         """Names of the stages whose command ran."""
@@ -124,6 +174,45 @@ def read_metrics(root: str | os.PathLike[str]) -> dict[str, Any]:
         except (OSError, ValueError):
             continue
     return out
+
+
+def registration_summary(reg: dict[str, Any], root: str | os.PathLike[str]) -> dict[str, Any]:
+    """The registration as the report shows it, from the register step's structured result (`data`: version,
+    decision, both metric values) and `metrics/register.json` (tracking URI, MLflow run link)."""
+    written: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        written = read_json(Paths(Path(root)).metrics("register"))
+    d = reg.get("decision") or {}
+    out = {"model_name": reg.get("model_name", written.get("model_name")),
+           "version": reg.get("version", written.get("version")),
+           "run_id": reg.get("run_id", written.get("run_id")),
+           "model_uri": reg.get("model_uri", written.get("model_uri")),
+           "created": reg.get("created"),
+           "reused": reg.get("reused"),
+           "promoted": d.get("promote", written.get("promoted")),
+           "reason": d.get("reason", written.get("reason")),
+           "metric": d.get("metric", written.get("metric")),
+           "challenger_value": d.get("challenger_value", written.get("challenger_value")),
+           "champion_value": d.get("champion_value", written.get("champion_value")),
+           "champion_version": d.get("champion_version", written.get("champion_version")),
+           "tracking_uri": written.get("tracking_uri")}
+    if out["promoted"] is not None:
+        out["decision"] = "promoted to champion" if out["promoted"] else "champion kept"
+    uri = out["tracking_uri"] or ""
+    if out["run_id"] and uri.startswith(("http://", "https://")):
+        out["run_url"] = f"{uri.rstrip('/')}/#/runs/{out['run_id']}"
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def registration_line_short(reg: dict[str, Any] | None) -> str:
+    """`registered <name> v<version> (<decision>)` for the run's message."""
+    if not reg:
+        return "nothing registered"
+    if reg.get("reused"):
+        return (f"already registered as {reg.get('model_name', '?')} v{reg.get('version', '?')} "
+                "(a byte-identical adapter)")
+    text = f"registered {reg.get('model_name', '?')} v{reg.get('version', '?')}"
+    return text + (f" ({reg['decision']})" if reg.get("decision") else "")
 
 
 def _fmt(value: Any) -> str:

@@ -181,7 +181,7 @@ def _use_tracking(repository: str, ws: Path) -> None:
         raise MissingInput("a pipeline run in a workspace needs a shared MLflow: set MLFLOW_TRACKING_URI in the "
                            "worker's environment or the deployment's job variables (env)")
     from milora.pipeline.config import load_config
-    from milora.tracking.runs import client, ensure_experiment, tracking_uri
+    from milora.tracking.store import client, ensure_experiment, tracking_uri
 
     src = Path(repository).resolve()
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri(src)

@@ -8,7 +8,7 @@ training run's `eval.max_new_tokens` / `eval.batch_size`) and at its precision (
 fp32, or the bf16 / fp16 autocast the adapter was trained and evaluated under), so the served model answers
 an example with exactly the text the evaluate stage predicted for it in the same batch.
 
-Logged as *models from code* by `milora.tracking.registry` (no pickle): MLflow copies this file into the
+Logged as *models from code* by `milora.tracking.packaging` (no pickle): MLflow copies this file into the
 model and runs it at load time. The model directory carries everything it needs offline:
 
 * `artifacts["adapter"]`: the MiLoRA adapter (`milora.save_adapter` format), loaded with

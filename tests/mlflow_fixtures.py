@@ -72,18 +72,18 @@ def seed_embedded_store(root: Path) -> None:
     """Give `root` an embedded MLflow store (`mlflow/mlflow.db`) copied from a template migrated once per session.
 
     Creating the SQLite schema takes seconds; copying the file of an empty, migrated store takes
-    milliseconds. The template itself is made through `milora.tracking.runs.client`, the production path.
+    milliseconds. The template itself is made through `milora.tracking.store.client`, the production path.
     """
     import atexit
     import shutil
     import tempfile
 
-    from milora.tracking import runs as tracking
+    from milora.tracking import store
 
     if not _TEMPLATE:
         tmp = Path(tempfile.mkdtemp(prefix="milora-mlflow-template-"))
         atexit.register(shutil.rmtree, tmp, True)
-        tracking.client(tmp).search_experiments()
+        store.client(tmp).search_experiments()
         _TEMPLATE.append(tmp / "mlflow" / "mlflow.db")
     (root / "mlflow").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(_TEMPLATE[0], root / "mlflow" / "mlflow.db")

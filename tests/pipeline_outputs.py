@@ -4,7 +4,7 @@
 (see `milora.pipeline.paths.Paths`), for real and offline: a tiny Llama base with a byte-level BPE tokenizer
 trained on the spot (HF format, safetensors), a MiLoRA adapter trained for a few optimizer steps and
 saved with `milora.save_adapter` plus its `lineage.json`, the metrics JSON files, the loss CSV, the
-spectrum PNG, eval predictions, `dvc.lock` and `data/raw.dvc`.
+spectrum PNG, eval predictions, a `dvc.yaml` + `dvc.lock` (the prepare stage) and `data/raw.dvc`.
 """
 
 from __future__ import annotations
@@ -162,6 +162,7 @@ def build_pipeline_outputs(
         _spectrum_png(paths.plot("spectrum.png"), state.spectra)
         preds = [{"task": "math", "prompt": CORPUS[0].split(" answer:")[0], "prediction": "five", "correct": True}]
         atomic_write_text(paths.predictions, "".join(json.dumps(p) + "\n" for p in preds))
+        atomic_write_text(paths.root / "dvc.yaml", DVC_YAML)
         atomic_write_text(paths.root / "dvc.lock", _dvc_lock(data_md5))
         atomic_write_text(paths.root / "data" / "raw.dvc", f"outs:\n- md5: {RAW_MD5}\n  path: raw\n")
     return PipelineOutputs(paths, identity, lineage, metrics, losses)
@@ -181,10 +182,14 @@ def _spectrum_png(path: Path, spectra: Mapping[str, Tensor]) -> None:
     plt.close(fig)
 
 
+# the prepare stage of a pipeline, as DVC reads it: its dvc.yaml definition and its dvc.lock record
+DVC_YAML = "stages:\n  prepare:\n    cmd: milora stage prepare\n    deps:\n    - params.yaml\n    outs:\n    - data/prepared\n"
+
+
 def _dvc_lock(data_md5: str) -> str:
     return (
         "schema: '2.0'\nstages:\n  prepare:\n    cmd: milora stage prepare\n    deps:\n"
-        "    - path: params.yaml\n      md5: 11112222333344445555666677778888\n    outs:\n"
+        "    - path: params.yaml\n      md5: 1111aaaa2222bbbb3333cccc4444dddd\n    outs:\n"
         f"    - path: data/prepared\n      hash: md5\n      md5: {data_md5}\n      size: 1234\n      nfiles: 2\n"
     )
 

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from flows.dvc import StageFailed, repro_outcome, stage_order, step_failure
 from flows.params import BACKUP, render_params, restore_leftover, run_params, validate_run_config
 from flows.report import RunReport, StageRun, render_markdown, render_summary
+from flows.steps import StageFailed, repro_outcome, step_failure
 from milora.core.errors import UnavailableError, UserError
 from milora.pipeline.config import ConfigError
+from milora.pipeline.dvcstate import data_hashes, stage_order
 from milora.pipeline.lock import WorkspaceBusy, WorkspaceLock, held_lock, read_record
 from milora.pipeline.results import StepResult
-from milora.tracking.runs import dvc_data_hashes
 from tests.faults import fault_env
 from tests.prefect_fixtures import flow_run, flow_run_id, log_contains, task_runs
 
@@ -163,36 +163,45 @@ HOLDER = textwrap.dedent(f"""
 """)
 
 
-def test_a_dead_holders_lock_is_detected_stale_and_taken_over(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                            cwd=REPO)
+@contextlib.contextmanager
+def held_elsewhere(root):
+    """Another process holds the workspace lock of `root` (flow run "doomed") until the block ends (SIGKILL)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(root)], stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert proc.stdout.readline().strip() == "locked"
-        with pytest.raises(WorkspaceBusy, match=f"pid {proc.pid} .*flow run doomed"):
-            WorkspaceLock(tmp_path).acquire()
+        yield proc
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def test_a_dead_holders_lock_is_detected_stale_and_taken_over(tmp_path):
+    with held_elsewhere(tmp_path) as proc, pytest.raises(WorkspaceBusy, match=f"pid {proc.pid} .*flow run doomed"):
+        WorkspaceLock(tmp_path).acquire()
     with WorkspaceLock(tmp_path, flow_run_id="next") as lock:
         assert lock.stale is not None and lock.stale.pid == proc.pid and not lock.stale.pid_alive()
         assert read_record(tmp_path).flow_run_id == "next"
+
+
+def test_check_free_fails_on_a_held_lock_and_creates_nothing(tmp_path):
+    WorkspaceLock(tmp_path / "fresh").check_free()  # never locked: nothing to say, nothing created
+    assert not (tmp_path / "fresh").exists()
+    with held_elsewhere(tmp_path) as proc, pytest.raises(WorkspaceBusy, match=f"pid {proc.pid}"):
+        WorkspaceLock(tmp_path).check_free()
+    WorkspaceLock(tmp_path).check_free()  # its holder died: free again
+    with WorkspaceLock(tmp_path) as lock:
+        assert lock.held
 
 
 def test_a_busy_workspace_fails_in_under_2_seconds_before_any_server_starts(project):
     """`milora run` tries the workspace lock before Prefect (whose temporary server takes 10+ s to start)."""
     from tests.project import env
 
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(project)], stdout=subprocess.PIPE, text=True,
-                              cwd=REPO)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with held_elsewhere(project) as holder:
         t0 = time.monotonic()
         busy = subprocess.run(["milora", "run", "--root", str(project)], env=env(), capture_output=True, text=True,
                               timeout=60)
         elapsed = time.monotonic() - t0
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
     assert busy.returncode == 2, busy.stderr
     last = busy.stderr.strip().splitlines()[0]
     assert last.startswith("milora run: error: another run holds the workspace") and f"pid {holder.pid}" in last
@@ -344,8 +353,7 @@ def test_summary_and_report_round_trip(tmp_path):
 
 
 def test_a_reused_version_is_said_so_in_the_summary_and_the_message(tmp_path):
-    from flows.pipeline import registration_line_short, registration_summary
-    from flows.report import registration_line
+    from flows.report import registration_line, registration_line_short, registration_summary
 
     reg = registration_summary({"model_name": "m", "version": "1", "run_id": "r", "created": False, "reused": True,
                                 "decision": {"promote": True, "reason": "no champion yet"}}, tmp_path)
@@ -356,7 +364,7 @@ def test_a_reused_version_is_said_so_in_the_summary_and_the_message(tmp_path):
 
 
 def test_registration_summary_reads_the_register_steps_result(tmp_path):
-    from flows.pipeline import registration_summary
+    from flows.report import registration_summary
 
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "register.json").write_text(json.dumps({"tracking_uri": "http://127.0.0.1:5000"}))
@@ -419,7 +427,7 @@ def _tiny_dvc_project(root: Path) -> Path:
 def test_stage_task_retries_transient_failures_only(prefect_api, tmp_path):
     from prefect import flow
 
-    from flows.pipeline import run_stage
+    from flows.tasks import run_stage
 
     root = _tiny_dvc_project(tmp_path)
 
@@ -454,7 +462,7 @@ def test_register_and_push_data_retry_transient_failures_as_configured(prefect_a
     that far apart, and the step's own message is the failure's last words."""
     from prefect import flow
 
-    from flows.pipeline import push_data, register, with_retries
+    from flows.tasks import push_data, register, with_retries
     from milora.pipeline.config import FlowConfig
     from tests.pipeline_outputs import build_pipeline_outputs
     from tests.project import run
@@ -594,7 +602,7 @@ def test_full_flow_run(workspace, prefect_env, prefect_api):
     assert v1.tags["milora.prefect_flow_run_id"] == report.flow_run_id
     lineage = json.loads((root / "models" / "adapter" / "lineage.json").read_text())
     assert v1.tags["milora.data_sha256"] == lineage["data_hash"] and "milora.data_stale" not in v1.tags
-    assert v1.tags["milora.data_hash"] == dvc_data_hashes(root)["data_hash"]  # DVC's md5 of data/prepared
+    assert v1.tags["milora.data_hash"] == data_hashes(root)["data_hash"]  # DVC's md5 of data/prepared
 
     # Artifacts: the markdown report and the progress bar, finished.
     arts = _artifacts(report.flow_run_id)

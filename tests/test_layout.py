@@ -26,7 +26,7 @@ LEVEL = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 
 
 def package_of(module: str) -> str:
-    """`milora.core.svd` -> `milora.core`; `flows.dvc` -> `flows`; the `milora` package itself -> `milora`."""
+    """`milora.core.svd` -> `milora.core`; `flows.steps` -> `flows`; the `milora` package itself -> `milora`."""
     parts = module.split(".")
     if parts[0] == "flows":
         return "flows"
@@ -106,7 +106,7 @@ def test_the_layer_rules_see_the_imports_they_judge():
     assert "milora.core.adapter" in imports_of("milora.stages.svd")
     assert "milora.pipeline.config" in imports_of("milora.stages.__init__".removesuffix(".__init__"))
     assert "milora.core.adapter" not in imports_of("milora")  # only under TYPE_CHECKING / __getattr__
-    assert "milora.tracking.registry" in imports_of("milora.cli.register")  # imported inside main()
+    assert "milora.tracking.registration" in imports_of("milora.cli.register")  # imported inside main()
 
 
 # ------------------------------------------------------------------------------------------------ DVC deps
@@ -150,3 +150,15 @@ def test_stage_modules_have_a_typed_run():
         run = next(f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == "run")
         assert [ast.unparse(a.annotation) for a in run.args.args] == ["Config", "Paths"], stage
         assert ast.unparse(run.returns) == "None", stage
+
+
+def test_no_flows_module_shadows_a_top_level_module():
+    """Prefect loads a flow by its file path (`flows/pipeline.py:milora_pipeline`) with `flows/` on `sys.path`:
+    a `flows/<name>.py` named like an installed package or a standard module (a `flows/dvc.py` once) would
+    shadow it in the flow's process, e.g. `import dvc` finding `flows/dvc.py`."""
+    import importlib.util
+    import sys
+
+    shadowing = [p.name for p in sorted((ROOT / "flows").glob("*.py")) if p.stem != "__init__"
+                 and (p.stem in sys.stdlib_module_names or importlib.util.find_spec(p.stem) is not None)]
+    assert shadowing == []

@@ -10,8 +10,7 @@ import pytest
 
 from milora.pipeline.config import validate
 from milora.pipeline.paths import Paths
-from milora.tracking import registry
-from milora.tracking import runs as tracking
+from milora.tracking import registration, store
 from tests.mlflow_fixtures import predict_in_fresh_process, reference_generations
 from tests.pipeline_outputs import build_pipeline_outputs, clone_outputs, retrained, tree_digest
 from tests.servers import S3_TEST_ENV
@@ -59,8 +58,8 @@ def s3_keys(mlflow_server) -> list[str]:
 
 
 def test_run_is_logged_with_artifacts_in_s3(project, mlflow_server):
-    reg = registry.register_run(cfg("srv-log", log_lora_export=True), project)
-    c = tracking.client(project.root)
+    reg = registration.register_run(cfg("srv-log", log_lora_export=True), project)
+    c = store.client(project.root)
     run = c.get_run(reg.run_id)
     assert run.info.artifact_uri.startswith("mlflow-artifacts:/")
     assert run.data.params["adapter.method"] == "milora" and run.data.params["adapter.rank"] == "4"
@@ -80,21 +79,21 @@ def test_run_is_logged_with_artifacts_in_s3(project, mlflow_server):
 
 
 def test_champion_loads_in_a_fresh_process_and_generates(project, mlflow_server, tmp_path):
-    registry.register_run(cfg("srv-load"), project)
+    registration.register_run(cfg("srv-load"), project)
     got = predict_in_fresh_process("models:/srv-load@champion", PROMPTS, 5, mlflow_server.url, tmp_path)
     assert got == reference_generations(project, PROMPTS, 5)
     assert len(got) == 2 and all(isinstance(g, str) and g for g in got)
 
 
 def test_gate_promotes_better_keeps_worse_and_ties(project):
-    c = tracking.client(project.root)
+    c = store.client(project.root)
     config = cfg("srv-gate", min_delta=0.05)
-    first = registry.register_run(config, project)
+    first = registration.register_run(config, project)
     assert first.decision.promote
     results = {}
     for label, acc in [("better", 0.6), ("worse", 0.5), ("below_delta", 0.64), ("tie", 0.6)]:
         retrained(project, average_accuracy=acc, perplexity=10 + len(results))  # a new model each time
-        results[label] = registry.register_run(config, project)
+        results[label] = registration.register_run(config, project)
     assert results["better"].decision.promote
     assert not results["worse"].decision.promote and "worse by 0.1" in results["worse"].decision.reason
     assert not results["below_delta"].decision.promote and "not more than min_delta" in results["below_delta"].decision.reason
@@ -117,7 +116,7 @@ def test_two_registrations_at_once_leave_the_champion_on_the_best(built, tmp_pat
     from tests.project import env
 
     champion = clone_outputs(built.root, tmp_path / "champion")
-    assert registry.register_run(cfg("srv-race"), champion).decision.promote  # v1: average_accuracy 0.5
+    assert registration.register_run(cfg("srv-race"), champion).decision.promote  # v1: average_accuracy 0.5
     roots = {}
     for name, acc, shift in (("better", 0.9, 1e-3), ("worse", 0.7, 2e-3)):
         roots[name] = clone_outputs(built.root, tmp_path / name).root
@@ -132,7 +131,7 @@ def test_two_registrations_at_once_leave_the_champion_on_the_best(built, tmp_pat
     for name, p in procs.items():
         assert p.returncode == 0, out[name][1][-3000:]
     got = {name: json.loads(o.strip().splitlines()[-1]) for name, (o, _) in out.items()}
-    c = tracking.client(".")
+    c = store.client(".")
     best = got["better"]["version"]
     assert str(c.get_model_version_by_alias("srv-race", "champion").version) == best
     tags = {name: c.get_model_version("srv-race", g["version"]).tags for name, g in got.items()}
@@ -149,32 +148,32 @@ def test_two_registrations_at_once_leave_the_champion_on_the_best(built, tmp_pat
 
 
 def test_retrying_registration_creates_no_duplicate(project):
-    c = tracking.client(project.root)
-    first = registry.register_run(cfg("srv-retry"), project)
-    again = registry.register_run(cfg("srv-retry"), project)
+    c = store.client(project.root)
+    first = registration.register_run(cfg("srv-retry"), project)
+    again = registration.register_run(cfg("srv-retry"), project)
     assert (again.version, again.run_id, again.created) == (first.version, first.run_id, False)
     assert len(c.search_model_versions("name='srv-retry'")) == 1
 
 
 def test_server_down_then_up_registers_the_same_run_once(project, mlflow_server, monkeypatch):
     config = cfg("srv-outage")
-    c = tracking.client(project.root)  # a caller opened the run while the server was up
-    run_id = c.create_run(tracking.ensure_experiment(c, config.register.experiment, project.root)).info.run_id
+    c = store.client(project.root)  # a caller opened the run while the server was up
+    run_id = c.create_run(store.ensure_experiment(c, config.register.experiment, project.root)).info.run_id
     monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
     before = tree_digest(project.root)
     mlflow_server.stop()
     try:
-        with pytest.raises(tracking.TrackingUnavailableError) as exc:
-            registry.register_stage(config, project)
+        with pytest.raises(store.TrackingUnavailableError) as exc:
+            registration.register_stage(config, project)
         assert mlflow_server.url in str(exc.value) and "unreachable" in str(exc.value)
         assert tree_digest(project.root) == before
         assert not project.metrics("register").exists()
     finally:
         mlflow_server.start()  # same port, same SQLite backend, same bucket
-    registry.register_stage(config, project)
+    registration.register_stage(config, project)
     written = json.loads(project.metrics("register").read_text())
     assert written["run_id"] == run_id and written["created"] and written["promoted"]
-    registry.register_stage(config, project)
+    registration.register_stage(config, project)
     assert [v.run_id for v in c.search_model_versions("name='srv-outage'")] == [run_id]
 
 
@@ -197,9 +196,9 @@ def test_credentials_never_reach_params_tags_artifacts_or_logs(project, mlflow_s
     (project.root / "dvc.lock").write_text((project.root / "dvc.lock").read_text() + f"# {TOKENS['GITHUB_TOKEN']}\n")
     config = cfg("srv-secrets", log_lora_export=True, log_merged=True)
     with caplog.at_level(logging.DEBUG):
-        reg = registry.register_run(config, project)
-        registry.promote("srv-secrets", reg.version, force=True, cfg=config, root=project.root)
-    c = tracking.client(project.root)
+        reg = registration.register_run(config, project)
+        registration.promote("srv-secrets", reg.version, force=True, cfg=config, root=project.root)
+    c = store.client(project.root)
     run = c.get_run(reg.run_id)
     mv = c.get_model_version("srv-secrets", reg.version)
     assert run.data.params["data.source"] == "https://***@data.example/rows.jsonl"

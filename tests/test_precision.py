@@ -24,7 +24,8 @@ from milora.model.precision import (
 )
 from milora.pipeline.config import validate
 from milora.stages.train import training_arguments
-from milora.tracking import runs as tracking
+from milora.tracking import runlog
+from milora.tracking.lineage import lineage_tags
 from tests.project import write_params
 
 NO_BF16 = {"architecture": "x86_64", "avx2": True, "avx512_f": True, "avx512_bf16": False, "amx_bf16": False}
@@ -123,10 +124,10 @@ def test_run_params_and_tags_record_what_auto_resolved_to(tmp_path):
     cfg = validate({})
     lineage = {"method": "milora", "rank": 8, "precision": "bf16",
                "params": {"train": {"precision": "auto"}}}
-    params = tracking.run_params(cfg, lineage)
-    assert params["train.precision"] == "auto" and params[tracking.PARAM_PRECISION] == "bf16"
-    assert tracking.lineage_tags(cfg, Paths(tmp_path), lineage)["milora.precision"] == "bf16"
-    assert tracking.PARAM_PRECISION not in tracking.run_params(cfg, {"params": {}})
+    params = runlog.run_params(cfg, lineage)
+    assert params["train.precision"] == "auto" and params[runlog.PARAM_PRECISION] == "bf16"
+    assert lineage_tags(cfg, Paths(tmp_path), lineage)["milora.precision"] == "bf16"
+    assert runlog.PARAM_PRECISION not in runlog.run_params(cfg, {"params": {}})
 
 
 def test_generation_and_nll_under_bf16_autocast_are_deterministic_and_close_to_fp32(tmp_path):

@@ -89,8 +89,7 @@ def test_external_bf16_base_end_to_end_registered_by_reference(small_llama, tmp_
     register by reference; the pyfunc reloads the base by path in a fresh process, and refuses a changed base."""
     from mlflow.pyfunc import load_model
 
-    from milora.tracking import registry
-    from milora.tracking import runs as tracking
+    from milora.tracking import registration, store
 
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "PREFECT__FLOW_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
@@ -118,8 +117,8 @@ def test_external_bf16_base_end_to_end_registered_by_reference(small_llama, tmp_
 
     seed_embedded_store(root)
     cfg = validate(json.loads(json.dumps(__import__("yaml").safe_load((root / "params.yaml").read_text()))))
-    reg = registry.register_run(cfg, paths)
-    uri = tracking.tracking_uri(root)
+    reg = registration.register_run(cfg, paths)
+    uri = store.tracking_uri(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     model_uri = f"models:/ext-e2e/{reg.version}"
     model = load_model(model_uri)

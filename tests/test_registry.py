@@ -10,9 +10,8 @@ import pytest
 from milora.model.base import content_hash, weight_files
 from milora.pipeline.config import RegisterConfig, validate
 from milora.pipeline.paths import Paths
-from milora.tracking import registry
-from milora.tracking import runs as tracking
-from milora.tracking.registry import Decision, gate
+from milora.tracking import identity, packaging, registration, store
+from milora.tracking.gate import TAG_DECISION, Decision, gate
 from tests.mlflow_fixtures import predict_in_fresh_process, reference_generations, seed_embedded_store
 from tests.pipeline_outputs import build_pipeline_outputs, clone_outputs, retrained
 
@@ -90,7 +89,7 @@ def test_missing_or_nan_metric_never_promotes():
 def test_decision_round_trips_through_tags():
     d = Decision(False, "tie", "average_accuracy", 0.5, 0.5, "3", "maximize", 0.01, "manual", False)
     tags = d.tags()
-    assert list(tags)[-1] == registry.TAG_DECISION and tags[registry.TAG_DECISION] == "not_promoted"
+    assert list(tags)[-1] == TAG_DECISION and tags[TAG_DECISION] == "not_promoted"
     assert Decision.from_tags(tags) == d
 
 
@@ -121,14 +120,14 @@ def alias(c, name, a):
 def test_champion_moves_only_to_a_better_model(project):
     cfg = validate({"register": {"model_name": "gate-e2e", "min_delta": 0.01, "log_lora_export": False,
                                  "guards": [{"metric": "forgetting", "max_increase": 0.05}]}})
-    c = tracking.client(project.root)
-    first = registry.register_run(cfg, project)
+    c = store.client(project.root)
+    first = registration.register_run(cfg, project)
     assert (first.version, first.created, first.decision.promote) == ("1", True, True)
     assert alias(c, "gate-e2e", "champion") == alias(c, "gate-e2e", "challenger") == "1"
 
     def challenger(**metrics):
         retrained(project, **metrics)
-        reg = registry.register_run(cfg, project)
+        reg = registration.register_run(cfg, project)
         assert reg.created and alias(c, "gate-e2e", "challenger") == reg.version
         return reg
 
@@ -161,9 +160,9 @@ def test_champion_moves_only_to_a_better_model(project):
 @pytest.mark.slow
 def test_retrying_registration_never_duplicates(project):
     cfg = validate({"register": {"model_name": "retry-e2e", "log_lora_export": False}})
-    c = tracking.client(project.root)
-    first = registry.register_run(cfg, project)
-    again = registry.register_run(cfg, project)
+    c = store.client(project.root)
+    first = registration.register_run(cfg, project)
+    again = registration.register_run(cfg, project)
     assert (again.version, again.run_id, again.created) == (first.version, first.run_id, False)
     assert again.decision.promote and again.decision.reason == first.decision.reason
     assert len(versions(c, "retry-e2e")) == 1
@@ -171,7 +170,7 @@ def test_retrying_registration_never_duplicates(project):
     assert len(c.search_runs([exp.experiment_id])) == 1
     # a crash after the version was created but before the decision was recorded: the retry decides once
     c.delete_model_version_tag("retry-e2e", first.version, "milora.decision")
-    third = registry.register_run(cfg, project)
+    third = registration.register_run(cfg, project)
     assert third.version == first.version and third.decision.reason == "version 1 is already the champion"
     assert len(versions(c, "retry-e2e")) == 1
 
@@ -182,23 +181,23 @@ def test_a_new_flow_run_with_the_same_adapter_returns_its_version(project, monke
     with a byte-identical adapter returns the version that holds it: no new run, model or version. An
     adapter with other weights is a new version, as always."""
     cfg = validate({"register": {"model_name": "rerun-e2e", "log_lora_export": False}})
-    c = tracking.client(project.root)
+    c = store.client(project.root)
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "11111111-1111-1111-1111-111111111111")
-    first = registry.register_run(cfg, project)
+    first = registration.register_run(cfg, project)
     assert not first.reused
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "22222222-2222-2222-2222-222222222222")
     from tests.pipeline_outputs import set_eval_metrics
 
     set_eval_metrics(project, average_accuracy=0.9)  # another evaluation of the same weights: the same model
-    again = registry.register_run(cfg, project)
+    again = registration.register_run(cfg, project)
     assert (again.version, again.run_id, again.created, again.reused) == (first.version, first.run_id, False, True)
     assert again.decision == first.decision and "already registered" in again.summary
     assert len(versions(c, "rerun-e2e")) == 1
     assert len(c.search_runs([c.get_experiment_by_name("milora").experiment_id])) == 1
-    assert versions(c, "rerun-e2e")[0].tags[tracking.TAG_MODEL_KEY] == tracking.model_key(project)
+    assert versions(c, "rerun-e2e")[0].tags[identity.TAG_MODEL_KEY] == identity.model_key(project)
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "33333333-3333-3333-3333-333333333333")
     retrained(project, average_accuracy=0.9)  # other weights: a new version
-    third = registry.register_run(cfg, project)
+    third = registration.register_run(cfg, project)
     assert third.created and not third.reused and third.version == "2"
 
 
@@ -213,7 +212,7 @@ def test_register_cli_and_manual_promotion(project, capsys):
     assert out["version"] == "1" and out["decision"]["promote"]
     written = json.loads(project.metrics("register").read_text())
     assert written["version"] == "1" and written["promoted"] and written["tracking_uri"].startswith("sqlite:///")
-    c = tracking.client(project.root)
+    c = store.client(project.root)
     exports = {a.path for a in c.list_artifacts(out["run_id"])}
     assert {"model", "lora_export", "merged"} <= exports
     assert {"merged/model.safetensors", "lora_export/adapter_model.safetensors"} <= {
@@ -251,8 +250,8 @@ def test_champion_loads_offline_in_a_fresh_process_and_generates(project, tmp_pa
     from mlflow.pyfunc import load_model
 
     cfg = validate({"register": {"model_name": "load-e2e", "log_lora_export": False}})
-    reg = registry.register_run(cfg, project)
-    uri = tracking.tracking_uri(project.root)
+    reg = registration.register_run(cfg, project)
+    uri = store.tracking_uri(project.root)
     expected = reference_generations(project, PROMPTS, 6)
     got = predict_in_fresh_process("models:/load-e2e@champion", PROMPTS, 6, uri, tmp_path)
     assert got == expected and all(isinstance(g, str) and g for g in got)
@@ -276,7 +275,7 @@ def test_the_pyfunc_generates_at_the_precision_the_evaluate_stage_scored_at(proj
     from mlflow.pyfunc import load_model
 
     def served(name, cfg):
-        return load_model(str(registry.save_pyfunc(tmp_path / name, cfg, project))).model_config["precision"]
+        return load_model(str(packaging.save_pyfunc(tmp_path / name, cfg, project))).model_config["precision"]
 
     lineage = json.loads((project.adapter_dir / "lineage.json").read_text())
     (project.adapter_dir / "lineage.json").write_text(json.dumps({**lineage, "precision": "bf16"}))
@@ -286,7 +285,7 @@ def test_the_pyfunc_generates_at_the_precision_the_evaluate_stage_scored_at(proj
     project.report("eval").write_text(json.dumps({"precision": "bf16"}))
     assert served("reported", validate({})) == "bf16"  # what the evaluate stage scored at wins
     project.report("eval").unlink()
-    model_dir = registry.save_pyfunc(tmp_path / "model", validate({"eval": {"precision": "train"}}), project)
+    model_dir = packaging.save_pyfunc(tmp_path / "model", validate({"eval": {"precision": "train"}}), project)
     model = load_model(str(model_dir))
     assert model.model_config["precision"] == "bf16"
     assert model.unwrap_python_model().precision == "bf16"
@@ -298,7 +297,7 @@ def test_the_pyfunc_generates_at_the_precision_the_evaluate_stage_scored_at(proj
 def test_register_needs_the_trained_outputs(tmp_path):
     cfg = validate({})
     with pytest.raises(FileNotFoundError, match="run the train stage first"):
-        registry.register_run(cfg, Paths(tmp_path))
+        registration.register_run(cfg, Paths(tmp_path))
 
 
 @pytest.mark.slow
@@ -321,13 +320,13 @@ def test_a_hub_id_base_loads_from_the_local_hf_cache_at_its_revision_in_a_fresh_
     project.base_json.write_text(json.dumps(identity))
     cfg = validate({"model": {"name_or_path": "someorg/tiny-base", "revision": sha},
                     "register": {"model_name": "hub-e2e", "log_lora_export": False}})
-    reg = registry.register_run(cfg, project)
-    c = tracking.client(project.root)
+    reg = registration.register_run(cfg, project)
+    c = store.client(project.root)
     model_dir = Path(c.download_artifacts(reg.run_id, "model", str(tmp_path / "dl")))
     mlmodel = (model_dir / "MLmodel").read_text()
     assert "someorg/tiny-base" in mlmodel and sha in mlmodel and "base_load_path" not in mlmodel
     assert not (model_dir / "artifacts" / "base").exists()
-    got = predict_in_fresh_process(f"models:/hub-e2e/{reg.version}", PROMPTS, 4, tracking.tracking_uri(project.root),
+    got = predict_in_fresh_process(f"models:/hub-e2e/{reg.version}", PROMPTS, 4, store.tracking_uri(project.root),
                                    tmp_path, hf_home=hf_home)
     assert got == expected
 
@@ -346,7 +345,7 @@ def test_external_base_is_referenced_not_carried(project, tmp_path):
                     content_hash=content_hash(weight_files(external)))  # as the base stage records it
     project.base_json.write_text(json.dumps(identity))
 
-    model_dir = registry.save_pyfunc(tmp_path / "model", validate({}), project)
+    model_dir = packaging.save_pyfunc(tmp_path / "model", validate({}), project)
     assert not (model_dir / "artifacts" / "base").exists() and (model_dir / "artifacts" / "adapter").is_dir()
     model = load_model(str(model_dir))
     cfg = model.model_config

@@ -52,12 +52,12 @@ def test_a_non_user_exception_in_any_stage_is_an_internal_error_not_exit_2(stage
 
 
 def test_a_non_user_exception_in_register_is_an_internal_error(tmp_path, monkeypatch, capsys):
-    import milora.tracking.registry as registry
+    import milora.tracking.registration as registration
 
     def broken(cfg, paths):
         raise KeyError("run_id")  # a bug in the registry code
 
-    monkeypatch.setattr(registry, "register_run", broken)
+    monkeypatch.setattr(registration, "register_run", broken)
     (tmp_path / "params.yaml").write_text("")
     assert main(["register", "--root", str(tmp_path), "--params", str(tmp_path / "params.yaml")]) == 3
     assert "internal error (this is a bug" in capsys.readouterr().err
@@ -258,16 +258,16 @@ def test_every_timings_file_a_stage_writes_is_a_top_level_dvc_metric():
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
-    from milora.tracking import runs as tracking
+    from milora.tracking.store import client
     from tests.mlflow_fixtures import seed_embedded_store
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     seed_embedded_store(tmp_path)
-    return tracking.client(tmp_path)
+    return client(tmp_path)
 
 
 def test_gate_lock_serialises_and_a_dead_holders_lease_is_taken_over(store):
-    from milora.tracking.registry import GateBusy, gate_lock
+    from milora.tracking.gate_lock import GateBusy, gate_lock
 
     order: list[str] = []
     with gate_lock(store, "m"):

@@ -27,7 +27,7 @@ from milora.model import latex
 from milora.model.prompts import render_chat
 from milora.model.scoring import answer_kind, extract, gold_option, normalize_answer
 from milora.pipeline.config import RegisterConfig, SuiteConfig, validate
-from milora.tracking.registry import gate
+from milora.tracking.gate import gate
 from tests.pipeline_outputs import build_tokenizer
 
 DATA = Path(__file__).parent / "data"

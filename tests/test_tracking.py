@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
 
-from milora.pipeline.config import Config, validate
+from milora.pipeline.config import Config, RegisterConfig, validate
+from milora.pipeline.dvcstate import data_hashes
 from milora.pipeline.paths import Paths
 from milora.pipeline.results import read_result
-from milora.tracking import runs as tracking
+from milora.tracking import identity, runlog, scrub, store
+from milora.tracking.lineage import lineage_tags
 from tests.mlflow_fixtures import seed_embedded_store
 from tests.pipeline_outputs import RAW_MD5, build_pipeline_outputs, clone_outputs, tree_digest
 from tests.servers import S3_TEST_ENV, free_port
@@ -45,36 +48,34 @@ def project(built, tmp_path) -> Paths:
 
 
 def test_default_store_is_the_embedded_sqlite_file_under_the_root(tmp_path):
-    uri = tracking.tracking_uri(tmp_path)
+    uri = store.tracking_uri(tmp_path)
     assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow/mlflow.db"
-    assert tracking.artifacts_dir(tmp_path) == tmp_path.resolve() / "mlflow" / "artifacts"
-    assert tracking.is_embedded(uri)
+    assert store.artifacts_dir(tmp_path) == tmp_path.resolve() / "mlflow" / "artifacts"
+    assert store.is_embedded(uri)
 
 
 def test_tracking_uri_env_selects_a_server(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    assert tracking.tracking_uri(tmp_path) == "http://127.0.0.1:5999"
-    assert not tracking.is_embedded(tracking.tracking_uri(tmp_path))
+    assert store.tracking_uri(tmp_path) == "http://127.0.0.1:5999"
+    assert not store.is_embedded(store.tracking_uri(tmp_path))
 
 
 def test_password_in_the_tracking_uri_moves_to_mlflow_credentials_and_never_prints(monkeypatch):
     uri = "http://alice:pw-in-uri-1234@127.0.0.1:5999"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    assert tracking.redact_uri(uri) == "http://***@127.0.0.1:5999"
-    c = tracking.client(".")
+    assert scrub.redact_uri(uri) == "http://***@127.0.0.1:5999"
+    c = store.client(".")
     assert c.tracking_uri == "http://127.0.0.1:5999"
-    import os
-
     assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice"
     assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "pw-in-uri-1234"
-    assert "pw-in-uri-1234" not in tracking.scrub(f"failed to reach {uri}")
+    assert "pw-in-uri-1234" not in scrub.scrub(f"failed to reach {uri}")
 
 
 def test_scrub_removes_secret_environment_values(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE00000")  # an identifier, not a secret
     text = f"s3 error with key {SECRET} for AKIDEXAMPLE00000 at https://u:p4ssw0rd@host/x"
-    clean = tracking.scrub(text)
+    clean = scrub.scrub(text)
     assert SECRET not in clean and "p4ssw0rd" not in clean
     assert "AKIDEXAMPLE00000" in clean and "https://***@host/x" in clean
 
@@ -84,10 +85,10 @@ def test_scrub_removes_secret_environment_values(monkeypatch):
 def test_scrub_removes_token_password_and_api_key_values(monkeypatch, name):
     value = f"value-of-{name.lower()}-do-not-log"
     monkeypatch.setenv(name, value)
-    assert tracking.scrub(f"param data.source = https://host/x?key={value}&y=1") == \
+    assert scrub.scrub(f"param data.source = https://host/x?key={value}&y=1") == \
         "param data.source = https://host/x?key=***&y=1"
     cfg = validate({"data": {"source": f"s3://bucket/{value}/rows"}})
-    assert value not in json.dumps(tracking.run_params(cfg, {}))
+    assert value not in json.dumps(runlog.run_params(cfg, {}))
 
 
 def test_text_files_holding_a_credential_are_logged_scrubbed(tmp_path, monkeypatch):
@@ -97,23 +98,45 @@ def test_text_files_holding_a_credential_are_logged_scrubbed(tmp_path, monkeypat
     (src / "lineage.json").write_text(json.dumps({"source": "https://u:pw-1234567@host/x", "key": SECRET}))
     (src / "weights.safetensors").write_bytes(b"\x00\x01binary")
     (src / "clean.json").write_text("{}")
-    out = tracking.scrubbed_copy(src, tmp_path / "work")
+    out = scrub.scrubbed_copy(src, tmp_path / "work")
     assert out != src and out.name == "adapter"
     logged = (out / "lineage.json").read_text()
     assert SECRET not in logged and "pw-1234567" not in logged and "https://***@host/x" in logged
     assert (out / "weights.safetensors").read_bytes() == b"\x00\x01binary"
     assert SECRET in (src / "lineage.json").read_text()  # the pipeline output itself is left alone
-    assert tracking.scrubbed_copy(src / "clean.json", tmp_path / "work") == src / "clean.json"
+    assert scrub.scrubbed_copy(src / "clean.json", tmp_path / "work") == src / "clean.json"
 
 
 def test_unreachable_server_fails_after_bounded_retries_naming_the_uri(tmp_path, monkeypatch, caplog):
+    """MLflow's own HTTP client retries (urllib3, configured from the register config), no loop of ours."""
     uri = f"http://bob:pw-in-uri-5678@127.0.0.1:{free_port()}"
-    with pytest.raises(tracking.TrackingUnavailableError) as exc:
-        tracking.check_reachable(uri, retries=2, backoff_s=0.01)
+    rc = RegisterConfig(connect_retries=2, retry_backoff_s=0.01)
+    with store.bounded_http(rc), pytest.raises(store.TrackingUnavailableError) as exc:
+        store.check_reachable(uri, rc.connect_retries)
     msg = str(exc.value)
-    assert tracking.redact_uri(uri) in msg and "3 attempt(s)" in msg and "unreachable" in msg
+    assert scrub.redact_uri(uri) in msg and "3 attempt(s)" in msg and "unreachable" in msg
     assert "pw-in-uri-5678" not in msg + caplog.text
-    assert len([r for r in caplog.records if "not reachable" in r.getMessage()]) == 2
+    assert len([r for r in caplog.records if r.getMessage().startswith("Retrying")]) == 2  # urllib3's retries
+
+
+def test_the_register_config_sets_mlflows_http_retries(monkeypatch):
+    for name in store.http_settings(RegisterConfig(connect_retries=20, retry_backoff_s=300)):
+        monkeypatch.delenv(name, raising=False)
+    assert store.http_settings(RegisterConfig()) == {  # defaults: 3 retries waiting 0, 2, 4 s (+ MLflow's jitter)
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "120", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    rc = RegisterConfig(connect_retries=20, retry_backoff_s=300)  # above MLflow's own limits: raised to fit
+    with store.bounded_http(rc):
+        from mlflow.environment_variables import (
+            MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+        )
+        from mlflow.utils.rest_utils import _validate_backoff_factor, _validate_max_retries
+
+        assert (MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()) == (20, 150)
+        _validate_max_retries(20)
+        _validate_backoff_factor(150)
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # put back
 
 
 # ----------------------------------------------------------------------------- lineage
@@ -122,7 +145,7 @@ def test_unreachable_server_fails_after_bounded_retries_naming_the_uri(tmp_path,
 def test_lineage_tags_from_the_pipeline_outputs(built, monkeypatch):
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "5b0c4a52-0000-4000-8000-000000000001")
     lineage = json.loads((built.adapter_dir / "lineage.json").read_text())
-    tags = tracking.lineage_tags(Config(), built)
+    tags = lineage_tags(Config(), built)
     assert tags["milora.git_commit"] == lineage["git_commit"] == tags["mlflow.source.git.commit"]
     assert tags["milora.data_hash"] == lineage["data_hash"]
     assert tags["milora.raw_data_hash"] == RAW_MD5
@@ -144,7 +167,7 @@ def test_data_hash_falls_back_to_dvc_lock(project):
         "schema: '2.0'\nstages:\n  prepare:\n    cmd: milora stage prepare\n    outs:\n"
         "    - path: data/prepared\n      hash: md5\n      md5: feedbeef00000000000000000000cafe.dir\n"
     )
-    tags = tracking.lineage_tags(Config(), project)
+    tags = lineage_tags(Config(), project)
     assert tags["milora.data_hash"] == "feedbeef00000000000000000000cafe.dir"
     assert "milora.git_commit" not in tags  # the copy is not a git repository
 
@@ -161,19 +184,19 @@ def test_data_hash_is_dvcs_version_and_stale_training_data_is_flagged(project, c
     lineage = json.loads(lineage_file.read_text())
     lineage["data_hash"] = file_digest(prepared)
     lineage_file.write_text(json.dumps(lineage))
-    tags = tracking.lineage_tags(Config(), project)
-    assert tags["milora.data_hash"] == tracking.dvc_data_hashes(project.root)["data_hash"]
+    tags = lineage_tags(Config(), project)
+    assert tags["milora.data_hash"] == data_hashes(project.root)["data_hash"]
     assert tags["milora.data_sha256"] == lineage["data_hash"] and "milora.data_stale" not in tags
     (prepared / "train.jsonl").write_text('{"prompt": "a", "response": "c"}\n')  # re-prepared, not retrained
     with caplog.at_level("WARNING"):
-        tags = tracking.lineage_tags(Config(), project)
+        tags = lineage_tags(Config(), project)
     assert tags["milora.data_stale"] == "true" and "trained on other data" in caplog.text
 
 
 def test_params_are_flat_and_scrubbed(built, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     cfg = validate({"data": {"source": f"https://reader:{SECRET}@data.example/rows.jsonl"}, "adapter": {"rank": 4}})
-    params = tracking.run_params(cfg, {"params": {"train.max_steps": 3}})
+    params = runlog.run_params(cfg, {"params": {"train.max_steps": 3}})
     assert params["train.max_steps"] == "3" and params["adapter.rank"] == "4"
     assert params["adapter.target_modules"] == json.dumps(["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
     assert params["data.source"] == "https://***@data.example/rows.jsonl"
@@ -184,17 +207,17 @@ def test_params_are_flat_and_scrubbed(built, monkeypatch):
 
 
 def _store(project: Paths):
-    c = tracking.client(project.root)
-    return c, tracking.ensure_experiment(c, "milora-test", project.root)
+    c = store.client(project.root)
+    return c, store.ensure_experiment(c, "milora-test", project.root)
 
 
 def test_log_pipeline_run_to_the_embedded_store(project, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     c, exp = _store(project)
     assert (project.root / "mlflow" / "mlflow.db").is_file()
-    key = tracking.run_key(project)
-    run_id = tracking.ensure_run(c, exp, key)
-    assert tracking.log_pipeline_run(c, run_id, Config(), project, key)
+    key = identity.run_key(project)
+    run_id = identity.ensure_run(c, exp, key)
+    assert runlog.log_pipeline_run(c, run_id, Config(), project, key)
     run = c.get_run(run_id)
     assert run.info.artifact_uri.startswith((project.root.resolve() / "mlflow" / "artifacts").as_uri())
     assert run.data.params["adapter.rank"] == "4" and run.data.params["register.model_name"] == "milora"
@@ -218,18 +241,18 @@ def test_log_pipeline_run_to_the_embedded_store(project, monkeypatch):
     assert SECRET not in everything
 
     # logging the same outputs again is a no-op; the same key finds the same run
-    assert not tracking.log_pipeline_run(c, run_id, Config(), project, key)
+    assert not runlog.log_pipeline_run(c, run_id, Config(), project, key)
     assert len(c.get_metric_history(run_id, "train_loss")) == 3
-    assert tracking.ensure_run(c, exp, key) == run_id
+    assert identity.ensure_run(c, exp, key) == run_id
 
 
 def test_missing_optional_outputs_are_skipped_with_a_log_line(tmp_path, caplog):
     paths = build_pipeline_outputs(tmp_path / "p", optional=False, steps=1).paths
     seed_embedded_store(paths.root)
     c, exp = _store(paths)
-    run_id = tracking.ensure_run(c, exp, tracking.run_key(paths))
-    with caplog.at_level(logging.INFO, logger="milora.tracking.runs"):
-        assert tracking.log_pipeline_run(c, run_id, Config(), paths)
+    run_id = identity.ensure_run(c, exp, identity.run_key(paths))
+    with caplog.at_level(logging.INFO, logger="milora.tracking"):
+        assert runlog.log_pipeline_run(c, run_id, Config(), paths)
     assert "dvc.lock" in caplog.text and "train_loss.csv" in caplog.text and "predictions.jsonl" in caplog.text
     listed = {a.path for a in c.list_artifacts(run_id)}
     assert "adapter" in listed and "plots" not in listed and "eval" not in listed
@@ -242,30 +265,30 @@ def test_the_register_step_joins_the_run_named_by_mlflow_run_id(project, monkeyp
     c, exp = _store(project)
     run_id = c.create_run(exp, run_name="nightly").info.run_id
     monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
-    key = tracking.run_key(project)
-    assert tracking.ensure_run(c, "ignored-when-joined", key) == run_id
-    assert tracking.log_pipeline_run(c, run_id, cfg, project, key)
+    key = identity.run_key(project)
+    assert identity.ensure_run(c, "ignored-when-joined", key) == run_id
+    assert runlog.log_pipeline_run(c, run_id, cfg, project, key)
     assert c.get_run(run_id).info.run_name == "nightly"
     # other outputs cannot be logged into that run
     from tests.pipeline_outputs import set_eval_metrics
 
     set_eval_metrics(project, average_accuracy=0.9)
     with pytest.raises(ValueError, match="already holds other pipeline outputs"):
-        tracking.log_pipeline_run(c, run_id, cfg, project)
+        runlog.log_pipeline_run(c, run_id, cfg, project)
 
 
 def test_unknown_mlflow_run_id_is_a_clear_error(project, monkeypatch):
     c, exp = _store(project)
     monkeypatch.setenv("MLFLOW_RUN_ID", "0123456789abcdef0123456789abcdef")
     with pytest.raises(ValueError, match="MLFLOW_RUN_ID=0123456789abcdef0123456789abcdef names no run"):
-        tracking.ensure_run(c, exp)
+        identity.ensure_run(c, exp)
 
 
 def test_prefect_flow_run_finds_its_run_again(project, monkeypatch):
     c, exp = _store(project)
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "flow-run-42")
-    first = tracking.ensure_run(c, exp, "key-a")
-    assert tracking.ensure_run(c, exp, "key-b") == first  # same flow run, same MLflow run
+    first = identity.ensure_run(c, exp, "key-a")
+    assert identity.ensure_run(c, exp, "key-b") == first  # same flow run, same MLflow run
     assert c.get_run(first).data.tags["milora.prefect_flow_run_id"] == "flow-run-42"
 
 

@@ -155,7 +155,7 @@ def deploy_to_pool(root: Path, args: argparse.Namespace, overrides: dict[str, An
     import subprocess
     import sys
 
-    import yaml
+    from milora.pipeline.config import parse_yaml
 
     prefect_file = root / PREFECT_FILE
     if not prefect_file.exists():
@@ -163,7 +163,7 @@ def deploy_to_pool(root: Path, args: argparse.Namespace, overrides: dict[str, An
     if args.no_schedule or args.name != DEFAULT_NAME:
         raise UserError("--pool deploys the deployments of prefect.yaml as declared there (nightly-retrain with "
                         "the schedule, on-demand without): --name and --no-schedule apply to the local mode only")
-    names = [d["name"] for d in (yaml.safe_load(prefect_file.read_text(encoding="utf-8")) or {}).get("deployments")
+    names = [d["name"] for d in (parse_yaml(prefect_file.read_text(encoding="utf-8")) or {}).get("deployments")
              or [] if isinstance(d, dict) and d.get("name")]
     if not names:
         raise UserError(f"{prefect_file}: no named deployments")

@@ -109,14 +109,16 @@ def main(args: argparse.Namespace) -> int:
     root = Path(args.root).expanduser().resolve()
     if not (root / "dvc.yaml").exists():
         raise UserError(f"{root}: no dvc.yaml here; run from the project root or pass --root")
+    lock = WorkspaceLock(root, command="milora run")
+    lock.check_free()  # a busy workspace fails at once, before the config is even read
     overrides = split_sets(args.set)  # as typed: the flow parses them (one parser for -S and `overrides`)
     checked = parse_overrides(overrides)
     if args.model_name:
         checked["register.model_name"] = args.model_name
-    validate_run_config(root, args.params, checked)  # fail in a second, before Prefect starts
-    # The workspace lock before any server starts: a busy workspace fails at once (the flow run it starts
-    # finds the lock held by this process and names itself in the lock's record).
-    lock = WorkspaceLock(root, command="milora run").acquire()
+    validate_run_config(root, args.params, checked)  # fail in seconds, before Prefect's server starts
+    # The workspace lock before any server starts (the flow run it starts finds the lock held by this process
+    # and names itself in the lock's record).
+    lock.acquire()
     try:
         return _run(args, root, overrides)
     finally:
@@ -130,9 +132,9 @@ def _run(args: argparse.Namespace, root: Path, overrides: dict[str, str]) -> int
     for noisy in ("httpx", "httpcore"):  # one line per API call otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from flows.dvc import StageFailed
     from flows.pipeline import milora_pipeline
     from flows.report import load_report, render_summary
+    from flows.steps import StageFailed
     from milora.pipeline.paths import Paths
 
     # `kill` (SIGTERM) ends a run as cleanly as Ctrl-C: the running stage's process group is stopped, the

@@ -359,10 +359,10 @@ class _Tracker:
     """One MLflow parent run of the comparison, each trial a child run of it."""
 
     def __init__(self, experiment: str, name: str, params: dict[str, str]):
-        from milora.tracking import runs
+        from milora.tracking import store
 
-        self.client = runs.client(".")
-        self.experiment = runs.ensure_experiment(self.client, experiment, ".")
+        self.client = store.client(".")
+        self.experiment = store.ensure_experiment(self.client, experiment, ".")
         self.parent = self.client.create_run(self.experiment, run_name=name).info.run_id
         self._log(self.parent, params, {})
 

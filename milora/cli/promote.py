@@ -26,7 +26,7 @@ def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from milora.pipeline.config import Config, load_config
-    from milora.tracking.registry import promote
+    from milora.tracking.registration import promote
 
     if Path(args.params).is_file() or args.params != "params.yaml":
         cfg = load_config(args.params)

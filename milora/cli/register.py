@@ -25,7 +25,7 @@ def main(args: argparse.Namespace) -> int:
     """Entry point of `milora register`: registers, writes metrics/register.json and the step's structured
     result (`.milora/results/register.json`, the decision under `data`), prints the decision as one JSON line."""
     # imported here, not at the top: MLflow takes seconds to import, and `milora --help` imports every command
-    from milora.tracking.registry import register_stage
+    from milora.tracking.registration import register_stage
 
     paths = Paths(Path(args.root))
     with recorded(REGISTER, paths.root) as result:

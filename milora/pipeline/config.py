@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -270,51 +270,20 @@ class RegisterConfig(_Section):
     log_lora_export: bool = True
     experiment: str = Field("milora", min_length=1)  # MLflow experiment holding the pipeline runs
     connect_retries: int = Field(3, ge=0, le=20)  # tries again this often when the tracking server is down
-    retry_backoff_s: float = Field(2.0, ge=0, le=300)  # first wait between tries (doubles each time)
-
-
-_CRON_FIELDS = (  # name, low, high, names
-    ("minute", 0, 59, ()),
-    ("hour", 0, 23, ()),
-    ("day of month", 1, 31, ()),
-    ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
-    ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
-)
-_CRON_MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
-
-
-def _cron_value(text: str, low: int, high: int, names: tuple[str, ...]) -> int:
-    if text.lower() in names:
-        return names.index(text.lower()) + (1 if low == 1 else 0)
-    if not text.isdigit() or not low <= int(text) <= high:
-        raise ValueError(f"{text!r} is not in {low}-{high}" + (f" or {'/'.join(names[:3])}/..." if names else ""))
-    return int(text)
+    retry_backoff_s: float = Field(2.0, ge=0, le=300)  # wait between tries, doubling (MLflow retries the first at once)
 
 
 def check_cron(expr: str) -> str:
-    """A syntactic check of a five-field cron expression (what Prefect's `Cron` schedule accepts), so
+    """`expr` if Prefect's own `Cron` schedule accepts it (what `milora deploy` schedules with), else ValueError:
     a bad `schedule.cron` fails when params are loaded rather than when `milora deploy` starts."""
-    if expr.strip().lower() in _CRON_MACROS:
-        return expr
-    fields = expr.split()
-    if len(fields) != 5:
-        raise ValueError(f"needs 5 fields (minute hour day-of-month month day-of-week), got {len(fields)}; "
-                         "e.g. '0 3 * * *' for 03:00 every day")
-    for text, (name, low, high, names) in zip(fields, _CRON_FIELDS, strict=True):
-        for item in text.split(","):
-            try:
-                rng, _, step = item.partition("/")
-                if step and (not step.isdigit() or int(step) == 0):
-                    raise ValueError(f"step {step!r} is not a positive number")
-                if name == "day of week" and ("#" in rng or rng.endswith("L")):  # nth / last weekday
-                    rng = rng.split("#")[0].removesuffix("L")
-                if rng in ("*", "?") or (name == "day of month" and rng == "L"):
-                    continue
-                a, _, b = rng.partition("-")
-                if _cron_value(a, low, high, names) > (_cron_value(b, low, high, names) if b else high):
-                    raise ValueError(f"range {rng!r} is empty")
-            except ValueError as exc:
-                raise ValueError(f"{name} field {text!r}: {exc}") from None
+    from prefect.schedules import Cron
+
+    try:
+        Cron(expr, timezone="UTC")
+    except ValueError as exc:
+        raise ValueError(f"Prefect's Cron schedule refuses it ({str(exc).splitlines()[0]}); use five fields, minute "
+                         "hour day-of-month month day-of-week, e.g. '0 3 * * *' for 03:00 every day, or a macro "
+                         "such as @daily") from None
     return expr
 
 
@@ -492,23 +461,29 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
     return {k: parse_override_value(v) for k, v in split_sets(items).items()}
 
 
+def set_dotted(data: MutableMapping[str, Any], overrides: Mapping[str, Any] | None,
+               section: Callable[[], MutableMapping[str, Any]] = dict) -> MutableMapping[str, Any]:
+    """Set dotted-key overrides (`{"adapter.rank": 16}`) in `data` in place, making missing sections with
+    `section()`; the one place a dotted key is applied (to a params mapping, or a round-trip YAML document)."""
+    for dotted, value in (overrides or {}).items():
+        parts = str(dotted).split(".")
+        node = data
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = section()
+            if not isinstance(nxt, MutableMapping):
+                raise ConfigError(f"override {dotted}: '{p}' is a value, not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
 def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     """Return a copy of `data` with dotted-key overrides applied (`{"adapter.rank": 16}`)."""
     import copy
 
-    out = copy.deepcopy(data)
-    for dotted, value in (overrides or {}).items():
-        parts = str(dotted).split(".")
-        node = out
-        for p in parts[:-1]:
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {dotted}: '{p}' is a value, not a section")
-            node = nxt
-        node[parts[-1]] = value
-    return out
+    return set_dotted(copy.deepcopy(data), overrides)  # type: ignore[return-value]  (a non-mapping: validate says so)
 
 
 def read_params(path: str | os.PathLike[str] = "params.yaml") -> dict[str, Any]:

@@ -151,6 +151,22 @@ class WorkspaceLock:
         self._write_record(_now())
         return self
 
+    def check_free(self) -> None:
+        """Raise `WorkspaceBusy` now if another process holds the lock, creating nothing: a busy workspace fails
+        at once, before slower checks (`acquire` still decides: the lock may be taken in between)."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return  # never locked here
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise WorkspaceBusy(self._busy_message()) from None
+        finally:
+            os.close(fd)  # (releases the probe's flock when it got one)
+
     def annotate(self, flow_run_id: str | None = None, command: str | None = None) -> None:
         """Name the flow run (and command) holding the lock in its record, once known: `milora run` takes the
         lock before Prefect starts, and the flow run it then starts fills in its id."""

@@ -87,16 +87,17 @@ def _registered(uri: str, root: str | os.PathLike[str]) -> EvalModel:
     import mlflow
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    from milora.tracking import runs as tracking
+    from milora.tracking.scrub import redact_uri
+    from milora.tracking.store import tracking_uri
 
-    store = tracking.tracking_uri(root)
+    store = tracking_uri(root)
     # The store for this load only (the registry follows it): a process-wide set_tracking_uri would outlive the
     # call. Not download_artifacts(tracking_uri=): MLflow 3 resolves a models:/ URI with the process-wide store.
     try:
         with _use_tracking_uri(store):
             served = mlflow.pyfunc.load_model(uri).unwrap_python_model()
     except mlflow.exceptions.MlflowException as exc:
-        raise MissingInput(f"cannot load {uri} from {tracking.redact_uri(store)}: {exc.message} (check the name, "
+        raise MissingInput(f"cannot load {uri} from {redact_uri(store)}: {exc.message} (check the name, "
                            "alias or version, and MLFLOW_TRACKING_URI)") from None
     defaults = {**served.defaults, "max_length": served.max_prompt_tokens}
     return EvalModel(served.model, served.tokenizer, served.load_base, defaults, f"{uri} (MLflow pyfunc)",

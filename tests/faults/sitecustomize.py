@@ -32,9 +32,10 @@ if _GATE_BARRIER or _GATE_DELAY:
     import time
     from pathlib import Path
 
-    import milora.tracking.registry as _registry
+    import milora.tracking.gate as _gating
+    import milora.tracking.registration as _registration
 
-    _gate_lock, _gate = _registry.gate_lock, _registry.gate
+    _gate_lock, _gate = _gating.gate_lock, _gating.gate
 
     @contextlib.contextmanager
     def _gate_lock_after_barrier(*args, **kwargs):
@@ -52,8 +53,8 @@ if _GATE_BARRIER or _GATE_DELAY:
         time.sleep(_GATE_DELAY)
         return _gate(*args, **kwargs)
 
-    _registry.gate_lock = _gate_lock_after_barrier
-    _registry.gate = _slow_gate
+    _registration.gate_lock = _gating.gate_lock = _gate_lock_after_barrier  # where registration and promotion take it
+    _gating.gate = _slow_gate
 
 
 def _fires(fault):

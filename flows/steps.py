@@ -1,29 +1,29 @@
-"""DVC as the flow sees it: the stage order from `dvc.yaml`, `dvc repro` as a streamed subprocess, and
-what happened, read from structured sources only: each stage's result file (`milora.pipeline.results`),
-`dvc.lock` and exit codes. Nothing here parses log text.
+"""A step of the flow as a subprocess (`dvc repro`, `milora register`, the data push), streamed, and what happened,
+read from structured sources only: each step's result file (`milora.pipeline.results`), DVC's own record of the
+pipeline (`milora.pipeline.dvcstate`: stage graph, `dvc.lock`, status) and exit codes. Nothing here parses log text.
+
+(Not named `dvc.py`: Prefect loads a flow by its file path with this folder on `sys.path`, where a `dvc.py`
+would shadow DVC itself for the flow's in-process DVC API calls.)
 
 Nothing here computes pipeline results: every stage is `milora stage <name>` run by DVC.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import selectors
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from milora.core.errors import ErrorKind, InvalidInput, MissingInput, kind_of_exit
-from milora.pipeline.results import StepResult
+from milora.core.errors import EXIT_CODES, ErrorKind, error_kind, kind_of_exit
+from milora.pipeline import dvcstate
+from milora.pipeline.results import StepResult, one_line
 
 Outcome = Literal["ran", "skipped", "restored"]
 
@@ -64,65 +64,6 @@ def venv_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 def dvc_command(*args: str) -> list[str]:
     """`python -m dvc ARGS` with this interpreter (works whether or not the venv is on PATH)."""
     return [sys.executable, "-m", "dvc", *args]
-
-
-# ---------------------------------------------------------------------------------------------------
-# the DAG
-
-
-def _under(path: str, root: str) -> bool:
-    path, root = path.rstrip("/"), root.rstrip("/")
-    return path == root or path.startswith(root + "/")
-
-
-def _paths(items: Iterable[Any]) -> list[str]:
-    out = []
-    for item in items or []:
-        out.extend(item.keys() if isinstance(item, dict) else [item])
-    return [str(p) for p in out]
-
-
-def stage_order(root: str | os.PathLike[str]) -> list[str]:
-    """The stages of `dvc.yaml` in dependency order (file order among independent stages)."""
-    path = Path(root) / "dvc.yaml"
-    try:
-        stages = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages") or {}
-    except FileNotFoundError:
-        raise MissingInput(f"{path}: no dvc.yaml (run from the project root, or pass --root)") from None
-    outs = {name: _paths(s.get("outs", [])) + _paths(s.get("metrics", [])) + _paths(s.get("plots", []))
-            for name, s in stages.items()}
-    needs: dict[str, set[str]] = {}
-    for name, s in stages.items():
-        deps = _paths(s.get("deps", []))
-        needs[name] = {other for other, o in outs.items() if other != name
-                       and any(_under(d, out) or _under(out, d) for d in deps for out in o)}
-    order: list[str] = []
-    pending = list(stages)
-    while pending:
-        ready = [n for n in pending if needs[n] <= set(order)]
-        if not ready:
-            raise InvalidInput(f"{path}: the stages {pending} depend on each other in a cycle")
-        order.append(ready[0])
-        pending.remove(ready[0])
-    return order
-
-
-def lock_digest(root: str | os.PathLike[str]) -> str | None:
-    """sha256 of `dvc.lock` (every stage's deps, params and outs): the pipeline's current version."""
-    path = Path(root) / "dvc.lock"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
-
-
-def out_hash(root: str | os.PathLike[str], stage: str, out: str) -> str | None:
-    """The md5 DVC recorded in `dvc.lock` for one output of one stage (e.g. the data version)."""
-    path = Path(root) / "dvc.lock"
-    if not path.exists():
-        return None
-    lock = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    for o in ((lock.get("stages") or {}).get(stage) or {}).get("outs", []):
-        if str(o.get("path", "")).rstrip("/") == out.rstrip("/"):
-            return o.get("md5")
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -214,34 +155,29 @@ def _terminate(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def default_remote(root: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> str | None:
-    """The name of the DVC default remote (`core.remote`), or None when there is none."""
-    out = subprocess.run(dvc_command("remote", "default"), cwd=str(root), env=dict(env or venv_env()),
-                         capture_output=True, text=True)
-    name = out.stdout.strip()
-    return name if out.returncode == 0 and name and " " not in name else None
-
-
-def dvc_status(root: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """`dvc status --json` for the whole pipeline: {} when every stage is up to date."""
-    out = subprocess.run(dvc_command("status", "--json"), cwd=str(root), env=dict(env or venv_env()),
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        raise StageFailed("status", out.returncode, kind_of_exit(out.returncode), last_line(out.stderr + out.stdout))
-    text = out.stdout.strip()
-    return json.loads(text) if text else {}
-
-
-def lock_entry(root: str | os.PathLike[str], stage: str) -> dict[str, Any] | None:
-    """The `dvc.lock` record of one stage (its deps, params and outs hashes), or None."""
-    path = Path(root) / "dvc.lock"
-    if not path.exists():
-        return None
-    return ((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages") or {}).get(stage)
+def pipeline_status(root: str | os.PathLike[str]) -> dict[str, Any]:
+    """What `dvc status` finds out of date (`milora.pipeline.dvcstate.status`): {} when every stage is up to date.
+    A failure is the `status` step's `StageFailed`, of its error's kind."""
+    try:
+        return dvcstate.status(root)
+    except Exception as exc:
+        kind = error_kind(exc)
+        raise StageFailed("status", EXIT_CODES[kind], kind, one_line(exc)) from exc
 
 
 # ---------------------------------------------------------------------------------------------------
 # what happened
+
+
+# DVC's hints after each stage (about git, autostage, push): noise in a task log (display only).
+_DVC_HINTS = ("To track the changes with git, run:", "git add ", "To enable auto staging, run:",
+              "dvc config core.autostage true", "Use `dvc push` to send your updates to remote storage.")
+
+
+def shown(line: str) -> bool:
+    """Whether an output line belongs in the task log: not blank, not one of DVC's hints (display only)."""
+    text = line.strip()
+    return bool(text) and not text.startswith(_DVC_HINTS)
 
 
 def last_line(output: str) -> str:
