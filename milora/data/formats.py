@@ -64,7 +64,6 @@ log = logging.getLogger(__name__)
 FORMATS = ("alpaca", "llm_adapters", "metamath", "gsm8k", "math", "chat", "qa")
 EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
 TASKS = ("math", "choice", "qa", "generic")
-REHEARSAL = "rehearsal"  # the task of the base's own replies (`data.rehearsal`) in data/prepared: training only
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 

@@ -89,6 +89,9 @@ class SelfTextConfig(_Section):
     seed: int = 0
 
 
+REHEARSAL = "rehearsal"  # the task of the rehearsal rows in data/prepared (training only; train.rehearsal_kl's rows)
+
+
 class RehearsalConfig(_Section):
     """Self-synthesized rehearsal: the base's own greedy replies to the profile's everyday prompts, generated
     once by the `base` stage and added to the training split by `prepare`, so the tuned model keeps answering

@@ -14,10 +14,10 @@ from typing import Any
 
 from milora.core.errors import MissingInput
 from milora.core.io import atomic_write_text
-from milora.data.formats import REHEARSAL, ROW_KEYS, copied_from, read_records
+from milora.data.formats import ROW_KEYS, copied_from, read_records
 from milora.model.base import load_tokenizer
 from milora.model.tokenize import tokenize_pair
-from milora.pipeline.config import Config
+from milora.pipeline.config import REHEARSAL, Config
 from milora.pipeline.paths import Paths
 from milora.pipeline.results import write_metrics
 

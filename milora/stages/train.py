@@ -28,13 +28,12 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from milora.core.adapter import load_adapter, read_adapter_meta, save_adapter
 from milora.core.errors import InvalidInput
 from milora.core.io import atomic_write_text, file_digest, read_json, read_jsonl, write_json
-from milora.data.formats import REHEARSAL
 from milora.model import distill
 from milora.model.base import load_base
 from milora.model.nll import mean_loss
 from milora.model.precision import LINEAGE_FILE, autocast, resolve_precision, trainer_flags
 from milora.model.tokenize import encode
-from milora.pipeline.config import LAUNCH_KEYS, Config
+from milora.pipeline.config import LAUNCH_KEYS, REHEARSAL, Config
 from milora.pipeline.paths import Paths
 from milora.pipeline.results import write_metrics
 from milora.stages.distributed import (
