@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from milora.pipeline.config import Config, ConfigError, apply_overrides, load_config, validate
+from milora.pipeline.config import Config, ConfigError, apply_overrides, check_cron, load_config, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,11 +67,6 @@ def test_contract_keys_exist():
         ({"adapter": {"svd_solver": "magic"}}, r"adapter\.svd_solver = 'magic' is not allowed"),
         ({"adapter": {"rank": "eight"}}, r"adapter\.rank = 'eight'"),
         ({"adapter": {"target_modules": []}}, r"adapter\.target_modules = \[\]: must name at least one module"),
-        ({"schedule": {"cron": "0 3 * *"}}, r"schedule\.cron = '0 3 \* \*': Prefect's Cron schedule refuses it .*five fields"),
-        ({"schedule": {"cron": "0 25 * * *"}}, r"schedule\.cron = '0 25 \* \* \*': Prefect's Cron schedule refuses it"),
-        ({"schedule": {"cron": "*/0 * * * *"}}, r"schedule\.cron = '\*/0 \* \* \* \*': Prefect's Cron"),
-        ({"schedule": {"cron": "0 3 * smarch *"}}, r"schedule\.cron = '0 3 \* smarch \*': Prefect's Cron"),
-        ({"schedule": {"cron": "0 3 * * 1-9"}}, r"schedule\.cron = '0 3 \* \* 1-9': Prefect's Cron"),
         ({"schedule": {"timezone": "Mars/Base"}}, r"schedule\.timezone = 'Mars/Base': not an IANA timezone"),
         ({"data": {"embedded": {"profile": "real"}}}, r"data\.embedded\.profile = 'real' is not allowed; expected "
                                                        r"one of 'default', 'lab' or 'smol'"),
@@ -201,22 +198,30 @@ def test_property_random_trees_only_raise_config_error(tree):
 
 @pytest.mark.parametrize("cron", ["0 3 * * *", "*/15 1-5 * jan-mar mon-fri", "@daily", "0 0 L * 5#2", "0,30 9-17/2 1 * 0"])
 def test_valid_crons_pass(cron):
-    assert validate({"schedule": {"cron": cron, "timezone": "Europe/Paris"}}).schedule.cron == cron
+    assert check_cron(cron) == cron
 
 
-def test_schedule_agrees_with_prefect():
-    """Whatever the config accepts, Prefect's `Cron` schedule accepts too (and rejects what it rejects): the config
-    asks Prefect's `Cron` itself."""
+@pytest.mark.parametrize("cron", ["0 3 * *", "0 25 * * *", "*/0 * * * *", "0 3 * smarch *", "0 3 * * 1-9", "61 * * * *",
+                                  "H 3 * * *"])
+def test_bad_crons_are_refused_as_prefect_refuses_them(cron):
+    """check_cron asks Prefect's `Cron` itself (what `milora deploy` and the worker's source step schedule with):
+    it refuses exactly what Prefect refuses, in one line that says how to write one."""
     from prefect.schedules import Cron
 
-    for cron in ["0 3 * * *", "*/15 1-5 * jan-mar mon-fri", "@daily", "0,30 9-17/2 1 * 0", "0 0 L * 5#2"]:
+    with pytest.raises(ValueError):
         Cron(cron, timezone="UTC")
-        validate({"schedule": {"cron": cron}})
-    for cron in ["0 25 * * *", "61 * * * *", "0 3 * *", "H 3 * * *"]:
-        with pytest.raises(ValueError):
-            Cron(cron, timezone="UTC")
-        with pytest.raises(ConfigError):
-            validate({"schedule": {"cron": cron}})
+    with pytest.raises(ValueError, match=r"^Prefect's Cron schedule refuses it .*five fields") as err:
+        check_cron(cron)
+    assert "\n" not in str(err.value)
+
+
+def test_loading_params_does_not_import_prefect():
+    """schedule.cron is checked where a schedule is made: every `milora stage` process loads the params, and
+    importing Prefect would cost each about a second."""
+    code = ("import sys; from milora.pipeline.config import load_config; load_config('params.yaml'); "
+            "print('prefect' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("params_file", ["params.yaml", "params.lab.yaml", "params.smol.yaml"])
