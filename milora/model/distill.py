@@ -7,7 +7,7 @@ stays near the base where the learning task should not move it (what it keeps on
 "what it takes to learn without forgetting").
 
 The teacher is the base itself, read once at the start of training before the adapter is applied (`teacher_targets`:
-fp32, deterministic, recomputed identically on resume): its `TOP_K` most likely next tokens and their
+in the base's dtype without autocast, deterministic, recomputed identically on resume): its `TOP_K` most likely next tokens and their
 log-probabilities at each reply position, renormalised over those `TOP_K` in the loss (`topk_kl`).
 """
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TOP_K = 64  # the teacher's most likely tokens kept per position (SmolLM2: ~0.99 of the mass on short replies)
+TOP_K = 64  # the teacher's most likely tokens kept per position (the rest of its mass is renormalised away)
 KEYS = ("teacher_ids", "teacher_logp", "teacher_mask")  # what a collated batch carries for `topk_kl`
 
 
