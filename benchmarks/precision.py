@@ -205,8 +205,8 @@ def embedded_worker(precision: str, seed: int, shared: Path, work: Path, steps: 
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     overrides: dict[str, Any] = {"train.precision": precision, "train.seed": seed, "svd.cache": str(shared / ".svd_cache")}
-    if steps:
-        overrides["train.max_steps"] = steps
+    if steps:  # --quick: a smoke run of the same path, with an evaluation to match its few steps
+        overrides.update({"train.max_steps": steps, "eval.max_examples": 16, "eval.max_new_tokens": 16})
     m = run_one(str(ROOT / "params.yaml"), shared, work / f"{precision}-{seed}", overrides)
     keep = ("train_loss", "final_loss", "tokens_per_second", "train_seconds", "eval_loss_end", "average_accuracy",
             "suites_average", "perplexity", "forgetting", "eval_seconds", "precision")

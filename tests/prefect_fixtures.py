@@ -19,6 +19,10 @@ PREFECT_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_UI_ENABLED": "false",
     "PREFECT_LOGGING_LEVEL": "INFO",
+    # Workers and `flow.serve` runners look for scheduled runs every 10 s by default: every deployment run of a
+    # test would wait up to that long to start (and again after a retry).
+    "PREFECT_WORKER_QUERY_SECONDS": "1",
+    "PREFECT_RUNNER_POLL_FREQUENCY": "1",
 }
 
 
