@@ -34,13 +34,13 @@ run: setup
 run-real: setup
 	$(BIN)/milora run --params params.smol.yaml
 
-# The slow tests in TEST_WORKERS processes (pytest-xdist), a test file per process at a time (`loadfile`: a
-# file's module fixtures, e.g. one pipeline run shared by its tests, are built once): 13 min instead of 22 on 2 cores.
-TEST_WORKERS ?= 2
+# All the tests, fast and slow, in TEST_WORKERS processes (pytest-xdist), a test file per process at a time
+# (`loadfile`: a file's module fixtures, e.g. one pipeline run shared by its tests, are built once); the fast
+# files fill the gaps between the slow ones. `make test-fast` runs only the fast ones.
+TEST_WORKERS ?= 3
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not slow"
-	$(BIN)/python -m pytest -m slow -n $(TEST_WORKERS) --dist loadfile --durations=30
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=30
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"

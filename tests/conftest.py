@@ -18,6 +18,18 @@ from tests.mlflow_fixtures import mlflow_server  # noqa: E402, F401
 from tests.models import tiny_gpt2, tiny_llama  # noqa: E402
 from tests.prefect_fixtures import prefect_api, prefect_env, prefect_server  # noqa: E402, F401
 
+# The test files that take longest (serial seconds on the 2-core machine, clean clone: flow ~370, workers ~240,
+# real_model ~250, dvc ~160, ...) run first: `make test` hands whole files to its xdist processes in collection
+# order (`--dist loadfile`), so in alphabetical order test_workers.py would start last and run alone at the end.
+# Longest first, the short files fill in around them.
+LONGEST_FIRST = ("test_flow.py", "test_real_model.py", "test_workers.py", "test_dvc.py", "test_stages.py",
+                 "test_mlflow_server.py", "test_benchmarks.py", "test_lab.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+
 
 @pytest.fixture(autouse=True)
 def _no_process_wide_mlflow_uri():

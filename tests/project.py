@@ -42,6 +42,7 @@ TEST_OVERRIDES: dict[str, Any] = {
     "eval.max_new_tokens": 8,
     "eval.max_examples": 8,
     "eval.batch_size": 8,
+    "flow.retry_delays": [1],  # a killed stage's retry starts after 1 s, not the 10-30-90 s a deployment waits
 }
 
 
