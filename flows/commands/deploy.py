@@ -58,7 +58,7 @@ def schedule(cron: str, timezone: str) -> Any:
     """The Prefect cron schedule, or a `UserError` naming what is wrong with the cron or the timezone."""
     from prefect.schedules import Cron
 
-    from milora.pipeline.config import check_timezone
+    from milora.pipeline.config import check_cron, check_timezone
 
     try:
         check_timezone(timezone)
@@ -66,10 +66,11 @@ def schedule(cron: str, timezone: str) -> Any:
         raise UserError(f"schedule.timezone = {timezone!r} is not an IANA timezone (e.g. UTC, Europe/Paris); "
                         "fix it in params.yaml or pass --timezone") from None
     try:
-        return Cron(cron, timezone=timezone)
+        check_cron(cron)
     except ValueError as exc:
-        raise UserError(f"schedule.cron = {cron!r} is not a valid cron expression ({str(exc).splitlines()[0]}); "
-                        "use five fields like '0 3 * * *', in params.yaml or with --cron") from None
+        raise UserError(f"schedule.cron = {cron!r} is not a valid cron expression: {exc}; in params.yaml or with "
+                        "--cron") from None
+    return Cron(cron, timezone=timezone)
 
 
 def check_server(api_url: str) -> None:
