@@ -38,7 +38,8 @@ run-real: setup
 
 # All the tests, fast and slow, in TEST_WORKERS processes (pytest-xdist), a test file per process at a time
 # (`loadfile`: a file's module fixtures, e.g. one pipeline run shared by its tests, are built once); the fast
-# files fill the gaps between the slow ones. `make test-fast` runs only the fast ones.
+# files fill the gaps between the slow ones, which start longest first (tests/conftest.py). `make test-fast` runs
+# only the fast ones.
 TEST_WORKERS ?= 3
 test: setup
 	$(BIN)/ruff check .

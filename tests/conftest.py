@@ -22,12 +22,14 @@ from tests.mlflow_fixtures import mlflow_server  # noqa: E402, F401
 from tests.models import tiny_gpt2, tiny_llama  # noqa: E402
 from tests.prefect_fixtures import prefect_api, prefect_env, prefect_server  # noqa: E402, F401
 
-# The test files that take longest (serial seconds on the 2-core machine, clean clone: flow ~370, workers ~240,
-# real_model ~250, dvc ~160, ...) run first: `make test` hands whole files to its xdist processes in collection
+# The test files that take longest run first: `make test` hands whole files to its xdist processes in collection
 # order (`--dist loadfile`), so in alphabetical order test_workers.py would start last and run alone at the end.
-# Longest first, the short files fill in around them.
-LONGEST_FIRST = ("test_flow.py", "test_real_model.py", "test_workers.py", "test_dvc.py", "test_stages.py",
-                 "test_mlflow_server.py", "test_benchmarks.py", "test_lab.py")
+# Longest first (seconds each file's tests took in a clean-clone `make test`, 3 processes on 2 cores: flow 458,
+# real_model 306, dvc 280, workers 244, stages 146, mlflow_server 134, benchmarks 99, evaluation 90, lab 72,
+# distributed_init 45; all 698 tests 2042), the short files fill in around them.
+LONGEST_FIRST = ("test_flow.py", "test_real_model.py", "test_dvc.py", "test_workers.py", "test_stages.py",
+                 "test_mlflow_server.py", "test_benchmarks.py", "test_evaluation.py", "test_lab.py",
+                 "test_distributed_init.py")
 
 
 def pytest_collection_modifyitems(config, items):
