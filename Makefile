@@ -40,7 +40,7 @@ run-real: setup
 # (`loadfile`: a file's module fixtures, e.g. one pipeline run shared by its tests, are built once); the fast
 # files fill the gaps between the slow ones, which start longest first (tests/conftest.py). `make test-fast` runs
 # only the fast ones.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=30

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# `make test` runs 3 xdist processes, each starting stage, server and worker subprocesses, on 2 cores, with models
+# `make test` runs 2 xdist processes, each starting stage, server and worker subprocesses, on 2 cores, with models
 # of a few thousand parameters: one compute thread per process (what the worker and DDP tests set already) instead
 # of a thread per core in every one of them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
