@@ -246,9 +246,9 @@ def test_regex_targets(llama, input_ids):
     assert (logits(peft_model, input_ids) - ref).abs().max() <= FP32_TOL
 
 
-def test_quantized_base_not_supported(llama):
+def test_a_pre_quantized_base_is_refused_with_the_way_to_quantize(llama):
     llama.config.quantization_config = {"load_in_4bit": True}
-    with pytest.raises(NotImplementedError, match="quantized bases .* not supported yet"):
+    with pytest.raises(NotImplementedError, match="pre-quantized base .* set adapter.quantization"):
         milora.init_adapter(llama, AdapterConfig(rank=2), progress=False)
 
 

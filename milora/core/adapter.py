@@ -6,6 +6,11 @@ replaces the frozen weight by the residual `W - s B A`, so the wrapped model equ
 step 0. PiSSA does the same with the `r` largest triplets; LoRA is PEFT's default init. The initial
 factors (A0, B0) are kept on the model: they let an adapter be saved without the residual model,
 reloaded onto the original base, and exported as a plain LoRA adapter (`dW = s(B A - B0 A0)`).
+
+With `quantization` (nf4, fp4, int8) the frozen residual is stored quantized (bitsandbytes, see
+`milora.core.quantize`): QMiLoRA, QPiSSA, and QLoRA for plain LoRA. `merge` then folds the adapter into the
+dequantized residual (the model that trained and was evaluated), and `to_lora` refuses: a low-rank delta on
+the original weight cannot carry the residual's quantization error.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from milora.core import svd
+from milora.core import quantize, svd
 from milora.core.errors import InvalidInput, MissingInput, Unsupported
 from milora.core.io import atomic_dir, dump_json
 from milora.core.schema import AdapterConfig
@@ -49,6 +54,8 @@ class MiloraState:
     cache_keys: dict[str, str] = field(default_factory=dict)
     report: svd.InitReport | None = None
     spectra: dict[str, Tensor] = field(default_factory=dict)
+    quantization_error: dict[str, float] = field(default_factory=dict)  # name -> ||R - deq(Q(R))|| / ||W||
+    base_dtype: torch.dtype = torch.float32  # the target weights' dtype before quantization (what merge writes)
 
 
 # ----------------------------------------------------------------------------- target resolution
@@ -72,10 +79,11 @@ def _matches(name: str, targets: Sequence[str] | str) -> bool:
 def _check_not_quantized(model: nn.Module) -> None:
     quant = getattr(getattr(model, "config", None), "quantization_config", None)
     names = {type(m).__name__ for m in model.modules()}
-    if quant is not None or getattr(model, "is_quantized", False) or names & {"Linear4bit", "Linear8bitLt"}:
+    if quant is not None or getattr(model, "is_quantized", False) or names & set(quantize.QUANTIZED_LAYERS):
         raise Unsupported(
-            "quantized bases (bitsandbytes 4/8-bit) are not supported yet: the SVD init needs the full-precision "
-            "weights. Load the base in float32, bfloat16 or float16, and quantize the residual model afterwards."
+            "a pre-quantized base (bitsandbytes 4/8-bit or another quantization_config) cannot be initialised: the "
+            "SVD needs the full-precision weights. Load the base in float32, bfloat16 or float16 and set "
+            "adapter.quantization (nf4, fp4, int8): the residual is quantized after the SVD."
         )
 
 
@@ -104,6 +112,7 @@ def resolve_targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Mod
             )
         if not mod.weight.dtype.is_floating_point:
             raise Unsupported(f"module {name!r} has non-float weights ({mod.weight.dtype}): not supported")
+        quantize.check_quantizable(name, mod, config.quantization)
     kinds = {_is_conv1d(m) for m in chosen.values()}
     if len(kinds) > 1:
         raise InvalidInput("target_modules mixes nn.Linear and Conv1D layers; adapt one kind per adapter.")
@@ -157,6 +166,21 @@ def _set_residual(module: nn.Module, A0: Tensor, B0: Tensor, scale: float, fan_i
         weight.data.copy_(R)
 
 
+def _quantize_targets(model: nn.Module, targets: dict[str, nn.Module], factors: dict[str, tuple[Tensor, Tensor]],
+                      state: MiloraState) -> None:
+    """Replace each target by a bitsandbytes layer holding its residual `W - s B0 A0` (`W` without factors)
+    quantized, one matrix in flight; record each matrix's step-0 error."""
+    config = state.config
+    for name, module in targets.items():
+        weight = module.weight
+        R = residual(weight, *factors[name], config.scale, False) if name in factors else weight.detach()
+        layer = quantize.quantized_linear(module, R, config.quantization)
+        state.quantization_error[name] = quantize.relative_error(weight.detach(), R, layer)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        del R
+
+
 def _lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
     out = {}
     for name, mod in peft_model.named_modules():
@@ -187,7 +211,7 @@ def init_adapter(model: nn.Module, config: AdapterConfig, cache: Any = None, pro
     """Wrap a causal LM with a PEFT LoRA adapter initialised by MiLoRA, PiSSA or LoRA (outputs unchanged)."""
     targets = resolve_targets(model, config)
     fifo = _is_conv1d(next(iter(targets.values())))
-    state = MiloraState(config=config, fan_in_fan_out=fifo)
+    state = MiloraState(config=config, fan_in_fan_out=fifo, base_dtype=next(iter(targets.values())).weight.dtype)
     factors: dict[str, tuple[Tensor, Tensor]] = {}
     if config.side is not None:
         from milora.core.cache import open_cache
@@ -201,6 +225,11 @@ def init_adapter(model: nn.Module, config: AdapterConfig, cache: Any = None, pro
 
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     shared = _shared_storage(model)
+    quantized = config.quantization != "none"
+    if quantized:  # the residual of the fp32 factors the adapter starts from (PEFT keeps them in fp32)
+        factors = {n: (A.float(), B.float()) for n, (A, B) in factors.items()}
+        with torch.no_grad():
+            _quantize_targets(model, targets, factors, state)
     peft_model = get_peft_model(model, _lora_config(config, fifo, base_name), autocast_adapter_dtype=True)
     layers = _lora_layers(peft_model)
     for name, layer in layers.items():
@@ -211,10 +240,13 @@ def init_adapter(model: nn.Module, config: AdapterConfig, cache: Any = None, pro
             with torch.no_grad():
                 A_param.copy_(A0)
                 B_param.copy_(B0)
-                _set_residual(layer.get_base_layer(), A_param.float(), B_param.float(), config.scale, fifo, shared)
+                if not quantized:
+                    _set_residual(layer.get_base_layer(), A_param.float(), B_param.float(), config.scale, fifo,
+                                  shared)
         state.init_factors[name] = (A_param.detach().float().cpu().clone(), B_param.detach().float().cpu().clone())
     peft_model.milora_state = state
-    log.info("%s adapter: rank %d, alpha %g on %d modules", config.method, config.rank, config.alpha, len(layers))
+    log.info("%s adapter: rank %d, alpha %g on %d modules%s", config.method, config.rank, config.alpha, len(layers),
+             f", frozen weights {config.quantization}" if quantized else "")
     return peft_model
 
 
@@ -237,10 +269,27 @@ def current_factors(peft_model: PeftModel) -> dict[str, tuple[Tensor, Tensor]]:
 
 
 def merge(peft_model: PeftModel, inplace: bool = False) -> nn.Module:
-    """A plain transformers model with the adapter folded into the weights (copy unless `inplace`)."""
+    """A plain transformers model with the adapter folded into the weights (copy unless `inplace`).
+
+    With quantized frozen weights the merged weight is `deq(Q(R)) + s B A` in the base's dtype: the model that
+    trained and was evaluated, not PEFT's merge (which quantizes the sum again and loses the adapter's update
+    below the quantization step)."""
     import copy
 
     model = peft_model if inplace else copy.deepcopy(peft_model)
+    state = getattr(model, "milora_state", None)
+    if state is not None and state.config.quantization != "none":
+        with torch.no_grad():
+            for layer in _lora_layers(model).values():
+                base = layer.get_base_layer()
+                weight = quantize.dequantized(base) + layer.get_delta_weight(ADAPTER_NAME).float()
+                plain = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                                  device=weight.device, dtype=state.base_dtype)
+                plain.weight.copy_(weight)
+                if base.bias is not None:
+                    plain.bias.copy_(base.bias)
+                layer.base_layer = plain
+        return model.unload()
     return model.merge_and_unload()
 
 
@@ -269,6 +318,14 @@ def to_lora(peft_model: PeftModel, out_dir: str | os.PathLike[str], base_name: s
     """Write a plain PEFT LoRA adapter (rank 2r) against the original base: `dW = s(B A - B0 A0)`."""
     state = state_of(peft_model)
     cfg = state.config
+    if cfg.quantization != "none":
+        worst = max(state.quantization_error.values(), default=0.0)
+        raise Unsupported(
+            f"to_lora: this adapter trained on {cfg.quantization}-quantized frozen weights deq(Q(W - s B0 A0)) "
+            f"({cfg.method}); a low-rank delta on the original weight W would drop their quantization error "
+            f"(up to {worst:.2%} of ||W|| per matrix at step 0), so it would not reproduce the trained model. "
+            "Use merge() (the exact merged model in full precision) or the adapter directory itself."
+        )
     trained = current_factors(peft_model)
     tensors: dict[str, Tensor] = {}
     for name, (A, B) in trained.items():
@@ -346,12 +403,19 @@ def load_adapter(
     meta = read_adapter_meta(adapter_dir)
     config = AdapterConfig.model_validate(meta["config"])
     fifo = bool(meta["fan_in_fan_out"])
-    state = MiloraState(config=config, fan_in_fan_out=fifo, cache_keys=meta.get("cache_keys", {}))
     targets = resolve_targets(original_base, config)
+    state = MiloraState(config=config, fan_in_fan_out=fifo, cache_keys=meta.get("cache_keys", {}),
+                        base_dtype=next(iter(targets.values())).weight.dtype)
     missing = sorted(set(meta["modules"]) - set(targets))
     if missing:
         raise InvalidInput(f"{adapter_dir}: the base has no module(s) {missing[:5]}: is it the adapter's base model?")
-    if config.method != "lora":
+    if config.quantization != "none":  # the same residual quantized the same way: the same bytes
+        init = load_file(str(Path(adapter_dir) / INIT_FILE)) if config.method != "lora" else {}
+        factors = {n: (init[f"{n}.A0"], init[f"{n}.B0"]) for n in meta["modules"] if f"{n}.A0" in init}
+        with torch.no_grad():
+            _quantize_targets(original_base, {n: targets[n] for n in meta["modules"]}, factors, state)
+        state.init_factors.update(factors)
+    elif config.method != "lora":
         shared = _shared_storage(original_base)
         init = load_file(str(Path(adapter_dir) / INIT_FILE))
         for name in meta["modules"]:

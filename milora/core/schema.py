@@ -14,11 +14,13 @@ from milora.core.errors import InvalidInput
 
 METHODS = ("milora", "pissa", "lora")
 SOLVERS = ("auto", "full", "full64", "gram", "lowrank")
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 
 Method = Literal["milora", "pissa", "lora"]
 Solver = Literal["auto", "full", "full64", "gram", "lowrank"]
 Side = Literal["minor", "principal"]
+Quantization = Literal["none", "nf4", "fp4", "int8"]
 
 
 class AdapterConfigError(InvalidInput):
@@ -31,11 +33,13 @@ class AdapterConfigError(InvalidInput):
 
 
 class AdapterConfig(BaseModel):
-    """What adapter to build: method, rank, scaling, dropout, targets and SVD solver.
+    """What adapter to build: method, rank, scaling, dropout, targets, SVD solver and the frozen weights' quantization.
 
     `alpha` defaults to `rank` for MiLoRA/PiSSA and `2 * rank` for LoRA (the MiLoRA paper's setup); the
     resolved value is what the adapter, its saved config and the lineage carry. `target_modules` is a list
-    of module names / suffixes, or one regex string, as PEFT accepts.
+    of module names / suffixes, or one regex string, as PEFT accepts. `quantization` (`nf4`, `fp4`: 4-bit,
+    `int8`) stores the frozen target weights with bitsandbytes: for MiLoRA/PiSSA the residual `W - s B0 A0` of
+    the full-precision SVD (QMiLoRA, QPiSSA), for LoRA `W` itself (QLoRA); the factors stay in full precision.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=False)
@@ -46,6 +50,7 @@ class AdapterConfig(BaseModel):
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | str = list(DEFAULT_TARGETS)
     svd_solver: Solver = "auto"
+    quantization: Quantization = "none"
 
     def __init__(self, **data: Any) -> None:
         """Build from keywords; a bad value raises `InvalidInput` naming the field, the value and what is allowed.
@@ -87,6 +92,7 @@ class AdapterConfig(BaseModel):
 _MESSAGES = {  # the library's words for a bad field (the same as before the schema was shared)
     "method": "unknown adapter method {v!r}; use one of " + ", ".join(METHODS),
     "svd_solver": "unknown svd_solver {v!r}; use one of " + ", ".join(SOLVERS),
+    "quantization": "unknown adapter quantization {v!r}; use one of " + ", ".join(QUANTIZATIONS),
     "rank": "adapter rank must be a positive integer, got {v!r}",
     "alpha": "adapter alpha must be > 0, got {v!r}",
     "dropout": "adapter dropout must be in [0, 1), got {v!r}",

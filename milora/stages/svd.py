@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 
 # The numbers of metrics/svd.json (DVC metrics, compared across runs); reports/svd.json has them all but the
 # run facts (wall times, cache hits), which go to timings/svd.json.
-SUMMARY: list[str] = []  # what an svd run changes that people compare is its time and cache use: TIMINGS
+# What an svd run changes that people compare is its time and cache use (TIMINGS), and with
+# adapter.quantization the step-0 error of the quantized frozen weights.
+SUMMARY: list[str] = ["quantization.relative_error_mean", "quantization.relative_error_max"]
 TIMINGS = ["init_seconds", "cache_hits", "cache_misses"]
 # Per-matrix run facts: timings/svd_matrices.json (MLflow logs it; not a DVC metric: one column per matrix).
 MATRIX_TIMINGS = "svd_matrices"
@@ -213,6 +215,12 @@ def _init(cfg: Config, paths: Paths) -> None:
                                                             "device": m.device} for m in report.matrices})
     else:
         metrics.update(init_seconds=0.0, cache_hits=0, cache_misses=0)
+    if acfg.quantization != "none":  # ||W - (deq(Q(R)) + s B0 A0)||_F / ||W||_F per matrix: the step-0 error
+        errors = state.quantization_error
+        metrics["quantization"] = {
+            "type": acfg.quantization, "relative_error_mean": round(sum(errors.values()) / len(errors), 6),
+            "relative_error_max": round(max(errors.values()), 6),
+            "per_matrix": {n: round(e, 6) for n, e in sorted(errors.items())}}
     spectra = {}
     for n, sp in before.items():
         # Not a solver's own full spectrum: a cache hit does not carry it, and the report must not depend on

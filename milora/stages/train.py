@@ -373,6 +373,7 @@ def _save_trained_adapter(cfg: Config, paths: Paths, model: torch.nn.Module, pre
         "precision": precision,
         "rank": cfg.adapter.rank,
         "alpha": cfg.adapter.alpha,
+        "quantization": cfg.adapter.quantization,
         "base": read_json(paths.base_json),
         "data_hash": file_digest(paths.prepared_dir),
         "svd_cache_keys": read_adapter_meta(paths.svd_init_dir).get("cache_keys", {}),

@@ -105,6 +105,7 @@ def lineage_tags(cfg: Config, paths: Paths, lineage: Mapping[str, Any] | None = 
     if lin.get("precision"):
         tags["milora.precision"] = str(lin["precision"])  # what train.precision resolved to: fp32 | bf16 | fp16
     tags["milora.rank"] = rank
+    tags["milora.quantization"] = str(lin.get("quantization") or cfg.adapter.quantization)  # none|nf4|fp4|int8
     flow = prefect_flow_run_id()
     if flow:
         tags[TAG_PREFECT] = flow

@@ -46,13 +46,15 @@ def pyfunc_code_path(root: str | os.PathLike[str] = ".") -> Path:
     )
 
 
-def _requirements(identity: Mapping[str, Any]) -> list[str]:
+def _requirements(identity: Mapping[str, Any], quantized: bool) -> list[str]:
     """The serving environment: torch and the HF stack at this run's versions (plus `gguf`, which converts a
-    GGUF base again on a machine without this pipeline's models/base)."""
+    GGUF base again on a machine without this pipeline's models/base, and `bitsandbytes`, which quantizes the
+    frozen weights of a quantized adapter again)."""
     import torch
 
     reqs = [f"torch=={torch.__version__.split('+')[0]}"]
-    pkgs = ["transformers", "peft", "safetensors", "tokenizers", *(["gguf"] if identity.get("gguf_sha256") else [])]
+    pkgs = ["transformers", "peft", "safetensors", "tokenizers", *(["gguf"] if identity.get("gguf_sha256") else []),
+            *(["bitsandbytes"] if quantized else [])]
     for pkg in pkgs:
         reqs.append(f"{pkg}=={importlib.metadata.version(pkg)}")
     return reqs
@@ -158,10 +160,18 @@ def save_pyfunc(dest: str | os.PathLike[str], cfg: Config, paths: Paths, run_id:
         save_model(
             str(dest), python_model=str(pyfunc_code_path(paths.root)), artifacts=artifacts,
             code_paths=[str(code)], signature=signature(cfg), input_example=[_input_example(paths)],
-            pip_requirements=_requirements(identity), model_config=model_config,
+            pip_requirements=_requirements(identity, _quantization(artifacts["adapter"]) != "none"),
+            model_config=model_config,
             mlflow_model=Model(run_id=run_id, artifact_path=MODEL_ARTIFACT) if run_id else None,
         )
     return Path(dest)
+
+
+def _quantization(adapter_dir: str | os.PathLike[str]) -> str:
+    """The adapter's `quantization` (none | nf4 | fp4 | int8), as saved."""
+    from milora.core.adapter import read_adapter_meta
+
+    return str(read_adapter_meta(adapter_dir)["config"].get("quantization", "none"))
 
 
 def _load_base(identity: Mapping[str, Any], cfg: Config, paths: Paths) -> tuple[Any, Any]:
@@ -197,7 +207,12 @@ def log_model(mlflow_client: MlflowClient, run_id: str, cfg: Config, paths: Path
             base, tokenizer = _load_base(base_identity(paths), cfg, paths)
             peft_model = milora.load_adapter(base, paths.adapter_dir)
             exports = []
-            if rc.log_lora_export:
+            quantization = _quantization(paths.adapter_dir)
+            if rc.log_lora_export and quantization != "none":
+                log.warning("register.log_lora_export: no plain-LoRA export of a %s-quantized adapter (a low-rank "
+                            "delta on the original weights cannot carry the quantization error); the merged "
+                            "export (register.log_merged) is exact", quantization)
+            elif rc.log_lora_export:
                 exports.append(("lora_export", milora.to_lora(peft_model, tmp / "lora_export")))
             if rc.log_merged:
                 out = tmp / "merged"
