@@ -159,3 +159,57 @@ def test_unsupported_combinations_fail_in_one_line():
     with pytest.raises(InvalidInput, match="unknown adapter quantization 'q4'; use one of none, nf4, fp4, int8"):
         milora.AdapterConfig(quantization="q4")
     assert issubclass(Unsupported, UserError)  # the CLI and the stages exit 2
+
+
+PYFUNC_PREDICT = """
+import json, sys
+import mlflow
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model(sys.argv[2])
+print(json.dumps(model.predict([{"prompt": p} for p in json.loads(sys.argv[3])])))
+"""
+
+
+@pytest.mark.slow
+def test_milora_run_with_nf4_registers_a_quantized_version_that_serves_as_evaluated(prefect_env, prefect_api,
+                                                                                    tmp_path):
+    """`milora run -S adapter.quantization=nf4` on the embedded default: svd records the step-0 error, the
+    registered version and its run are tagged nf4, the lineage names it, the model needs bitsandbytes, the
+    merged export is logged and the plain-LoRA export is not; the pyfunc, loaded in a fresh process, rebuilds
+    the quantized residual and answers as the evaluate stage predicted."""
+    import json
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from flows.report import load_report
+    from milora.core.io import read_json, read_jsonl
+    from tests.project import env, make_project, run
+
+    root = make_project(tmp_path / "proj", {"register.log_merged": True})
+    clean = {k: "" for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "PREFECT__FLOW_RUN_ID")}
+    run(["milora", "run", "-S", "adapter.quantization=nf4"], root, extra_env={**prefect_env, **clean})
+    report = load_report(root)
+    assert report is not None and report.status == "completed"
+    svd = read_json(root / "reports" / "svd.json")["quantization"]
+    assert svd["type"] == "nf4" and 0 < svd["relative_error_mean"] <= svd["relative_error_max"] < 0.5
+    assert read_json(root / "models" / "adapter" / "lineage.json")["quantization"] == "nf4"
+
+    uri = f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    (version,) = client.search_model_versions("name = 'milora'")
+    assert version.tags["milora.quantization"] == "nf4"
+    assert client.get_run(version.run_id).data.tags["milora.quantization"] == "nf4"
+    logged = {a.path for a in client.list_artifacts(version.run_id)}
+    assert "merged" in logged and "lora_export" not in logged
+    requirements = next((root / "mlflow").rglob("model/requirements.txt")).read_text()
+    assert "bitsandbytes==" in requirements
+
+    suite = sorted((root / "eval" / "suites").glob("*.jsonl"))[0]
+    expected = read_jsonl(suite)[:4]
+    p = subprocess.run([sys.executable, "-c", PYFUNC_PREDICT, uri, f"models:/milora/{version.version}",
+                        json.dumps([r["prompt"] for r in expected])], cwd=tmp_path, env=env(clean),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == [r["prediction"] for r in expected]
