@@ -59,3 +59,14 @@ def test_precision_quick_on_the_embedded_base(tmp_path):
     text = _bench(tmp_path, "precision.py", "--quick", "--parts", "embedded")
     assert "## bf16 autocast on the CPU" in text and "### The embedded base" in text
     assert "| training tokens/s |" in text and "| forgetting (held-out pretraining loss increase) |" in text
+
+
+@pytest.mark.slow
+def test_quantization_quick(tmp_path):
+    """The step-0 error tables at toy size (SmolLM2 and the Llama-2-7B-shaped layer are the benchmark's job)."""
+    text = _bench(tmp_path, "quantization.py", "--quick")
+    assert "## Quantized bases: QLoRA, QPiSSA and QMiLoRA at step 0" in text
+    for row in ("| QLoRA |", "| QPiSSA |", "| QMiLoRA |", "| QMiLoRA + minor refit |", "| LoftQ |",
+                "| down_proj | QMiLoRA |"):
+        assert row in text
+    assert "QPiSSA below QLoRA on" in text and "Mean per-token KL(full || quantized)" in text
