@@ -45,8 +45,8 @@ def test_committed_params_are_valid_and_documented():
 def test_contract_keys_exist():
     flat = Config().flat()
     for key in ["model.name_or_path", "data.source", "data.format", "data.on_bad_rows", "adapter.method",
-                "adapter.rank", "adapter.alpha", "adapter.target_modules", "adapter.svd_solver", "svd.cache",
-                "train.learning_rate", "train.max_steps", "train.seed", "register.model_name"]:
+                "adapter.rank", "adapter.alpha", "adapter.target_modules", "adapter.svd_solver",
+                "adapter.quantization", "svd.cache", "train.learning_rate", "train.max_steps", "train.seed", "register.model_name"]:
         assert key in flat, key
 
 
@@ -54,6 +54,7 @@ def test_contract_keys_exist():
     "params,pattern",
     [
         ({"adapter": {"rank": 0}}, r"adapter\.rank = 0: .*greater than 0"),
+        ({"adapter": {"quantization": "nf3"}}, r"adapter\.quantization = 'nf3'"),
         ({"adapter": {"rank": -4}}, r"adapter\.rank = -4"),
         ({"train": {"learning_rate": 0}}, r"train\.learning_rate = 0: .*greater than 0"),
         ({"train": {"learning_rate": -1e-4}}, r"train\.learning_rate"),
