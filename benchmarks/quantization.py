@@ -2,6 +2,7 @@
 
     python benchmarks/quantization.py --write    # SmolLM2's 210 target matrices, one Llama-2-7B-shaped layer, logit KL
     python benchmarks/quantization.py --quick    # the same code on the embedded tiny shapes (a smoke run, no write)
+    python benchmarks/quantization.py --pipeline --write   # + the real profile with and without nf4 (~40 min)
 
 * **Weight error**: `||W - (deq(Q(R)) + s B0 A0)||_F / ||W||_F` per matrix, with `R = W - s B0 A0` (MiLoRA: the r
   minor triplets; PiSSA: the r principal ones; LoRA: `B0 = 0`, R = W), for nf4 and int8, through
@@ -10,6 +11,10 @@
   stays MiLoRA's) and *LoftQ* (the top-r SVD of `W - deq(Q(R))`: the factors leave the minor subspace).
 * **Output gap**: the mean per-token KL(full || quantized) of SmolLM2's next-token distributions on a few chat
   prompts, every projection of every layer targeted (r = 16), the adapter at its init.
+* **The pipeline** (`--pipeline`): the real profile (params.smol.yaml) as MiLoRA in full precision and as QMiLoRA,
+  QPiSSA and QLoRA with nf4, each step in its own process (`real_scale.measure`: wall time, peak RSS); the
+  quantized runs reuse the first run's ingest/base/prepare outputs and run svd, train and evaluate. Training
+  tokens/s, learning (held-out accuracy), retention (probe answers kept) and self-text forgetting per run.
 """
 
 from __future__ import annotations
@@ -168,10 +173,62 @@ def kl_table(model: nn.Module, rank: int, quick: bool) -> list[str]:
     return lines
 
 
+PIPELINE_RUNS = (("MiLoRA (full precision)", "milora", "none"), ("QMiLoRA nf4", "milora", "nf4"),
+                 ("QPiSSA nf4", "pissa", "nf4"), ("QLoRA nf4", "lora", "nf4"))
+SHARED = ("data", "models/base", "models/base.json", "models/self_text.jsonl", "models/rehearsal.jsonl", "reports",
+          "metrics")
+
+
+def pipeline(work: Path) -> list[str]:
+    """The real profile's steps with and without nf4: wall time, peak RSS, throughput and what was learnt."""
+    import json
+    import shutil
+
+    import yaml
+    from real_model import project
+    from real_scale import GIB, STEPS, measure
+
+    from milora.pipeline.config import apply_overrides
+
+    rows = ["| run | " + " | ".join(f"{s} (s / GiB)" for s in STEPS[3:6]) + " | train tokens/s | learning "
+            "(base -> tuned) | retention | forgetting (nats) |", "|---|" + "---:|" * 7]
+    first: Path | None = None
+    for label, method, quant in PIPELINE_RUNS:
+        w = work / method / quant
+        project(w)
+        params = w / "params.yaml"
+        data = apply_overrides(yaml.safe_load(params.read_text()), {"adapter.method": method,
+                                                                    "adapter.quantization": quant})
+        params.write_text(yaml.safe_dump(data, sort_keys=False))
+        if first is None:
+            steps = STEPS[:6]
+            first = w
+        else:
+            steps = STEPS[3:6]
+            for rel in SHARED:
+                src = first / rel
+                if src.is_dir():
+                    shutil.copytree(src, w / rel, dirs_exist_ok=True)
+                elif src.is_file():
+                    (w / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, w / rel)
+        print(f"== {label}", flush=True)
+        res = {s: measure(s, w, w / "steps.log") for s in steps}
+        ev = json.loads((w / "reports" / "eval.json").read_text())
+        tps = json.loads((w / "timings" / "train.json").read_text())["tokens_per_second"]
+        learn = ev["suites"]["learning"]
+        cells = [f"{res[s]['seconds']:.0f} / {res[s]['peak_rss_bytes'] / GIB:.2f}" for s in STEPS[3:6]]
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {tps:.0f} | {learn['base_accuracy']:.3f} -> "
+                    f"{learn['accuracy']:.3f} (n = {learn['n']}) | {ev['retention']:.3f} | {ev['forgetting']:+.3f} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes, a smoke run of the same code")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--pipeline", action="store_true", help="also run the real profile with and without nf4")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/milora-quantization"))
     ap.add_argument("--write", action="store_true", help="write the section of docs/benchmarks.md")
     ap.add_argument("--out", type=Path, default=None, help="markdown file to update instead")
     a = ap.parse_args(argv)
@@ -183,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
             "training. The SVD runs on the full-precision weight; the frozen residual is quantized with bitsandbytes "
             "(nf4: 4-bit NormalFloat, blocks of 64, double-quantized scales; int8: LLM.int8() rows).", "",
             *weights_table(model, rank, "the tiny test Llama" if a.quick else "SmolLM2-135M-Instruct"), "", *big_layer_table(rank, a.quick), "", *kl_table(model, rank, a.quick), "",
+            *(["### The real profile with nf4 (SmolLM2, `params.smol.yaml`)", "",
+               "Step wall time and peak RSS (each step in its own process), training tokens/s and what each run "
+               "learnt, retained and forgot; one seed each, so the accuracies are single measurements "
+               "(learning n is small: read differences within a few answers as noise).", "",
+               *pipeline(a.work), ""] if a.pipeline else []),
             f"Measured in {time.perf_counter() - start:.0f} s on this machine (torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads)."]
     print("\n".join(text))
