@@ -103,3 +103,19 @@ def test_base_stage_exits_2_with_one_line_for_a_corrupt_gguf(tmp_path):
     errors = [ln for ln in p.stderr.splitlines() if "broken.gguf" in ln]
     assert errors and "not a readable GGUF file" in errors[-1]
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_the_loaded_model_is_complete_and_answers():
+    """`load_gguf`'s model has no tensor left on the meta device (the rotary embedding's non-persistent inv_freq
+    included) and generates: the capital of France."""
+    import torch
+
+    model, tokenizer, _ = gguf.load_gguf(gguf.resolve_gguf("smollm2-135m-instruct"))
+    assert not [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                         tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(chat, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])

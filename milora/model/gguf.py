@@ -156,6 +156,10 @@ def load_gguf(path: Path, dtype: str = "float32") -> tuple[Any, Any, GgufInfo]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict(), strict=False, assign=True)
+    for name, buf in list(model.named_buffers()):  # non-persistent buffers (rotary inv_freq) are not in the state
+        if buf.is_meta:                             # dict: the loaded model computed them from the same config
+            owner, _, attr = name.rpartition(".")
+            model.get_submodule(owner).register_buffer(attr, loaded.get_buffer(name), persistent=False)
     model.tie_weights()
     model = model.to(getattr(torch, _TYPES[dtype])).eval()
     model.generation_config = loaded.generation_config
