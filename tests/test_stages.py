@@ -126,11 +126,13 @@ def _assert_ranks_equal(ranks: list[dict]) -> None:
         assert differ == [], f"ranks differ in {differ}"
 
 
-@pytest.mark.parametrize("launch", ["torchrun", "train.processes"])
-def test_ddp_two_processes_agree(shared, tmp_path, launch):
-    """2 gloo processes on the CPU: by hand under torchrun, or launched by the stage (`train.processes: 2`).
-    Each rank's trainable tensors are dumped (test hook) and compared tensor by tensor."""
-    root = _run_root(shared, tmp_path / "ddp", {"train.max_steps": 6})
+@pytest.mark.parametrize("launch,quantization", [("torchrun", "none"), ("train.processes", "none"),
+                                                  ("train.processes", "nf4")])
+def test_ddp_two_processes_agree(shared, tmp_path, launch, quantization):
+    """2 gloo processes on the CPU: by hand under torchrun, or launched by the stage (`train.processes: 2`), also
+    with nf4-quantized frozen weights. Each rank's trainable tensors are dumped (test hook) and compared tensor by
+    tensor."""
+    root = _run_root(shared, tmp_path / "ddp", {"train.max_steps": 6, "adapter.quantization": quantization})
     _milora(root, "stage", "svd")
     if launch == "torchrun":
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
