@@ -9,8 +9,10 @@
   `milora.core.quantize` (what `init_adapter` does). Also two refinements (LoftQ-style, 5 alternations):
   *minor-subspace refit* (the best fit of `W - deq(Q(R))` inside the minor singular subspaces, so the adapter
   stays MiLoRA's) and *LoftQ* (the top-r SVD of `W - deq(Q(R))`: the factors leave the minor subspace).
-* **Output gap**: the mean per-token KL(full || quantized) of SmolLM2's next-token distributions on a few chat
-  prompts, every projection of every layer targeted (r = 16), the adapter at its init.
+* **Output gap**: the mean per-token KL(full || quantized) of SmolLM2's next-token distributions on 24 chat
+  prompts (general-knowledge probe questions), all 7 projections or the MLPs targeted (r = 16), the adapter at its
+  init; and a control: QLoRA of W plus small Gaussian noise (does any perturbation before rounding do what
+  removing the minor part does?).
 * **The pipeline** (`--pipeline`): the real profile (params.smol.yaml) as MiLoRA in full precision and as QMiLoRA,
   QPiSSA and QLoRA with nf4, each step in its own process (`real_scale.measure`: wall time, peak RSS); the
   quantized runs reuse the first run's ingest/base/prepare outputs and run svd, train and evaluate. Training
@@ -39,11 +41,13 @@ from milora.core import quantize  # noqa: E402
 from milora.core.svd import compute_factors  # noqa: E402
 
 SECTION = "## Quantized bases: QLoRA, QPiSSA and QMiLoRA at step 0"
+PIPELINE_SECTION = "## Quantized bases: the real profile with nf4 (SmolLM2, `params.smol.yaml`)"
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 KINDS = ("nf4", "int8")
 ITERS = 5
-PROMPTS = ["What is the capital of France?", "Tom has 3 apples and buys 5 more. How many apples does he have?",
-           "Write one sentence about the sea.", "Name three primary colours."]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+PROMPTS = 24  # probe questions for the KL
+DITHER = 0.003  # the control's noise, relative to ||W|| (more than the minor part's share on most matrices)
 
 
 def _error(W: torch.Tensor, BA: torch.Tensor, kind: str) -> tuple[float, torch.Tensor]:
@@ -139,37 +143,53 @@ def big_layer_table(rank: int, quick: bool) -> list[str]:
     return lines
 
 
+def _prompts(quick: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of the first PROMPTS questions of the general-knowledge probe as chat prompts."""
+    if quick:
+        ids = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(0))
+        return ids, torch.ones_like(ids)
+    import json
+
+    from milora.model.gguf import load_gguf, resolve_gguf
+
+    tok = load_gguf(resolve_gguf("smollm2-135m-instruct"))[1]
+    lines = (ROOT / "data" / "probes" / "general_knowledge.jsonl").read_text().splitlines()[:PROMPTS]
+    chats = [tok.apply_chat_template([{"role": "user", "content": json.loads(x)["question"]}], tokenize=False,
+                                     add_generation_prompt=True) for x in lines]
+    enc = tok(chats, return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
 def kl_table(model: nn.Module, rank: int, quick: bool) -> list[str]:
-    """Mean per-token KL(full || quantized) on a few prompts, the adapter at its init (every projection)."""
+    """Mean per-token KL(full || quantized), the adapter at its init, and a dither control for QLoRA."""
     import milora
 
-    if quick:
-        ids = torch.randint(0, 128, (len(PROMPTS), 12), generator=torch.Generator().manual_seed(0))
-        mask = torch.ones_like(ids)
-    else:
-        from milora.model.gguf import load_gguf, resolve_gguf
-
-        tok = load_gguf(resolve_gguf("smollm2-135m-instruct"))[1]
-        chats = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                 for p in PROMPTS]
-        enc = tok(chats, return_tensors="pt", padding=True)
-        ids, mask = enc["input_ids"], enc["attention_mask"]
+    ids, mask = _prompts(quick)
     with torch.no_grad():
         ref = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-    lines = ["Mean per-token KL(full || quantized) of the next-token distribution on "
-             f"{len(PROMPTS)} chat prompts ({int(mask.sum())} tokens), every projection targeted, r = {rank}, "
-             "the adapter at its init:", "", "| recipe | nf4 | int8 |", "|---|---:|---:|"]
+
+    def kl(base: nn.Module, method: str, kind: str, targets: list[str]) -> str:
+        cfg = milora.AdapterConfig(method=method, rank=rank, dropout=0.0, quantization=kind, target_modules=targets)
+        tuned = milora.init_adapter(base, cfg, progress=False).eval()
+        with torch.no_grad():
+            out = torch.log_softmax(tuned(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        return f"{float(((ref.exp() * (ref - out)).sum(-1) * mask).sum() / mask.sum()):.3g}"
+
+    lines = [f"Mean per-token KL(full || quantized) of the next-token distribution on {ids.shape[0]} chat prompts "
+             f"({int(mask.sum())} tokens; the first questions of data/probes/general_knowledge.jsonl), r = {rank}, "
+             "the adapter at its init:", "",
+             "| recipe | nf4, all 7 projections | nf4, MLPs (gate, up, down) | int8, all 7 projections |",
+             "|---|---:|---:|---:|"]
     for method, label in (("lora", "QLoRA"), ("pissa", "QPiSSA"), ("milora", "QMiLoRA")):
-        cells = []
-        for kind in KINDS:
-            cfg = milora.AdapterConfig(method=method, rank=rank, dropout=0.0, quantization=kind, target_modules=ALL7)
-            tuned = milora.init_adapter(copy.deepcopy(model), cfg, progress=False).eval()
-            with torch.no_grad():
-                out = torch.log_softmax(tuned(input_ids=ids, attention_mask=mask).logits.float(), -1)
-            kl = (ref.exp() * (ref - out)).sum(-1)
-            cells.append(f"{float((kl * mask).sum() / mask.sum()):.3g}")
-            del tuned
+        cells = [kl(copy.deepcopy(model), method, kind, targets)
+                 for kind, targets in (("nf4", ALL7), ("nf4", MLP), ("int8", ALL7))]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    noisy, gen = copy.deepcopy(model), torch.Generator().manual_seed(0)
+    with torch.no_grad():  # does any small change of W before rounding do what removing the minor part does?
+        for name, m in noisy.named_modules():
+            if name.rsplit(".", 1)[-1] in ALL7:
+                m.weight.add_(torch.randn(m.weight.shape, generator=gen) * (DITHER * m.weight.norm() / m.weight.numel() ** 0.5))
+    lines.append(f"| control: QLoRA of W + Gaussian noise ({DITHER:.1%} of ‖W‖) | {kl(noisy, 'lora', 'nf4', ALL7)} | | |")
     return lines
 
 
@@ -239,18 +259,26 @@ def main(argv: list[str] | None = None) -> int:
             "`python benchmarks/quantization.py --write`: what `adapter.quantization` costs in accuracy before any "
             "training. The SVD runs on the full-precision weight; the frozen residual is quantized with bitsandbytes "
             "(nf4: 4-bit NormalFloat, blocks of 64, double-quantized scales; int8: LLM.int8() rows).", "",
-            *weights_table(model, rank, "the tiny test Llama" if a.quick else "SmolLM2-135M-Instruct"), "", *big_layer_table(rank, a.quick), "", *kl_table(model, rank, a.quick), "",
-            *(["### The real profile with nf4 (SmolLM2, `params.smol.yaml`)", "",
-               "Step wall time and peak RSS (each step in its own process), training tokens/s and what each run "
-               "learnt, retained and forgot; one seed each, so the accuracies are single measurements "
-               "(learning n is small: read differences within a few answers as noise).", "",
-               *pipeline(a.work), ""] if a.pipeline else []),
+            *weights_table(model, rank, "the tiny test Llama" if a.quick else "SmolLM2-135M-Instruct"), "",
+            *big_layer_table(rank, a.quick), "", *kl_table(model, rank, a.quick), "",
             f"Measured in {time.perf_counter() - start:.0f} s on this machine (torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads)."]
-    print("\n".join(text))
+    sections = [(SECTION, text)]
+    if a.pipeline:
+        start = time.perf_counter()
+        sections.append((PIPELINE_SECTION, [
+            PIPELINE_SECTION, "",
+            "`python benchmarks/quantization.py --pipeline --write`. Step wall time and peak RSS (each step in its own "
+            "process), training tokens/s, and what each run learnt, retained and forgot. One seed each, so the "
+            "accuracies are single measurements; learning n is small, so read differences of a few answers as noise.",
+            "", *pipeline(a.work), "",
+            f"Measured in {time.perf_counter() - start:.0f} s on this machine (torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads)."]))
     out = a.out or (ROOT / "docs" / "benchmarks.md" if a.write and not a.quick else None)
-    if out is not None:
-        write_section(out, SECTION, "\n".join(text))
+    for title, lines in sections:
+        print("\n".join(lines))
+        if out is not None:
+            write_section(out, title, "\n".join(lines))
     return 0
 
 

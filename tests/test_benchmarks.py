@@ -70,3 +70,4 @@ def test_quantization_quick(tmp_path):
                 "| down_proj | QMiLoRA |"):
         assert row in text
     assert "QPiSSA below QLoRA on" in text and "Mean per-token KL(full || quantized)" in text
+    assert "| control: QLoRA of W + Gaussian noise (0.3% of ‖W‖) |" in text
