@@ -126,12 +126,11 @@ def _assert_ranks_equal(ranks: list[dict]) -> None:
         assert differ == [], f"ranks differ in {differ}"
 
 
-@pytest.mark.parametrize("launch,quantization", [("torchrun", "none"), ("train.processes", "none"),
-                                                  ("train.processes", "nf4")])
+@pytest.mark.parametrize("launch,quantization", [("torchrun", "none"), ("train.processes", "nf4")])
 def test_ddp_two_processes_agree(shared, tmp_path, launch, quantization):
-    """2 gloo processes on the CPU: by hand under torchrun, or launched by the stage (`train.processes: 2`), also
-    with nf4-quantized frozen weights. Each rank's trainable tensors are dumped (test hook) and compared tensor by
-    tensor."""
+    """2 gloo processes on the CPU: by hand under torchrun (full-precision frozen weights), or launched by the stage
+    (`train.processes: 2`) with nf4-quantized ones (what that launch does is the same for both: one case each).
+    Each rank's trainable tensors are dumped (test hook) and compared tensor by tensor."""
     root = _run_root(shared, tmp_path / "ddp", {"train.max_steps": 6, "adapter.quantization": quantization})
     _milora(root, "stage", "svd")
     if launch == "torchrun":
