@@ -409,21 +409,16 @@ def load_adapter(
     missing = sorted(set(meta["modules"]) - set(targets))
     if missing:
         raise InvalidInput(f"{adapter_dir}: the base has no module(s) {missing[:5]}: is it the adapter's base model?")
-    if config.quantization != "none":  # the same residual quantized the same way: the same bytes
-        init = load_file(str(Path(adapter_dir) / INIT_FILE)) if config.method != "lora" else {}
-        factors = {n: (init[f"{n}.A0"], init[f"{n}.B0"]) for n in meta["modules"] if f"{n}.A0" in init}
-        with torch.no_grad():
+    init = load_file(str(Path(adapter_dir) / INIT_FILE)) if config.method != "lora" else {}
+    factors = {n: (init[f"{n}.A0"], init[f"{n}.B0"]) for n in meta["modules"]} if init else {}
+    with torch.no_grad():
+        if config.quantization != "none":  # the same residual quantized the same way: the same bytes
             _quantize_targets(original_base, {n: targets[n] for n in meta["modules"]}, factors, state)
-        state.init_factors.update(factors)
-    elif config.method != "lora":
-        shared = _shared_storage(original_base)
-        init = load_file(str(Path(adapter_dir) / INIT_FILE))
-        for name in meta["modules"]:
-            A0, B0 = init[f"{name}.A0"], init[f"{name}.B0"]
-            mod = targets[name]
-            with torch.no_grad():
-                _set_residual(mod, A0, B0, config.scale, fifo, shared)
-            state.init_factors[name] = (A0, B0)
+        else:
+            shared = _shared_storage(original_base)
+            for name, (A0, B0) in factors.items():
+                _set_residual(targets[name], A0, B0, config.scale, fifo, shared)
+    state.init_factors.update(factors)
     peft_model = PeftModel.from_pretrained(original_base, str(adapter_dir), is_trainable=is_trainable)
     if config.method == "lora":
         state.init_factors = {n: (A.clone(), torch.zeros_like(B)) for n, (A, B) in current_factors(peft_model).items()}

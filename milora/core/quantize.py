@@ -65,10 +65,6 @@ def quantized_linear(module: nn.Linear, weight: Tensor, kind: str) -> nn.Module:
     return layer.to(weight.device)  # bitsandbytes quantizes when the weight is placed
 
 
-def is_quantized(module: nn.Module) -> bool:
-    return type(module).__name__ in QUANTIZED_LAYERS and hasattr(module, "weight")
-
-
 def dequantized(module: nn.Module) -> Tensor:
     """The weight a quantized layer computes with (out x in, fp32)."""
     from peft.utils.integrations import dequantize_bnb_weight

@@ -191,6 +191,7 @@ def _load_base(identity: Mapping[str, Any], cfg: Config, paths: Paths) -> tuple[
 def log_model(mlflow_client: MlflowClient, run_id: str, cfg: Config, paths: Paths) -> str:
     """Log the pyfunc model (and the configured exports) to the run once; return the model's artifact URI."""
     import milora
+    from milora.core.adapter import state_of
 
     run = mlflow_client.get_run(run_id)
     done = run.data.tags.get(TAG_MODEL_URI)
@@ -207,7 +208,7 @@ def log_model(mlflow_client: MlflowClient, run_id: str, cfg: Config, paths: Path
             base, tokenizer = _load_base(base_identity(paths), cfg, paths)
             peft_model = milora.load_adapter(base, paths.adapter_dir)
             exports = []
-            quantization = _quantization(paths.adapter_dir)
+            quantization = state_of(peft_model).config.quantization  # as load_adapter read it
             if rc.log_lora_export and quantization != "none":
                 log.warning("register.log_lora_export: no plain-LoRA export of a %s-quantized adapter (a low-rank "
                             "delta on the original weights cannot carry the quantization error); the merged "
