@@ -23,6 +23,7 @@ rounds' ratios), because this machine's speed drifts by 10-20% over minutes.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import platform
@@ -208,7 +209,49 @@ SPECTRA = {
     "Marchenko-Pastur (Gaussian)": "mp",
     "power law sigma_i = i^-1 + noise": "power1",
     "clustered small end (llama_shaped q_proj)": "clustered",
+    "real-like (SmolLM2's worst-conditioned spectra, stretched)": "reallike",
 }
+SMOL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+REAL_LIKE_KEEP = 128  # bottom singular values of the SmolLM2 spectrum kept as they are (the r-gaps up to r = 64)
+
+
+@functools.cache
+def smollm2_weights() -> dict[str, torch.Tensor]:
+    """SmolLM2-135M-Instruct's 210 projection matrices (fp32, dequantized from the packaged GGUF), by name."""
+    from milora.model.gguf import load_gguf, resolve_gguf
+
+    model = load_gguf(resolve_gguf("smollm2-135m-instruct"))[0]
+    return {name.removesuffix(".weight"): p.detach().to(torch.float32).clone()
+            for name, p in model.named_parameters() if name.endswith("_proj.weight")}
+
+
+def _cond(W: torch.Tensor) -> float:
+    s = torch.linalg.svdvals(W.to(F64))
+    return float(s[0] / s[-1])
+
+
+def real_like(m: int, n: int, seed: int = 13) -> torch.Tensor:
+    """An fp32 `m x n` (m >= n) matrix whose spectrum is SmolLM2's hardest of that kind, stretched to n values.
+
+    The source: SmolLM2's worst-conditioned attention projection (q_proj, o_proj) for a square shape, its
+    worst-conditioned MLP projection (gate, up, down) otherwise. Its smallest `REAL_LIKE_KEEP` singular
+    values are kept as they are (so the condition number and the gaps at r <= 64 are SmolLM2's); the others
+    are interpolated in log over the quantiles onto the remaining n - `REAL_LIKE_KEEP`. Random orthogonal
+    U and V from a seeded generator.
+    """
+    import numpy as np
+
+    kinds = ("q_proj", "o_proj") if m == n else ("gate_proj", "up_proj", "down_proj")
+    weights = smollm2_weights()
+    src = max((w for name, w in weights.items() if name.rsplit(".", 1)[-1] in kinds), key=_cond)
+    s0 = torch.linalg.svdvals(src.to(F64)).numpy()  # descending
+    keep = REAL_LIKE_KEEP
+    top = np.exp(np.interp(np.linspace(0, 1, n - keep), np.linspace(0, 1, s0.size - keep), np.log(s0[:-keep])))
+    s = torch.from_numpy(np.concatenate([top, s0[-keep:]]))
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=F64)).Q
+    V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64)).Q
+    return ((U * s) @ V.T).to(torch.float32).contiguous()
 
 
 def spectrum_matrix(kind: str, m: int, n: int) -> torch.Tensor:
@@ -218,9 +261,48 @@ def spectrum_matrix(kind: str, m: int, n: int) -> torch.Tensor:
         return (torch.randn(m, n, generator=g) / math.sqrt(m)).contiguous()
     if kind == "power1":
         return trained_like(m, n, alpha=1.0)
+    if kind == "reallike":
+        return real_like(m, n)
     import llama_shaped
 
     return llama_shaped.projection("q_proj", m, n, seed=11).to(torch.float32).contiguous()
+
+
+def smollm2_table(ranks: list[int], repeats: int) -> tuple[list[str], list[str]]:
+    """SmolLM2's real weights: every projection of the 30 layers, `auto` vs the full fp32 SVD it replaces, per
+    kind and rank: summed time (each matrix the best of `repeats` calls), the matrices where `auto` was
+    slower, the worst excess (V or U side). Returns the rows, and the rows where `auto` was slower anywhere."""
+    weights = smollm2_weights()
+    rows, slower_rows = [], []
+    for kind in SMOL_PROJECTIONS:
+        mats = [w for name, w in weights.items() if name.endswith(kind)]
+        conds = [_cond(w) for w in mats]
+        refs = [torch.linalg.svdvals(w.to(F64)) for w in mats]
+        m, n = mats[0].shape
+        for r in ranks:
+            if svd.resolve_solver("auto", "minor", (m, n), r) == "full":
+                rows.append(f"| {kind} | {m}x{n} | {r} | {min(conds):.3g} - {max(conds):.3g} | | | 1.0x "
+                            "(`auto` is the full SVD) | | | full |")
+                continue
+            t_full = t_auto = 0.0
+            slower, worst, picks = 0, 0.0, set()
+            for W, ref in zip(mats, refs, strict=True):
+                tf, _ = best_time(lambda W=W, r=r: svd.solve(W, r, "minor", "full"), repeats)
+                info: dict = {}
+                ta, trip = best_time(lambda W=W, r=r, info=info: svd.solve(W, r, "minor", "auto", info=info), repeats)
+                picks.add(info.get("path", info["solver"]))
+                t_full, t_auto, slower = t_full + tf, t_auto + ta, slower + (ta > tf)
+                exact = float(ref[-r:].pow(2).sum())
+                ev = (svd.captured_energy(W, trip.Vh) - exact) / exact
+                eu = (float((W.to(F64).T @ trip.U.to(F64)).pow(2).sum()) - exact) / exact
+                worst = max(worst, ev, eu)
+            rows.append(f"| {kind} | {m}x{n} | {r} | {min(conds):.3g} - {max(conds):.3g} | {fmt_t(t_full)} | "
+                        f"{fmt_t(t_auto)} | **{t_full / t_auto:.1f}x** | {slower} of {len(mats)} | {worst:.1e} | "
+                        f"{', '.join(sorted(picks))} |")
+            print(rows[-1], flush=True)
+            if slower:
+                slower_rows.append(rows[-1])
+    return rows, slower_rows
 
 
 def spectra_table(shapes: list[tuple[int, int]], ranks: list[int], kinds: list[str]) -> tuple[list[str], list[str]]:

@@ -85,7 +85,7 @@ def test_gram_minor_matches_fp64_reference(shape, kind, rank):
     info: dict = {}
     t = solve(W, rank, "minor", "gram", info=info)
     check(W, t, rank, "minor")
-    assert info["path"] in {"lu32", "chol32", "krylov64", "dense64"}
+    assert info["path"] in {"lu32", "qr32", "krylov64", "dense64"}
     assert t.solver == "gram" and t.spectrum is None
 
 
@@ -108,8 +108,8 @@ def test_principal_solvers(shape, solver):
 
 
 def test_fast_route_paths_are_taken():
-    """Square matrices use the fp32 LU of W; rectangular ones the fp32 Gram; both certified in fp64."""
-    for shape, path in (((320, 320), "lu32"), ((500, 300), "chol32"), ((300, 500), "chol32")):
+    """Square matrices use the fp32 LU of W; rectangular ones the fp32 QR of the tall one; both certified in fp64."""
+    for shape, path in (((320, 320), "lu32"), ((500, 300), "qr32"), ((300, 500), "qr32")):
         info: dict = {}
         solve(trained_like(*shape), 8, "minor", "gram", info=info)
         assert info["path"] == path and info["certified_excess"] <= svd.GRAM_TOL, info
@@ -131,25 +131,36 @@ def test_exact_products_match_fp64_in_blocks(monkeypatch, orientation):
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-10)
 
 
-def test_in_place_cholesky_rebuilds_a_singular_gram_matrix_for_the_shifted_retry():
-    """The first factorization overwrites the Gram matrix; when it fails (singular), `remake` rebuilds it
-    and the shifted factor is of the true `G + shift I`, not of the overwritten remains."""
+def test_a_singular_gram_matrix_gets_the_smallest_shift_that_factors():
+    """A rank-deficient A: the Cholesky of its Gram matrix fails, the shifted retry factors `G + shift I`."""
     g = torch.Generator().manual_seed(4)
     A = torch.randn(200, 120, generator=g)
     A[:, 7] = A[:, 3]  # exactly rank-deficient: G is singular
-    calls = []
-
-    def gram() -> torch.Tensor:
-        calls.append(1)
-        return _syrk(A, full=False)
-
-    L = _cholesky(gram(), max_shift=1e-3, remake=gram)
-    assert L is not None and len(calls) == 2
+    L = _cholesky(_syrk(A), max_shift=1e-3)
+    assert L is not None
     G = A.T.double() @ A.double()
     resid = L.double() @ L.double().T - G
     shift = float(resid.diagonal().mean())
     assert 0 < shift <= 1e-3 * float(G.diagonal().max())
     assert float((resid - shift * torch.eye(120, dtype=F64)).abs().max()) < 1e-4 * float(G.abs().max())
+
+
+@pytest.mark.parametrize("orientation", ["tall", "wide"])
+def test_an_ill_conditioned_tall_matrix_takes_the_fp32_qr_not_the_exact_path(orientation):
+    """cond(W) = 1e4: an fp32 Gram matrix (cond 1e8) cannot resolve the minor end, the R of an fp32 QR
+    (cond 1e4) can: the fast route certifies it without the fp64 fallback, within the 1e-3 bar."""
+    g = torch.Generator().manual_seed(9)
+    m, n = 900, 300
+    U = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=F64)).Q
+    V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64)).Q
+    s = torch.logspace(0, -4, n, dtype=F64)
+    W = ((U * s) @ V.T).float()
+    W = W if orientation == "tall" else W.T.contiguous()
+    info: dict = {}
+    t = solve(W, 8, "minor", "gram", info=info)
+    assert info["path"] == "qr32" and "fallback" not in info, info
+    check(W, t, 8, "minor")
+
 
 
 def test_repeated_singular_values():
@@ -203,7 +214,7 @@ def test_a_failed_fp32_certificate_hands_a_consistent_result_to_the_exact_path(m
     info: dict = {}
     with caplog.at_level(logging.WARNING):
         t = solve(W, 6, "minor", "gram", info=info)
-    assert info["path"] == "krylov64" and info["fallback"] == "chol32"
+    assert info["path"] == "krylov64" and info["fallback"] == "qr32"
     check(W, t, 6, "minor")
 
 
@@ -243,6 +254,9 @@ def test_auto_picks_full_for_small_and_fast_solvers_for_large():
     assert resolve_solver("auto", "minor", (64, 64), 4) == "full"
     assert resolve_solver("auto", "minor", (4096, 4096), 32) == "gram"
     assert resolve_solver("auto", "minor", (4096, 11008), 64) == "gram"
+    # SmolLM2's shapes: its 576x576 attention projections get the full SVD (~50 ms, as fast), its MLPs gram
+    assert resolve_solver("auto", "minor", (576, 576), 16) == "full"
+    assert resolve_solver("auto", "minor", (1536, 576), 64) == resolve_solver("auto", "minor", (576, 1536), 16) == "gram"
     assert resolve_solver("auto", "principal", (11008, 4096), 64) == "lowrank"
     assert resolve_solver("auto", "minor", (1024, 1024), 512) == "full"  # rank is a large share of the side
     assert resolve_solver("full64", "minor", (4096, 4096), 32) == "full64"

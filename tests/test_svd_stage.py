@@ -18,12 +18,12 @@ from milora.stages.base import train_tokenizer
 from milora.stages.svd import SKETCH, known_spectrum, solved_values, spectrum_summary
 from tests.project import write_params
 
-WIDE = svd.AUTO_MIN_SIDE  # the smallest side that `auto` solves with `gram` (minor) / `lowrank` (principal)
+WIDE = svd.AUTO_MIN_SQUARE  # the smallest square side that `auto` solves with `gram` (minor) / `lowrank` (principal)
 
 
-def _wide_base(path) -> None:
+def _wide_base(path, side: int = WIDE) -> None:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=WIDE, intermediate_size=2 * WIDE, num_hidden_layers=1,
+    cfg = LlamaConfig(vocab_size=300, hidden_size=side, intermediate_size=2 * side, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
     LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
     train_tokenizer(["a tiny corpus for a tokenizer", "with some words 123"], 300, 64).save_pretrained(path)
@@ -80,7 +80,7 @@ def test_spectrum_summary_is_of_the_base_weights_not_the_residual(tmp_path, meth
     the SVD was of: the principal (PiSSA) or minor (MiLoRA) band's share of the *original* energy."""
     from safetensors.torch import load_file
 
-    _wide_base(tmp_path / "wide-base")
+    _wide_base(tmp_path / "wide-base", side=svd.AUTO_MIN_SIDE)  # the spectrum is known to the stage at this side
     root = tmp_path / "proj"
     root.mkdir()
     write_params(root, {"model.name_or_path": str(tmp_path / "wide-base"), "adapter.method": method,

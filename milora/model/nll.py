@@ -1,20 +1,82 @@
-"""Token-weighted negative log-likelihood: eval loss, perplexity, held-out (forgetting) loss."""
+"""Token-weighted negative log-likelihood: eval loss, perplexity, held-out (forgetting) loss.
+
+Memory: log-probabilities are computed slice by slice, each slice at most `LOGITS_CHUNK_BYTES` of fp32 logits
+(its log-softmax takes as much again), and only at the labelled positions, so no `batch x sequence x
+vocabulary` fp32 tensor is made (at a 32000-token vocabulary, 16 x 256 positions are 0.5 GiB of fp32 logits,
+and their log-softmax another 0.5 GiB). Where the model's logits are its output embeddings applied to its last
+hidden states (checked on every batch: `_forward`), the model computes the logits of one position per row
+and the labelled positions' hidden states go through the head slice by slice; otherwise (a head the model
+does not call as its output-embeddings module, or logits changed after it, e.g. soft-capped) the model's
+own logits are scored slice by slice. The model runs without a KV cache (a forward pass for scores needs
+none; at 32 layers it would be ~2 GiB at 16 x 256 tokens).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from milora.core.errors import InvalidInput
-from milora.model.generate import batches
+from milora.model.generate import batches, output_embeddings
+
+# The most fp32 logits scored at once: a slice of `LOGITS_CHUNK_BYTES // (4 * vocabulary)` positions (512 at a
+# 32000-token vocabulary; one slice for a small model's batch).
+LOGITS_CHUNK_BYTES = 64 * 2**20
 
 
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     n = max(len(s) for s in seqs)
     return torch.tensor([s + [value] * (n - len(s)) for s in seqs])
+
+
+def target_logprobs(logits_of: Callable[[int, int], Tensor], targets: Tensor, vocab: int) -> Tensor:
+    """log p(target) for each of `targets` (n,) in fp32, where `logits_of(s, e)` gives the (e - s, vocab) logits of
+    targets s..e-1; computed in slices of at most `LOGITS_CHUNK_BYTES` of fp32 logits."""
+    n = targets.shape[0]
+    step = max(1, LOGITS_CHUNK_BYTES // (4 * vocab))
+    out = torch.empty(n, dtype=torch.float32, device=targets.device)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        logp = torch.log_softmax(logits_of(s, e).float(), dim=-1)
+        out[s:e] = logp.gather(-1, targets[s:e].unsqueeze(-1)).squeeze(-1)
+        del logp
+    return out
+
+
+def _position_logits(model: nn.Module, ids: Tensor, mask: Tensor) -> tuple[Callable[[Tensor, Tensor], Tensor], int]:
+    """One forward pass: a function from positions (row and column index tensors, n each) to their logits
+    (n, vocabulary), and the vocabulary size.
+
+    A forward pre-hook on the output embeddings (the head) keeps their input, the last hidden states (batch x
+    sequence x hidden), and passes on the last position only. When the model's logits there equal the head's
+    on that input bit for bit (nothing scales or caps them after the head), the positions' logits are the
+    head's on their hidden states; otherwise (or when the model never called its head module) they are read
+    from the model's full logits (a second forward pass when the first computed one position)."""
+    head = output_embeddings(model)
+    kept: list[Tensor] = []
+
+    def keep(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        x = args[0] if args else None
+        if kept or not isinstance(x, Tensor) or x.dim() != 3 or tuple(x.shape[:2]) != tuple(ids.shape):
+            return None
+        kept.append(x)
+        return (x[:, -1:].contiguous(), *args[1:])  # contiguous: a strided 3-d input makes matmul copy the head
+
+    handle = head.register_forward_pre_hook(keep) if head is not None else None
+    try:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    if kept:
+        hidden = kept[0]
+        if logits.shape[:2] == (ids.shape[0], 1) and torch.equal(logits.float(), head(hidden[:, -1:].contiguous()).float()):
+            return (lambda r, c: head(hidden[r, c])), logits.shape[-1]
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return (lambda r, c: logits[r, c]), logits.shape[-1]
 
 
 @torch.no_grad()
@@ -24,11 +86,13 @@ def sequence_nll(model: nn.Module, batch: list[dict[str, list[int]]]) -> torch.T
     ids = _pad([b["input_ids"] for b in batch], 0).to(device)
     mask = _pad([b["attention_mask"] for b in batch], 0).to(device)
     labels = _pad([b["labels"] for b in batch], -100).to(device)
-    logits = model(input_ids=ids, attention_mask=mask).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)
     tgt = labels[:, 1:]
     valid = tgt != -100
-    tok = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    rows, cols = valid.nonzero(as_tuple=True)  # the labelled positions, row by row
+    logits_at, vocab = _position_logits(model, ids, mask)
+    picked = target_logprobs(lambda s, e: logits_at(rows[s:e], cols[s:e]), tgt[rows, cols], vocab)
+    tok = torch.zeros(tgt.shape, dtype=torch.float32, device=device)
+    tok[rows, cols] = picked
     nll = -(tok * valid).sum(-1)
     return torch.stack([nll, valid.sum(-1).float()], dim=-1).cpu()
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from milora.model.generate import batches
+from milora.model.generate import batches, contiguous_head_input
 from milora.model.nll import mean_loss
 from milora.model.prompts import render_chat
 from milora.model.tokenize import encode
@@ -209,8 +209,10 @@ def base_replies(model: nn.Module, tokenizer: Any, instructions: Sequence[str], 
     try:
         for chunk_q, chunk_p in zip(batches(list(instructions), batch_size), batches(prompts, batch_size), strict=True):
             enc = tokenizer(list(chunk_p), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, **sampling)
+            with contiguous_head_input(model):
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                     **sampling)
             for q, p, ids in zip(chunk_q, chunk_p, gen[:, enc["input_ids"].shape[1]:].tolist(), strict=True):
                 ended = tokenizer.eos_token_id in ids
                 ids = ids[: ids.index(tokenizer.eos_token_id)] if ended else ids

@@ -19,7 +19,7 @@ stores. Design notes: docs/svd_solver.md.
 from milora.core.svd.factors import captured_energy, compute_factors, factors
 from milora.core.svd.gram import CERT_TOL, GRAM_TOL
 from milora.core.svd.krylov import GRAM_KEEP
-from milora.core.svd.solvers import AUTO_MAX_RANK_SHARE, AUTO_MIN_SIDE, resolve_solver, solve
+from milora.core.svd.solvers import AUTO_MAX_RANK_SHARE, AUTO_MIN_SIDE, AUTO_MIN_SQUARE, resolve_solver, solve
 from milora.core.svd.types import (
     SOLVER_VERSION,
     SOLVERS,
@@ -31,7 +31,7 @@ from milora.core.svd.types import (
 )
 
 __all__ = [
-    "AUTO_MAX_RANK_SHARE", "AUTO_MIN_SIDE", "CERT_TOL", "GRAM_KEEP", "GRAM_TOL", "SOLVERS", "SOLVER_VERSION",
+    "AUTO_MAX_RANK_SHARE", "AUTO_MIN_SIDE", "AUTO_MIN_SQUARE", "CERT_TOL", "GRAM_KEEP", "GRAM_TOL", "SOLVERS", "SOLVER_VERSION",
     "InitReport", "MatrixReport", "Side", "TripletCache", "Triplets", "captured_energy", "compute_factors",
     "factors", "resolve_solver", "solve",
 ]

@@ -11,10 +11,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from milora.core.svd.linalg import _cholesky, _Exact, _syrk
+from milora.core.svd.linalg import _Exact, _syrk
 from milora.core.svd.types import SEED, Side
 
 REFINE_TOL = 1e-5  # relative residual of the fp64-accurate solves (iterative refinement)
+# Tall minor side: the fp32 Gram's Cholesky while cond(A) (estimated from its factor's diagonal) is below this
+# (eps32 cond^2 ~ 1e-2: its solves still contract), else the QR of A (see `_fast_operator`)
+CHOL_MAX_COND = 400.0
 
 
 @dataclass
@@ -155,8 +158,11 @@ def _lu_operator(A32: Tensor) -> _Operator | None:
 def _fast_operator(A32: Tensor, side: Side) -> _Operator | None:
     """fp32 operator for the tall fp32 `A` (`G = A^T A`): a preconditioner whose result `_certify` checks.
 
-    Minor side, square `A`: LU of `A` itself. Otherwise (or if that LU is singular) the fp32 Gram
-    matrix, with (minor side) its Cholesky factor, shifted by up to 1e-5 of its norm.
+    Minor side, square `A`: LU of `A` itself. Tall `A`: the Cholesky factor of the fp32 Gram matrix
+    (syrk: half a matmul), whose accuracy ~eps32 cond(A)^2 serves while cond(A) is below
+    `CHOL_MAX_COND`; above that (judged from the factor's diagonal: cond(L) = cond(A)), or where the
+    Cholesky fails, the R of an fp32 Householder QR of `A` (`G = R^T R`, accuracy ~eps32 cond(A), never
+    squared; about twice the syrk's time). Principal side: the fp32 Gram matrix.
     """
     M, N = A32.shape
     if side == "minor" and M == N:
@@ -165,9 +171,14 @@ def _fast_operator(A32: Tensor, side: Side) -> _Operator | None:
             return op
     if side == "principal":
         return _chol_operator(_syrk(A32), None, "gram32")
+    return _qr_operator(A32)
 
-    def gram32() -> Tensor:
-        return _syrk(A32, full=False)
 
-    L = _cholesky(gram32(), max_shift=1e-5, remake=gram32)
-    return None if L is None else _chol_operator(None, L, "chol32")
+def _qr_operator(A32: Tensor) -> _Operator | None:
+    """The tall `A`'s fp32 QR as `G = R^T R`: `F = R` and `G^-1 = R^-1 R^-T` by triangular solves; None
+    if `R` is numerically singular (a rank-deficient `A`: the exact path handles it)."""
+    R = torch.linalg.qr(A32, mode="r").R
+    d = R.diagonal().abs()
+    if not float(d.min()) > A32.shape[1] * 1e-7 * float(d.max()):
+        return None
+    return _chol_operator(None, R.T, "qr32")

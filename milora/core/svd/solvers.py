@@ -12,6 +12,9 @@ from milora.core.svd.types import SEED, SOLVERS, Side, Triplets
 # `auto` uses the full SVD below this shorter side, or when the rank is a large share of it
 # (measured crossover on 2 CPU cores: see docs/benchmarks.md, "SVD initialisation").
 AUTO_MIN_SIDE = 384
+# ... and for square matrices below this side: on SmolLM2's 576x576 attention projections (cond 1.5e3-7.7e5)
+# the full SVD takes ~50 ms and `gram` from 0.5x to 2x of it (docs/benchmarks.md, "every spectrum").
+AUTO_MIN_SQUARE = 640
 AUTO_MAX_RANK_SHARE = 0.125
 LOWRANK_NITER = 6
 
@@ -54,7 +57,7 @@ def resolve_solver(solver: str, side: Side, shape: tuple[int, int], rank: int) -
     if solver != "auto":
         return solver
     k = min(shape)
-    if k < AUTO_MIN_SIDE or rank > AUTO_MAX_RANK_SHARE * k:
+    if k < (AUTO_MIN_SQUARE if shape[0] == shape[1] else AUTO_MIN_SIDE) or rank > AUTO_MAX_RANK_SHARE * k:
         return "full"
     return "gram" if side == "minor" else "lowrank"
 
