@@ -215,19 +215,36 @@ SMOL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 REAL_LIKE_KEEP = 128  # bottom singular values of the SmolLM2 spectrum kept as they are (the r-gaps up to r = 64)
 
 
+GGUF_PROJECTIONS = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
+                    "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}
+
+
 @functools.cache
 def smollm2_weights() -> dict[str, torch.Tensor]:
-    """SmolLM2-135M-Instruct's 210 projection matrices (fp32, dequantized from the packaged GGUF), by name."""
-    from milora.model.gguf import load_gguf, resolve_gguf
+    """SmolLM2-135M-Instruct's 210 projection matrices (fp32, dequantized from the packaged GGUF), named
+    `layers.{i}.{q_proj, ...}` (q and k rows in GGUF's rotary order: the same singular values)."""
+    from milora.model.gguf import read_tensors, resolve_gguf
 
-    model = load_gguf(resolve_gguf("smollm2-135m-instruct"))[0]
-    return {name.removesuffix(".weight"): p.detach().to(torch.float32).clone()
-            for name, p in model.named_parameters() if name.endswith("_proj.weight")}
+    out = {}
+    for name, w in read_tensors(resolve_gguf("smollm2-135m-instruct")).items():
+        parts = name.split(".")  # blk.{i}.{kind}.weight
+        if len(parts) == 4 and parts[0] == "blk" and parts[2] in GGUF_PROJECTIONS:
+            out[f"layers.{parts[1]}.{GGUF_PROJECTIONS[parts[2]]}"] = w
+    return out
 
 
 def _cond(W: torch.Tensor) -> float:
     s = torch.linalg.svdvals(W.to(F64))
     return float(s[0] / s[-1])
+
+
+@functools.cache
+def _real_like_source(square: bool):  # noqa: ANN202 - a numpy array
+    """The descending fp64 singular values of SmolLM2's worst-conditioned attention (`square`) or MLP projection."""
+    kinds = ("q_proj", "o_proj") if square else ("gate_proj", "up_proj", "down_proj")
+    spectra = [torch.linalg.svdvals(w.to(F64)) for name, w in smollm2_weights().items()
+               if name.rsplit(".", 1)[-1] in kinds]
+    return max(spectra, key=lambda s: float(s[0] / s[-1])).numpy()
 
 
 def real_like(m: int, n: int, seed: int = 13) -> torch.Tensor:
@@ -241,10 +258,7 @@ def real_like(m: int, n: int, seed: int = 13) -> torch.Tensor:
     """
     import numpy as np
 
-    kinds = ("q_proj", "o_proj") if m == n else ("gate_proj", "up_proj", "down_proj")
-    weights = smollm2_weights()
-    src = max((w for name, w in weights.items() if name.rsplit(".", 1)[-1] in kinds), key=_cond)
-    s0 = torch.linalg.svdvals(src.to(F64)).numpy()  # descending
+    s0 = _real_like_source(m == n)
     keep = REAL_LIKE_KEEP
     top = np.exp(np.interp(np.linspace(0, 1, n - keep), np.linspace(0, 1, s0.size - keep), np.log(s0[:-keep])))
     s = torch.from_numpy(np.concatenate([top, s0[-keep:]]))
@@ -377,6 +391,63 @@ def peft_layer_table(model_dir: Path | None, rank: int, targets: list[str]) -> l
     return rows
 
 
+POWER_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def power_law(m: int, n: int, seed: int) -> torch.Tensor:
+    """An fp32 `m x n` matrix with singular values exactly i^-1 (i = 1..min(m, n)), random orthogonal U, V."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=F64)).Q
+    V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=F64)).Q
+    s = torch.arange(1, k + 1, dtype=F64) ** -1.0
+    return ((U * s) @ V.T).to(torch.float32).contiguous()
+
+
+def power_layer_table(rank: int, targets: list[str], hidden: int = 4096, intermediate: int = 11008) -> list[str]:
+    """One Llama-2-7B-shaped decoder layer (fp32) whose `targets` have singular values exactly i^-1:
+    `milora.init_adapter` (auto) vs PEFT's `init_lora_weights="pissa"` (a full fp32 SVD per matrix), and
+    the MiLoRA init's worst excess over the fp64 reference (singular values of each matrix in fp64)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import milora
+
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=1,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=256)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg).eval()
+    weights = {}
+    for i, (name, mod) in enumerate(sorted(base.named_modules())):
+        if name.rsplit(".", 1)[-1] in targets:
+            mod.weight.data = power_law(*mod.weight.shape, seed=100 + i)
+            weights[name] = mod.weight.data.clone()
+    model = copy.deepcopy(base)
+    acfg = milora.AdapterConfig(method="milora", rank=rank, target_modules=targets, svd_solver="auto")
+    t_milora, pm = best_time(lambda m=model: milora.init_adapter(m, acfg, progress=False), 1)
+    state = pm.milora_state
+    worst = 0.0
+    for name, W in weights.items():
+        key = next(k for k in state.init_factors if k == name or k.endswith("." + name) or name.endswith("." + k))
+        A0, _ = state.init_factors[key]
+        Vh = torch.linalg.qr(A0.to(F64).T).Q.T  # the row space of A0: the minor right singular subspace
+        ref = torch.linalg.svdvals(W.to(F64))
+        exact = float(ref[-rank:].pow(2).sum())
+        worst = max(worst, (svd.captured_energy(W, Vh) - exact) / exact)
+    solvers = sorted({m.solver for m in state.report.matrices})
+    del model, pm
+    model = copy.deepcopy(base)
+    lcfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights="pissa")
+    t_pissa, _ = best_time(lambda: get_peft_model(model, lcfg), 1)
+    rows = [f"| `milora.init_adapter` (`auto`: {', '.join(solvers)}) | {fmt_t(t_milora)} | 1.0x | {worst:.1e} |",
+            f"| PEFT `init_lora_weights=\"pissa\"` (full fp32 SVD) | {fmt_t(t_pissa)} | "
+            f"**{t_pissa / t_milora:.1f}x** | |"]
+    print(*rows, sep="\n", flush=True)
+    return rows
+
+
 def spectra_main(args: argparse.Namespace) -> int:
     """The "every spectrum" section: the spectra table and PEFT's per-layer inits (one round each)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -391,8 +462,10 @@ def spectra_main(args: argparse.Namespace) -> int:
     if args.no_wide:
         shapes = [s for s in shapes if s[0] >= s[1]]
     rows, misses = spectra_table(shapes, ranks, args.kinds.split(","))
+    smol_rows, smol_slower = ([], []) if args.quick else smollm2_table([16, 32, 64], repeats=3)
     targets = args.peft_targets.split(",")
     peft_rows = [] if args.quick else peft_layer_table(args.model_dir, 32, targets)
+    power_rows = [] if args.quick else power_layer_table(32, POWER_TARGETS)
     load1 = os.getloadavg()[0]
     minutes = (time.perf_counter() - t0) / 60
     verdict = ("every row >= 8x at excess <= 1e-3" if not misses else
@@ -404,6 +477,14 @@ Reproduce: `.venv/bin/python benchmarks/svd_init.py --spectra` ({minutes:.1f} mi
 single calls, so each speedup is one ratio of two timings taken seconds apart; the full SVD and the solver
 share whatever load there was). The reference: fp64 singular values of the same fp32 matrix; excess as in
 the section above (V side / U side, bar 1e-3). Result: {verdict}.
+
+The spectra: Marchenko-Pastur (a Gaussian matrix); sigma_i = i^-1 with a Gaussian noise floor; the
+`llama_shaped` q_proj's clustered small end (256 values within 2 %, then a jump); **real-like**: the
+singular values of SmolLM2-135M-Instruct's worst-conditioned attention projection (square shapes; cond
+7.7e5) or MLP projection (the others; cond 34), its smallest {REAL_LIKE_KEEP} kept as they are (so the
+condition number and the gaps at r <= 64 are SmolLM2's: s[n-r-1] / s[n-r] = 1.034 / 1.014 at r = 32 / 64
+square, 1.015 / 1.011 tall) and the rest interpolated in log over the quantiles, with seeded random
+orthogonal U and V.
 
 | spectrum | shape | r | cond | full fp32 SVD | `gram` minor | speedup | excess V / U | path |
 |---|---|---|---|---|---|---|---|---|
@@ -419,6 +500,28 @@ PEFT `pissa` and `mica` run a full fp32 SVD per matrix, as is (a wide `down_proj
 |---|---:|---:|
 {chr(10).join(peft_rows)}
 """
+    if power_rows:
+        text += f"""
+**PEFT's `pissa` on one Llama-2-7B-shaped layer with sigma_i = i^-1** (fp32; {', '.join(POWER_TARGETS)} with
+singular values exactly 1, 1/2, ..., 1/4096 and random orthogonal U, V; r = 32). Excess: the MiLoRA init's
+worst over the {len(POWER_TARGETS)} matrices (V side, against each matrix's fp64 singular values).
+
+| init of the layer's {', '.join(POWER_TARGETS)} | time | vs MiLoRA | excess |
+|---|---:|---:|---:|
+{chr(10).join(power_rows)}
+"""
+    if smol_rows:
+        smol_verdict = ("`auto` was never slower than the full SVD it replaces" if not smol_slower else
+                        f"**`auto` was slower on some matrices in {len(smol_slower)} rows** (the count column)")
+        text += f"""
+**Real weights: SmolLM2-135M-Instruct** (all 30 layers, each projection kind's 30 matrices; fp32, dequantized
+from the packaged GGUF; each matrix the best of 3 calls of the full fp32 SVD and of `auto`, summed over the
+30). `slower`: matrices where `auto` took longer than the full SVD. Result: {smol_verdict}.
+
+| projection | shape | r | cond (min - max) | full fp32 SVD | `auto` | speedup | slower | worst excess | path |
+|---|---|---|---|---|---|---|---|---|---|
+{chr(10).join(smol_rows)}
+"""
     print("\n" + text)
     write_named(args.out, SPECTRA_SECTION, text)
     return 0
@@ -433,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="side-by-side rounds (full SVD, then the fast solvers) per shape; default 3")
     p.add_argument("--spectra", action="store_true",
                    help="only the 'every spectrum' section: MP / power-law / clustered spectra and PEFT's per-layer init")
-    p.add_argument("--kinds", default=",".join(SPECTRA.values()), help="spectra to run: mp, power1, clustered")
+    p.add_argument("--kinds", default=",".join(SPECTRA.values()),
+                   help="spectra to run: mp, power1, clustered, reallike")
     p.add_argument("--no-wide", action="store_true", help="skip the wide orientation (its full SVD is the slowest)")
     p.add_argument("--peft-targets", default=",".join(LAYER_TARGETS),
                    help="the layer's projections PEFT's per-layer inits are timed on (default: all 7)")
@@ -488,13 +592,14 @@ speedup in parentheses is against the faster orientation.
 {header}
 {chr(10).join(rows)}
 
-A harder spectrum (sigma_i = i^-1: cond ~ 10^4, beyond what an fp32 Gram matrix resolves):
+A harder spectrum (sigma_i = i^-1: cond ~ 10^4, beyond what an fp32 Gram matrix resolves; the fp32 QR of
+the tall matrix does not square it):
 
 {header}
 {chr(10).join(hard_rows)}
 
-How `gram` works (path `lu32`: square W; `chol32`: the others): fp32 LU of W, or fp32 Cholesky of
-the Gram matrix of the shorter side; thick-restarted block Krylov on its inverse (each restart keeps
+How `gram` works (path `lu32`: square W; `qr32`: the others): fp32 LU of W, or the R of an fp32
+Householder QR of the tall one of W and W^T (G = R^T R: cond(W) is never squared); thick-restarted block Krylov on its inverse (each restart keeps
 the best {svd.GRAM_KEEP} blocks of Ritz vectors) with an fp32 basis and the Rayleigh-Ritz in fp64,
 stopping at an extrapolated remaining change of the captured energy of {svd.GRAM_TOL:g}; one
 inverse-iteration step on the block (fp32 solve) with a Rayleigh-Ritz on W in fp64, then a residual

@@ -4,7 +4,6 @@ the refused plain-LoRA export, and the combinations that fail in one line."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -59,18 +58,9 @@ def test_step0_error_is_the_residuals_quantization_error_and_reloads_bit_for_bit
 
 def _gguf_weights(names: list[str]) -> dict[str, torch.Tensor]:
     """Real trained weights: SmolLM2-135M-Instruct's tensors, dequantized from the packaged GGUF file."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
+    from milora.model.gguf import read_tensors, resolve_gguf
 
-    from milora.model.gguf import resolve_gguf
-
-    tensors = {t.name: t for t in GGUFReader(str(resolve_gguf("smollm2-135m-instruct"))).tensors}
-    out = {}
-    for name in names:
-        t = tensors[name]
-        shape = [int(x) for x in reversed(t.shape)]  # GGUF lists the fastest axis first
-        out[name] = torch.from_numpy(np.ascontiguousarray(dequantize(t.data, t.tensor_type))).float().reshape(shape)
-    return out
+    return read_tensors(resolve_gguf("smollm2-135m-instruct"), names)
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])

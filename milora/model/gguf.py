@@ -137,6 +137,24 @@ def inspect_gguf(path: Path) -> GgufInfo:
                     len(tensors))
 
 
+def read_tensors(path: Path, names: list[str] | None = None) -> dict[str, Any]:
+    """Tensors of a GGUF file by their GGUF names (all when `names` is None), dequantized to fp32 torch tensors
+    in the usual (out, in) layout, without building a model: for looking at real weights (benchmarks, tests).
+    Llama's q and k rows stay in GGUF's rotary order (a row permutation: the singular values are the same)."""
+    import numpy as np
+    import torch
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
+    out = {}
+    for name in tensors if names is None else names:
+        t = tensors[name]
+        shape = [int(x) for x in reversed(t.shape)]  # GGUF lists the fastest axis first
+        out[name] = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(shape)
+    return out
+
+
 def load_gguf(path: Path, dtype: str = "float32") -> tuple[Any, Any, GgufInfo]:
     """(plain model in eval mode, tokenizer, what the header says) dequantized from the GGUF file, in `dtype`."""
     import torch

@@ -15,9 +15,6 @@ from milora.core.svd.linalg import _Exact, _syrk
 from milora.core.svd.types import SEED, Side
 
 REFINE_TOL = 1e-5  # relative residual of the fp64-accurate solves (iterative refinement)
-# Tall minor side: the fp32 Gram's Cholesky while cond(A) (estimated from its factor's diagonal) is below this
-# (eps32 cond^2 ~ 1e-2: its solves still contract), else the QR of A (see `_fast_operator`)
-CHOL_MAX_COND = 400.0
 
 
 @dataclass
@@ -158,11 +155,11 @@ def _lu_operator(A32: Tensor) -> _Operator | None:
 def _fast_operator(A32: Tensor, side: Side) -> _Operator | None:
     """fp32 operator for the tall fp32 `A` (`G = A^T A`): a preconditioner whose result `_certify` checks.
 
-    Minor side, square `A`: LU of `A` itself. Tall `A`: the Cholesky factor of the fp32 Gram matrix
-    (syrk: half a matmul), whose accuracy ~eps32 cond(A)^2 serves while cond(A) is below
-    `CHOL_MAX_COND`; above that (judged from the factor's diagonal: cond(L) = cond(A)), or where the
-    Cholesky fails, the R of an fp32 Householder QR of `A` (`G = R^T R`, accuracy ~eps32 cond(A), never
-    squared; about twice the syrk's time). Principal side: the fp32 Gram matrix.
+    Minor side: the LU of a square `A` itself, or the R of an fp32 Householder QR of a tall one (also of
+    a square one whose LU is nearly singular): `G = R^T R`, accuracy ~eps32 cond(A), never squared. (The
+    Cholesky factor of the fp32 Gram matrix, used before, costs half as much but its accuracy ~eps32
+    cond(A)^2 fails from cond ~ 10^3: a power-law tall matrix then fell to the fp64 path at 1.1-3x the full
+    SVD's speed; see docs/benchmarks.md, "every spectrum".) Principal side: the fp32 Gram matrix.
     """
     M, N = A32.shape
     if side == "minor" and M == N:
