@@ -85,7 +85,7 @@ def test_gram_minor_matches_fp64_reference(shape, kind, rank):
     info: dict = {}
     t = solve(W, rank, "minor", "gram", info=info)
     check(W, t, rank, "minor")
-    assert info["path"] in {"lu32", "qr32", "krylov64", "dense64"}
+    assert info["path"] in {"lu32", "chol32", "qr32", "krylov64", "dense64"}
     assert t.solver == "gram" and t.spectrum is None
 
 
@@ -108,8 +108,9 @@ def test_principal_solvers(shape, solver):
 
 
 def test_fast_route_paths_are_taken():
-    """Square matrices use the fp32 LU of W; rectangular ones the fp32 QR of the tall one; both certified in fp64."""
-    for shape, path in (((320, 320), "lu32"), ((500, 300), "qr32"), ((300, 500), "qr32")):
+    """Square matrices use the fp32 LU of W; well-conditioned rectangular ones the Cholesky factor of the fp32 Gram
+    matrix (ill-conditioned ones: the next test); all certified in fp64."""
+    for shape, path in (((320, 320), "lu32"), ((500, 300), "chol32"), ((300, 500), "chol32")):
         info: dict = {}
         solve(trained_like(*shape), 8, "minor", "gram", info=info)
         assert info["path"] == path and info["certified_excess"] <= svd.GRAM_TOL, info
@@ -147,8 +148,9 @@ def test_a_singular_gram_matrix_gets_the_smallest_shift_that_factors():
 
 @pytest.mark.parametrize("orientation", ["tall", "wide"])
 def test_an_ill_conditioned_tall_matrix_takes_the_fp32_qr_not_the_exact_path(orientation):
-    """cond(W) = 1e4: an fp32 Gram matrix (cond 1e8) cannot resolve the minor end, the R of an fp32 QR
-    (cond 1e4) can: the fast route certifies it without the fp64 fallback, within the 1e-3 bar."""
+    """cond(W) = 1e4: an fp32 Gram matrix (cond 1e8) cannot resolve the minor end (its Cholesky factor says
+    so: cond ~ 1e4 > CHOL_MAX_COND), the R of an fp32 QR (cond 1e4) can: the fast route certifies it without
+    the fp64 fallback, within the 1e-3 bar."""
     g = torch.Generator().manual_seed(9)
     m, n = 900, 300
     U = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=F64)).Q
@@ -214,7 +216,7 @@ def test_a_failed_fp32_certificate_hands_a_consistent_result_to_the_exact_path(m
     info: dict = {}
     with caplog.at_level(logging.WARNING):
         t = solve(W, 6, "minor", "gram", info=info)
-    assert info["path"] == "krylov64" and info["fallback"] == "qr32"
+    assert info["path"] == "krylov64" and info["fallback"] == "chol32"
     check(W, t, 6, "minor")
 
 

@@ -11,10 +11,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from milora.core.svd.linalg import _Exact, _syrk
+from milora.core.svd.linalg import _Exact, _potrf, _syrk
 from milora.core.svd.types import SEED, Side
 
 REFINE_TOL = 1e-5  # relative residual of the fp64-accurate solves (iterative refinement)
+# Tall minor side: the fp32 Gram's Cholesky factor serves while cond(A) is below this (eps32 cond^2 ~ 1e-2: its
+# solves still contract and its noise stays far below the certificate's bar); above it, the QR of A.
+CHOL_MAX_COND = 400.0
 
 
 @dataclass
@@ -155,11 +158,12 @@ def _lu_operator(A32: Tensor) -> _Operator | None:
 def _fast_operator(A32: Tensor, side: Side) -> _Operator | None:
     """fp32 operator for the tall fp32 `A` (`G = A^T A`): a preconditioner whose result `_certify` checks.
 
-    Minor side: the LU of a square `A` itself, or the R of an fp32 Householder QR of a tall one (also of
-    a square one whose LU is nearly singular): `G = R^T R`, accuracy ~eps32 cond(A), never squared. (The
-    Cholesky factor of the fp32 Gram matrix, used before, costs half as much but its accuracy ~eps32
-    cond(A)^2 fails from cond ~ 10^3: a power-law tall matrix then fell to the fp64 path at 1.1-3x the full
-    SVD's speed; see docs/benchmarks.md, "every spectrum".) Principal side: the fp32 Gram matrix.
+    Minor side: the LU of a square `A` itself. A tall one: the Cholesky factor of its fp32 Gram matrix
+    (syrk: half a matmul), accurate to ~eps32 cond(A)^2, while cond(A) (estimated on the factor) is below
+    `CHOL_MAX_COND`; above that (or where it fails, or the square LU is nearly singular) the R of an fp32
+    Householder QR of `A`: `G = R^T R`, accurate to ~eps32 cond(A), never squared, at about twice the
+    syrk's time (before, a power-law tall matrix fell to the fp64 path at 1.1-3x the full SVD's speed;
+    docs/benchmarks.md, "every spectrum"). Principal side: the fp32 Gram matrix.
     """
     M, N = A32.shape
     if side == "minor" and M == N:
@@ -168,7 +172,30 @@ def _fast_operator(A32: Tensor, side: Side) -> _Operator | None:
             return op
     if side == "principal":
         return _chol_operator(_syrk(A32), None, "gram32")
+    if M > N:
+        L = _potrf(_syrk(A32))
+        if L is not None and _cond_estimate(L) < CHOL_MAX_COND:
+            return _chol_operator(None, L, "chol32")
+        del L
     return _qr_operator(A32)
+
+
+def _cond_estimate(L: Tensor, steps: int = 4) -> float:
+    """cond(L) (= cond(A) for the Cholesky factor of A^T A) from a few power steps on `L L^T` and on its
+    inverse (products and triangular solves with one vector: O(N^2) each). (The factor's diagonal
+    underestimates it by orders of magnitude when the small singular directions are spread over all
+    coordinates, as in a power-law spectrum with random singular vectors.)"""
+    gen = torch.Generator(device="cpu").manual_seed(SEED + 2)
+    x = y = torch.randn(L.shape[0], 1, generator=gen, dtype=L.dtype).to(L.device)
+    big = small = 0.0
+    for _ in range(steps):
+        x = L @ (L.T @ (x / torch.linalg.vector_norm(x)))
+        big = float(torch.linalg.vector_norm(x))
+        z = torch.linalg.solve_triangular(L, y / torch.linalg.vector_norm(y), upper=False)
+        y = torch.linalg.solve_triangular(L.T, z, upper=True)
+        small = float(torch.linalg.vector_norm(y))
+    ratio = big * small  # ~ lambda_max(G) / lambda_min(G) = cond(L)^2
+    return math.sqrt(ratio) if math.isfinite(ratio) else math.inf
 
 
 def _qr_operator(A32: Tensor) -> _Operator | None:
