@@ -598,8 +598,9 @@ the tall matrix does not square it):
 {header}
 {chr(10).join(hard_rows)}
 
-How `gram` works (path `lu32`: square W; `qr32`: the others): fp32 LU of W, or the R of an fp32
-Householder QR of the tall one of W and W^T (G = R^T R: cond(W) is never squared); thick-restarted block Krylov on its inverse (each restart keeps
+How `gram` works (path `lu32`: square W; `chol32`: the others, `qr32` where their cond > 400): fp32 LU
+of W, or the Cholesky factor of the fp32 Gram matrix of the shorter side, or (ill-conditioned) the R of
+an fp32 Householder QR of the tall one of W and W^T (G = R^T R: cond(W) is not squared); thick-restarted block Krylov on its inverse (each restart keeps
 the best {svd.GRAM_KEEP} blocks of Ritz vectors) with an fp32 basis and the Rayleigh-Ritz in fp64,
 stopping at an extrapolated remaining change of the captured energy of {svd.GRAM_TOL:g}; one
 inverse-iteration step on the block (fp32 solve) with a Rayleigh-Ritz on W in fp64, then a residual
