@@ -1,14 +1,15 @@
 """Token-weighted negative log-likelihood: eval loss, perplexity, held-out (forgetting) loss.
 
-Memory: log-probabilities are computed slice by slice, each slice at most `LOGITS_CHUNK_BYTES` of fp32 logits
-(its log-softmax takes as much again), and only at the labelled positions, so no `batch x sequence x
+Memory: log-probabilities are computed at the labelled positions only, in slices of at most
+`LOGITS_CHUNK_BYTES` of fp32 logits (the slice's log-softmax takes as much again), so no `batch x sequence x
 vocabulary` fp32 tensor is made (at a 32000-token vocabulary, 16 x 256 positions are 0.5 GiB of fp32 logits,
-and their log-softmax another 0.5 GiB). Where the model's logits are its output embeddings applied to its last
-hidden states (checked on every batch: `_forward`), the model computes the logits of one position per row
-and the labelled positions' hidden states go through the head slice by slice; otherwise (a head the model
-does not call as its output-embeddings module, or logits changed after it, e.g. soft-capped) the model's
-own logits are scored slice by slice. The model runs without a KV cache (a forward pass for scores needs
-none; at 32 layers it would be ~2 GiB at 16 x 256 tokens).
+and their log-softmax another 0.5 GiB). Where the model's logits are its output embeddings (the head) applied
+to its last hidden states, which is checked on every batch (`_position_logits`), the model itself computes
+the logits of one position per row and the labelled positions' hidden states go through the head slice by
+slice: not even the model's own logits exist in full. Otherwise (the model does not call its head module,
+or changes the logits after it, e.g. soft-capping them) its full logits, in its own dtype, are scored slice
+by slice. The model runs without a KV cache (scoring needs none; Llama-2-7B's would take 2 GiB at 16 x 256
+tokens).
 """
 
 from __future__ import annotations
