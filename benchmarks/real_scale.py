@@ -14,6 +14,14 @@ empty (a cold `svd` stage).
 
 Targets (issue 16): no step's peak RSS above 2.5 x the bf16 model bytes + 1 GiB (at most two copies of the
 base in memory), with `svd_solver: auto`. The table goes to the "Real scale" section of docs/benchmarks.md.
+
+The evaluate step is measured again under the evaluation settings a user sets (issue 26): forgetting on
+held-out text (`data.heldout_text`, a file of long synthetic documents written into the project) with the
+base scored too (`eval.score_base`), generation and option log-likelihood (`eval.choice_mode: both`), at
+`eval.batch_size` 16; and the whole pipeline once more in a second project under the short settings
+`-S data.max_length=64 -S eval.max_examples=4` (with params.yaml's eval.batch_size 16 and max_new_tokens 48),
+its evaluate step also with forgetting and score_base. That project reuses the first one's SVD cache (the
+short settings are no svd params: its svd step is the cold one of the first table).
 """
 
 from __future__ import annotations
@@ -66,6 +74,27 @@ OVERRIDES = {
 }
 QUICK = {"data.embedded.math_rows": 40, "data.embedded.choice_rows": 40, "train.max_steps": 1,
          "train.save_steps": 1, "eval.max_examples": 2, "eval.max_new_tokens": 4}
+# The short settings (issue 26's bar), with params.yaml's evaluation batch and generation budget.
+SHORT = {"data.max_length": 64, "eval.max_examples": 4, "eval.batch_size": 16, "eval.max_new_tokens": 48}
+HELDOUT_FILE = "heldout.txt"  # in the project: held-out documents for the forgetting metric
+HELDOUT_LINES = 48  # 96 windows of <= 256 tokens (6 batches of 16): the memory of a full batch, in minutes
+
+
+def forgetting(root: Path) -> dict[str, object]:
+    """The overrides of an evaluation with forgetting (held-out text) and the base scored on every suite."""
+    return {"data.heldout_text": str(root / HELDOUT_FILE), "eval.score_base": True}
+
+
+def write_heldout(root: Path, documents: int = HELDOUT_LINES) -> Path:
+    """`documents` lines of held-out text, each 8 of the synthetic corpus's documents (~270 tokens of the
+    model's tokenizer): every line fills a 256-token window, as real held-out text does."""
+    from milora.data import synthetic
+
+    _, docs = synthetic.pretraining_corpus(0, 8 * documents, seed=1)
+    docs = [" ".join(d.split()) for d in docs]
+    path = root / HELDOUT_FILE
+    path.write_text("".join(" ".join(docs[i: i + 8]) + "\n" for i in range(0, len(docs), 8)), encoding="utf-8")
+    return path
 
 WRAPPER = """
 import json, resource, subprocess, sys, time
@@ -77,36 +106,42 @@ json.dump({"rc": rc, "seconds": time.perf_counter() - t, "peak_rss_bytes": ru.ru
 """
 
 
-def project(root: Path, model_dir: Path, quick: bool) -> Path:
-    """A project directory with the repository's params.yaml and the run's overrides."""
+def project(root: Path, model_dir: Path, quick: bool, extra: dict | None = None, cache: Path | None = None) -> Path:
+    """A project directory with the repository's params.yaml and the run's overrides (then `extra`), its SVD
+    cache at `cache` (default: in the project), and the held-out text file."""
     from milora.pipeline.config import apply_overrides, validate
 
     root.mkdir(parents=True, exist_ok=True)
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
-    data = apply_overrides(data, {**OVERRIDES, **(QUICK if quick else {}), "model.name_or_path": str(model_dir),
-                                  "svd.cache": str(root / ".svd_cache")})
+    data = apply_overrides(data, {**OVERRIDES, **(QUICK if quick else {}), **(extra or {}),
+                                  "model.name_or_path": str(model_dir), "svd.cache": str(cache or root / ".svd_cache")})
     validate(data)
     (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    write_heldout(root)
     return root
 
 
-def measure(step: str, root: Path, log: Path) -> dict:
-    """Run one step (`milora stage NAME` or `milora register`) in its own process; its wall time and peak RSS."""
+def measure(step: str, root: Path, log: Path, sets: dict | None = None, label: str | None = None) -> dict:
+    """Run one step (`milora stage NAME [-S KEY=VALUE ...]` or `milora register`) in its own process; its wall
+    time and peak RSS."""
     milora = [sys.executable, "-m", "milora.cli"]
     cmd = [*milora, "register"] if step == "register" else [*milora, "stage", step]
-    out = root / f".measure-{step}.json"
+    for key, value in (sets or {}).items():
+        cmd += ["-S", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+    label = label or step
+    out = root / f".measure-{label.replace(' ', '_')}.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
     with open(log, "a") as fh:
-        fh.write(f"\n===== {step}\n")
+        fh.write(f"\n===== {label}: {' '.join(cmd[3:])}\n")
         fh.flush()
         subprocess.run([sys.executable, "-c", WRAPPER, str(out), *cmd], cwd=root, env=env, stdout=fh,
                        stderr=subprocess.STDOUT, check=False)
     result = json.loads(out.read_text())
     if result["rc"] != 0:
-        raise SystemExit(f"{step} failed (exit {result['rc']}): see {log}")
-    print(f"{step:9s} {result['seconds']:7.1f} s  peak RSS {result['peak_rss_bytes'] / GIB:5.2f} GiB", flush=True)
+        raise SystemExit(f"{label} failed (exit {result['rc']}): see {log}")
+    print(f"{label:9s} {result['seconds']:7.1f} s  peak RSS {result['peak_rss_bytes'] / GIB:5.2f} GiB", flush=True)
     return result
 
 
@@ -115,20 +150,36 @@ def load() -> str:
     return f"{one:.1f}"
 
 
-def table(results: dict[str, dict], model_bytes: int, n_params: int, root: Path, loads: list[str],
-          layers: int) -> str:
-    """The markdown section (`results`: step -> its measurement)."""
+def rows_of(results: dict[str, dict], model_bytes: int) -> list[str]:
+    """Markdown table rows of `results` (label -> measurement), against the target."""
     limit = 2.5 * model_bytes + GIB
     rows = ["| step | wall time | peak RSS | peak RSS / model bytes | within 2.5x + 1 GiB |", "|---|---:|---:|---:|---|"]
-    for step, r in results.items():
+    for label, r in results.items():
         rss = r["peak_rss_bytes"]
-        rows.append(f"| {step} | {r['seconds']:.1f} s | {rss / GIB:.2f} GiB | {rss / model_bytes:.2f}x | "
+        rows.append(f"| {label} | {r['seconds']:.1f} s | {rss / GIB:.2f} GiB | {rss / model_bytes:.2f}x | "
                     f"{'yes' if rss <= limit else '**no**'} |")
+    return rows
+
+
+def table(results: dict[str, dict], model_bytes: int, n_params: int, root: Path, loads: list[str],
+          layers: int, short: dict[str, dict] | None = None) -> str:
+    """The markdown section (`results`: step -> its measurement; `short`: the same under `SHORT`)."""
+    limit = 2.5 * model_bytes + GIB
     svd_report = json.loads((root / "reports" / "svd.json").read_text())
     per = svd_report.get("per_matrix", {})
     solvers = sorted({m["solver"] for m in per.values()})
     train = json.loads((root / "reports" / "train.json").read_text()) if (root / "reports" / "train.json").exists() else {}
-    worst = max(results.values(), key=lambda r: r["peak_rss_bytes"])["peak_rss_bytes"]
+    everything = [*results.values(), *(short or {}).values()]
+    worst = max(r["peak_rss_bytes"] for r in everything)
+    short_text = [] if not short else [
+        "",
+        f"The same pipeline in a second project under the short settings ({', '.join(f'`{k}={v}`' for k, v in SHORT.items())}: "
+        f"the {SHORT['data.max_length']}-token window and {SHORT['eval.max_examples']} examples per task, with "
+        f"params.yaml's evaluation batch and generation budget), its svd step on the first project's SVD cache "
+        f"(warm: the short settings are no svd params), and its evaluate step again with forgetting and the base scored:",
+        "",
+        *rows_of(short, model_bytes),
+    ]
     return "\n".join([
         SECTION, "",
         f"Reproduce: `python benchmarks/real_scale.py` (builds the model with `benchmarks/llama_shaped.py` once). "
@@ -142,11 +193,16 @@ def table(results: dict[str, dict], model_bytes: int, n_params: int, root: Path,
         f"q, k, v, o, gate, up, down ({len(per)} matrices, `svd_solver: auto` -> {', '.join(solvers)}), "
         f"a cold SVD cache, {OVERRIDES['train.max_steps']} training steps of {OVERRIDES['train.batch_size']} x "
         f"<= {OVERRIDES['data.max_length']} tokens (fp32 compute on bf16 weights), {OVERRIDES['eval.max_examples']} "
-        f"evaluation examples per task, registration by reference in the embedded MLflow store. "
+        f"evaluation examples per task and {OVERRIDES['eval.batch_size']} per batch, eval.choice_mode "
+        f"`both` (generation and option log-likelihood), registration by reference in the embedded MLflow store. "
         f"Each step in its own process (`milora stage NAME`, `milora register`); peak RSS is the step's "
-        f"process tree high-water mark (`getrusage`), wall time includes the process start and imports.",
+        f"process tree high-water mark (`getrusage`), wall time includes the process start and imports. "
+        f"The last row: the evaluate step again with forgetting on held-out text (`data.heldout_text`, "
+        f"{HELDOUT_LINES} lines of 8 synthetic documents, ~270 tokens each), `eval.score_base: true` and "
+        f"`eval.batch_size: 16`.",
         "",
-        *rows,
+        *rows_of(results, model_bytes),
+        *short_text,
         "",
         f"Target: no step above 2.5 x the model bytes + 1 GiB = {limit / GIB:.2f} GiB; worst step "
         f"{worst / GIB:.2f} GiB ({'met' if worst <= limit else '**not met**'}). SVD init of the "
@@ -162,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("/tmp/milora-real-scale"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-short", action="store_true", help="skip the second project under the short settings")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     a = ap.parse_args(argv)
     model_dir = a.model_dir or Path(f"/tmp/milora-llama2-shaped-{a.layers}l")
@@ -175,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     n_params = index["metadata"]["total_size"] // 2
     import shutil
 
-    shutil.rmtree(a.work, ignore_errors=True)
+    short_root = a.work.with_name(a.work.name + "-short")
+    for work in (a.work, short_root):
+        shutil.rmtree(work, ignore_errors=True)
     root = project(a.work, model_dir, a.quick)
     from milora.core.io import read_json  # noqa: F401 - the package imports (and sets its env) before timing
 
@@ -185,11 +244,20 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for step in STEPS:
         results[step] = measure(step, root, log)
+    results["evaluate + forgetting, score_base, batch 16"] = measure(
+        "evaluate", root, log, {**forgetting(root), "eval.batch_size": 16}, "evaluate+forgetting")
+    short: dict[str, dict] = {}
+    if not a.no_short:
+        sroot = project(short_root, model_dir, a.quick, SHORT, cache=root / ".svd_cache")
+        for step in STEPS:
+            short[step] = measure(step, sroot, log, label=f"short {step}")
+        short["evaluate + forgetting, score_base"] = measure("evaluate", sroot, log, forgetting(sroot),
+                                                             "short evaluate+forgetting")
     loads.append(load())
     print(f"total {time.perf_counter() - t0:.0f} s; log: {log}")
-    text = table(results, model_bytes, n_params, root, loads, a.layers)
-    (a.work / "results.json").write_text(json.dumps({"steps": results, "load": loads, "layers": a.layers,
-                                                        "model_bytes": model_bytes}, indent=2) + "\n")
+    text = table(results, model_bytes, n_params, root, loads, a.layers, short)
+    (a.work / "results.json").write_text(json.dumps({"steps": results, "short": short, "load": loads,
+                                                        "layers": a.layers, "model_bytes": model_bytes}, indent=2) + "\n")
     if not a.quick:
         write_section(a.out, SECTION, text)
         print(f"wrote the '{SECTION[3:]}' section of {a.out}")
