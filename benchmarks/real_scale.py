@@ -150,6 +150,16 @@ def load() -> str:
     return f"{one:.1f}"
 
 
+def facts(root: Path, stage: str) -> dict:
+    """A stage's run facts (timings/STAGE.json, where the timings went; reports/STAGE.json before that)."""
+    out: dict = {}
+    for folder in ("reports", "timings"):
+        path = root / folder / f"{stage}.json"
+        if path.exists():
+            out.update(json.loads(path.read_text()))
+    return out
+
+
 def rows_of(results: dict[str, dict], model_bytes: int) -> list[str]:
     """Markdown table rows of `results` (label -> measurement), against the target."""
     limit = 2.5 * model_bytes + GIB
@@ -168,7 +178,8 @@ def table(results: dict[str, dict], model_bytes: int, n_params: int, root: Path,
     svd_report = json.loads((root / "reports" / "svd.json").read_text())
     per = svd_report.get("per_matrix", {})
     solvers = sorted({m["solver"] for m in per.values()})
-    train = json.loads((root / "reports" / "train.json").read_text()) if (root / "reports" / "train.json").exists() else {}
+    train = facts(root, "train")
+    init_seconds = facts(root, "svd").get("init_seconds", 0)
     everything = [*results.values(), *(short or {}).values()]
     worst = max(r["peak_rss_bytes"] for r in everything)
     short_text = [] if not short else [
@@ -206,7 +217,7 @@ def table(results: dict[str, dict], model_bytes: int, n_params: int, root: Path,
         "",
         f"Target: no step above 2.5 x the model bytes + 1 GiB = {limit / GIB:.2f} GiB; worst step "
         f"{worst / GIB:.2f} GiB ({'met' if worst <= limit else '**not met**'}). SVD init of the "
-        f"{len(per)} matrices: {svd_report.get('init_seconds', 0):.1f} s inside the svd step"
+        f"{len(per)} matrices: {init_seconds:.1f} s inside the svd step"
         + (f"; training {train['train_seconds']:.1f} s" if "train_seconds" in train else "") + ".",
         "",
     ])
