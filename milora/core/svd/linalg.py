@@ -59,8 +59,11 @@ def _small_blas(n: int) -> contextlib.AbstractContextManager:
     return _one_blas_thread() if n <= 1024 else contextlib.nullcontext()
 
 
-def _syrk(A: Tensor) -> Tensor:
-    """`A^T A` for a tall `A`: BLAS syrk on CPU (half a matmul's work)."""
+def _syrk(A: Tensor, full: bool = True) -> Tensor:
+    """`A^T A` for a tall `A`: BLAS syrk on CPU (half a matmul's work).
+
+    `full=False` skips mirroring the lower triangle into the upper one (all a Cholesky needs).
+    """
     sp = _scipy_linalg() if A.device.type == "cpu" and A.dtype in (torch.float32, torch.float64) else None
     if sp is None:
         return A.T @ A
@@ -70,21 +73,26 @@ def _syrk(A: Tensor) -> Tensor:
     with _small_blas(A.shape[1]):
         c = syrk(1.0, a.T, trans=0, lower=1) if a.flags.c_contiguous else syrk(1.0, a, trans=1, lower=1)
     G = torch.from_numpy(c)  # column-major, lower triangle filled
-    return torch.tril(G) + torch.tril(G, -1).T
+    return torch.tril(G) + torch.tril(G, -1).T if full else G
 
 
-def _potrf(G: Tensor) -> Tensor | None:
-    """Lower Cholesky factor of the SPD `G` (only its lower triangle is read), or None if not (numerically) SPD."""
+def _potrf(G: Tensor, overwrite: bool = False) -> Tensor | None:
+    """Lower Cholesky factor of the SPD `G` (only its lower triangle is read), or None if not (numerically) SPD.
+
+    `overwrite`: factor in `G`'s own storage (LAPACK's in-place potrf), which `G` then no longer holds,
+    whether or not it succeeded: no second matrix of its size (for N = 4096, 64 MB of fresh memory,
+    which on this VM costs more to fault in than the copy itself).
+    """
     sp = _scipy_linalg() if G.device.type == "cpu" else None
     if sp is not None:  # OpenBLAS potrf is ~2x faster than torch's here
         potrf = sp.lapack.spotrf if G.dtype == torch.float32 else sp.lapack.dpotrf
         g = G.numpy()
         with _small_blas(G.shape[0]):
             if g.flags.f_contiguous:
-                c, info = potrf(g, lower=1, clean=1)
+                c, info = potrf(g, lower=1, clean=1, overwrite_a=int(overwrite))
                 return torch.from_numpy(c) if info == 0 else None
             # row-major: its transpose is column-major, and its upper triangle our lower one
-            c, info = potrf(g.T, lower=0, clean=1)
+            c, info = potrf(g.T, lower=0, clean=1, overwrite_a=int(overwrite))
         return torch.from_numpy(c).T if info == 0 else None
     L, info = torch.linalg.cholesky_ex(G)
     return L if int(info) == 0 else None

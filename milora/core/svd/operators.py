@@ -173,7 +173,7 @@ def _fast_operator(A32: Tensor, side: Side) -> _Operator | None:
     if side == "principal":
         return _chol_operator(_syrk(A32), None, "gram32")
     if M > N:
-        L = _potrf(_syrk(A32))
+        L = _potrf(_syrk(A32, full=False), overwrite=True)  # in place: no second N x N matrix
         if L is not None and _cond_estimate(L) < CHOL_MAX_COND:
             return _chol_operator(None, L, "chol32")
         del L

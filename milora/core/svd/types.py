@@ -10,7 +10,7 @@ from torch import Tensor
 
 from milora.core.schema import SOLVERS, Side  # noqa: F401 - the engine's names for the one schema's lists
 
-SOLVER_VERSION = 10  # bump when a solver's output for the same input changes: old cache entries then miss
+SOLVER_VERSION = 11  # bump when a solver's output for the same input changes: old cache entries then miss
 SEED = 0x5EED  # the solvers' private generators: deterministic, and the global RNG is left alone
 
 
