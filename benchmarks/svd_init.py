@@ -233,11 +233,6 @@ def smollm2_weights() -> dict[str, torch.Tensor]:
     return out
 
 
-def _cond(W: torch.Tensor) -> float:
-    s = torch.linalg.svdvals(W.to(F64))
-    return float(s[0] / s[-1])
-
-
 @functools.cache
 def _real_like_source(square: bool):  # noqa: ANN202 - a numpy array
     """The descending fp64 singular values of SmolLM2's worst-conditioned attention (`square`) or MLP projection."""
@@ -261,10 +256,15 @@ def real_like(m: int, n: int, seed: int = 13) -> torch.Tensor:
     s0 = _real_like_source(m == n)
     keep = REAL_LIKE_KEEP
     top = np.exp(np.interp(np.linspace(0, 1, n - keep), np.linspace(0, 1, s0.size - keep), np.log(s0[:-keep])))
-    s = torch.from_numpy(np.concatenate([top, s0[-keep:]]))
+    return with_spectrum(m, n, torch.from_numpy(np.concatenate([top, s0[-keep:]])), seed)
+
+
+def with_spectrum(m: int, n: int, s: torch.Tensor, seed: int) -> torch.Tensor:
+    """An fp32 `m x n` matrix `U diag(s) V^T` (`s`: min(m, n) values, fp64) with seeded random orthogonal U, V."""
     g = torch.Generator().manual_seed(seed)
-    U = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=F64)).Q
-    V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64)).Q
+    k = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=F64)).Q
+    V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=F64)).Q
     return ((U * s) @ V.T).to(torch.float32).contiguous()
 
 
@@ -290,8 +290,8 @@ def smollm2_table(ranks: list[int], repeats: int) -> tuple[list[str], list[str]]
     rows, slower_rows = [], []
     for kind in SMOL_PROJECTIONS:
         mats = [w for name, w in weights.items() if name.endswith(kind)]
-        conds = [_cond(w) for w in mats]
         refs = [torch.linalg.svdvals(w.to(F64)) for w in mats]
+        conds = [float(ref[0] / ref[-1]) for ref in refs]
         m, n = mats[0].shape
         for r in ranks:
             if svd.resolve_solver("auto", "minor", (m, n), r) == "full":
@@ -396,12 +396,7 @@ POWER_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 def power_law(m: int, n: int, seed: int) -> torch.Tensor:
     """An fp32 `m x n` matrix with singular values exactly i^-1 (i = 1..min(m, n)), random orthogonal U, V."""
-    g = torch.Generator().manual_seed(seed)
-    k = min(m, n)
-    U = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=F64)).Q
-    V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=F64)).Q
-    s = torch.arange(1, k + 1, dtype=F64) ** -1.0
-    return ((U * s) @ V.T).to(torch.float32).contiguous()
+    return with_spectrum(m, n, torch.arange(1, min(m, n) + 1, dtype=F64) ** -1.0, seed)
 
 
 def power_layer_table(rank: int, targets: list[str], hidden: int = 4096, intermediate: int = 11008) -> list[str]:
