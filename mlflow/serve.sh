@@ -14,6 +14,11 @@
 #                                  written by the server with boto3 (AWS_* credentials or an AWS profile;
 #                                  MLFLOW_S3_ENDPOINT_URL for an S3-compatible store such as MinIO)
 #   MLFLOW_WORKERS                 server worker processes (default 2)
+#   MLFLOW_SERVER_ENABLE_JOB_EXECUTION
+#                                  MLflow's job runner (huey consumers for its GenAI jobs: scorers, trace
+#                                  rollups); default false here: the pipeline starts no MLflow jobs, and the
+#                                  runner is 8 more processes (~15 s of CPU at start, ~0.4 GiB). Set true if
+#                                  other MLflow users of this server need it.
 #
 # Credentials are taken from the environment by boto3 and never printed.
 set -euo pipefail
@@ -51,6 +56,7 @@ esac
 echo "mlflow/serve.sh: backend ${BACKEND}; serving on http://${HOST}:${PORT}" >&2
 
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="${MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR:-false}"
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 exec "${MLFLOW}" server \
   --host "${HOST}" --port "${PORT}" --workers "${WORKERS}" \
   --backend-store-uri "${BACKEND}" \

@@ -109,9 +109,25 @@ def test_base_stage_exits_2_with_one_line_for_a_corrupt_gguf(tmp_path):
 def test_the_loaded_model_is_complete_and_answers():
     """`load_gguf`'s model has no tensor left on the meta device (the rotary embedding's non-persistent inv_freq
     included) and generates: the capital of France."""
+    import gguf as gguf_package
     import torch
 
-    model, tokenizer, _ = gguf.load_gguf(gguf.resolve_gguf("smollm2-135m-instruct"))
+    real = gguf_package.GGUFReader
+    parses = []
+
+    class Counted(real):
+        def __init__(self, *args, **kwargs):
+            parses.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    gguf_package.GGUFReader = Counted
+    try:
+        model, tokenizer, _ = gguf.load_gguf(gguf.resolve_gguf("smollm2-135m-instruct"))
+        # The header is parsed once (inspect_gguf, config, tokenizer and weights share it), and gguf's own reader
+        # is back in place afterwards.
+        assert len(parses) == 1 and gguf_package.GGUFReader is Counted
+    finally:
+        gguf_package.GGUFReader = real
     assert not [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                          tokenize=False, add_generation_prompt=True)

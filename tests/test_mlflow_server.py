@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 
 import pytest
 
@@ -76,6 +77,10 @@ def test_run_is_logged_with_artifacts_in_s3(project, mlflow_server):
                    "lineage/dvc.lock", "eval/predictions.jsonl", "metrics/eval.json"):
         assert any(k.endswith(suffix) for k in keys), suffix
     assert not (project.root / "mlflow").exists()  # nothing went to the embedded store
+    # serve.sh leaves MLflow's job runner off (the pipeline starts no MLflow jobs): no huey consumer processes.
+    group = subprocess.run(["ps", "-o", "args=", "-s", str(mlflow_server.process.proc.pid)], capture_output=True,
+                           text=True).stdout
+    assert "mlflow server" in group and "huey" not in group and "_job_runner" not in group, group
 
 
 def test_champion_loads_in_a_fresh_process_and_generates(project, mlflow_server, tmp_path):
