@@ -45,9 +45,9 @@ SMALL = {
     "eval.max_examples": 4,
     "eval.batch_size": 4,
     "eval.suites": [
-        {"name": "learning", "source": "embedded", "format": "qa", "max_examples": 6},
+        {"name": "learning", "source": "embedded", "format": "qa", "max_examples": 4},
         {"name": "general_knowledge", "source": "data/probes/general_knowledge.jsonl", "format": "qa",
-         "max_examples": 6},
+         "max_examples": 4},
     ],
     "register.log_merged": True,
 }
@@ -96,7 +96,7 @@ def test_gguf_base_identity_and_byte_identical_rerun(project):
 def test_evaluate_reports_learning_retention_and_forgetting(project):
     report = read_json(project.report("eval"))
     learning, probe = report["suites"]["learning"], report["suites"]["general_knowledge"]
-    assert learning["n"] == 6 and probe["n"] == 6
+    assert learning["n"] == 4 and probe["n"] == 4
     for s in (learning, probe):
         assert 0 <= s["accuracy"] <= 1 and 0 <= s["base_accuracy"] <= 1
     assert report["retention"] == probe["retained"]
