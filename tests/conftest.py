@@ -24,11 +24,11 @@ from tests.prefect_fixtures import prefect_api, prefect_env, prefect_server  # n
 
 # The test files that take longest run first: `make test` hands whole files to its xdist processes in collection
 # order (`--dist loadfile`), so in alphabetical order test_workers.py would start last and run alone at the end.
-# Longest first (seconds each file's tests took in a clean-clone `make test`, 3 processes on 2 cores: flow 458,
-# real_model 306, dvc 280, workers 244, stages 146, mlflow_server 134, benchmarks 99, evaluation 90, lab 72,
-# distributed_init 45; all 698 tests 2042; quantization ~75 alone), the short files fill in around them.
-LONGEST_FIRST = ("test_flow.py", "test_real_model.py", "test_dvc.py", "test_workers.py", "test_stages.py",
-                 "test_mlflow_server.py", "test_benchmarks.py", "test_evaluation.py", "test_quantization.py",
+# Longest first (seconds each file's tests took in a clean-clone `make test`, 2 processes on 2 cores: flow 380,
+# workers 216, real_model ~200, dvc 170, stages 138, mlflow_server ~105, benchmarks 86, quantization 66,
+# evaluation 56, lab 46, distributed_init 17; all 728 tests ~1,600), the short files fill in around them.
+LONGEST_FIRST = ("test_flow.py", "test_workers.py", "test_real_model.py", "test_dvc.py", "test_stages.py",
+                 "test_mlflow_server.py", "test_benchmarks.py", "test_quantization.py", "test_evaluation.py",
                  "test_lab.py", "test_distributed_init.py")
 
 
