@@ -203,3 +203,25 @@ def test_milora_run_with_nf4_registers_a_quantized_version_that_serves_as_evalua
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     assert json.loads(p.stdout.strip().splitlines()[-1]) == [r["prediction"] for r in expected]
+
+
+@pytest.mark.parametrize(("quantization", "loaded"), [("none", False), ("nf4", True)])
+def test_a_stage_process_loads_bitsandbytes_only_when_the_run_quantizes(quantization, loaded, tmp_path):
+    """`milora stage` and `milora register` leave bitsandbytes out of a run that quantizes nothing (PEFT would
+    import it, ~0.85 s and a warning per process): PEFT and transformers then see it as not installed. A run that
+    quantizes imports it as before."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys\nfrom milora.cli.stage import leave_out_bitsandbytes\n"
+            f"leave_out_bitsandbytes({str(root / 'params.yaml')!r}, {{'adapter.quantization': {quantization!r}}})\n"
+            "import peft, transformers.utils.import_utils as iu\n"
+            "print(sys.modules.get('bitsandbytes') is not None, iu.is_bitsandbytes_available(), "
+            "peft.import_utils.is_bnb_available())\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split() == [str(loaded)] * 3, p.stdout
+    if not loaded:  # nor bitsandbytes' import-time warning (on CPUs without the `kernels` package)
+        assert "bitsandbytes" not in p.stderr, p.stderr[-3000:]

@@ -24,12 +24,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Entry point of `milora register`: registers, writes metrics/register.json and the step's structured
     result (`.milora/results/register.json`, the decision under `data`), prints the decision as one JSON line."""
+    from milora.cli.stage import leave_out_bitsandbytes
+
+    overrides = parse_sets(args.set)
+    leave_out_bitsandbytes(args.params, overrides)
     # imported here, not at the top: MLflow takes seconds to import, and `milora --help` imports every command
     from milora.tracking.registration import register_stage
 
     paths = Paths(Path(args.root))
     with recorded(REGISTER, paths.root) as result:
-        reg = register_stage(load_config(args.params, parse_sets(args.set)), paths)
+        reg = register_stage(load_config(args.params, overrides), paths)
         result.metrics = paths.metrics("register").relative_to(paths.root).as_posix()
         result.data = reg.to_dict()
     print(json.dumps(reg.to_dict(), sort_keys=True))
