@@ -205,6 +205,7 @@ def test_milora_run_with_nf4_registers_a_quantized_version_that_serves_as_evalua
     assert json.loads(p.stdout.strip().splitlines()[-1]) == [r["prediction"] for r in expected]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("quantization", "loaded"), [("none", False), ("nf4", True)])
 def test_a_stage_process_loads_bitsandbytes_only_when_the_run_quantizes(quantization, loaded, tmp_path):
     """`milora stage` and `milora register` leave bitsandbytes out of a run that quantizes nothing (PEFT would
