@@ -71,3 +71,18 @@ def test_quantization_quick(tmp_path):
         assert row in text
     assert "QPiSSA below QLoRA on" in text and "Mean per-token KL(full || quantized)" in text
     assert "| control: QLoRA of W + Gaussian noise (0.3% of ‖W‖) |" in text
+
+
+@pytest.mark.slow
+def test_suite_profile_sums_the_cpu_of_every_process_by_kind_and_by_test(tmp_path):
+    """benchmarks/suite_profile.py on one test that starts a `python -c` subprocess: both the pytest process and
+    that subprocess log, and the subprocess counts for its test."""
+    out = tmp_path / "profile.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "suite_profile.py"), "--workers", "1", "--out", str(out),
+                    "--", "tests/test_config.py::test_loading_params_does_not_import_prefect"],
+                   check=True, capture_output=True, text=True, timeout=600)
+    text = out.read_text()
+    assert "## Test suite CPU by process" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+    assert "pytest (controller, xdist workers)" in rows and "python -c" in rows
+    assert "tests/test_config.py::test_loading_params_does_not_import_prefect" in rows
