@@ -93,8 +93,7 @@ def summarize(records: list[dict], seconds: float, limit: int = 25) -> str:
         "bound: processes ended by a signal do not log). A process started by a test's fixture counts for that "
         "test, a server's for the test that started it.",
         table("By kind of process", by_kind, total, limit),
-        table("By test (its subprocesses; the pytest process itself not included)",
-              {k: v for k, v in by_test.items()}, total, limit),
+        table("By test (its subprocesses; the pytest process itself not included)", by_test, total, limit),
     ]) + "\n"
 
 

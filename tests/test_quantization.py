@@ -216,7 +216,7 @@ def test_a_stage_process_loads_bitsandbytes_only_when_the_run_quantizes(quantiza
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    code = ("import sys\nfrom milora.cli.stage import leave_out_bitsandbytes\n"
+    code = ("import sys\nfrom milora.cli import leave_out_bitsandbytes\n"
             f"leave_out_bitsandbytes({str(root / 'params.yaml')!r}, {{'adapter.quantization': {quantization!r}}})\n"
             "import peft, transformers.utils.import_utils as iu\n"
             "print(sys.modules.get('bitsandbytes') is not None, iu.is_bitsandbytes_available(), "

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from milora.cli import leave_out_bitsandbytes
 from milora.pipeline.config import load_config, parse_sets
 from milora.pipeline.paths import Paths
 from milora.pipeline.results import recorded
@@ -24,8 +25,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Entry point of `milora register`: registers, writes metrics/register.json and the step's structured
     result (`.milora/results/register.json`, the decision under `data`), prints the decision as one JSON line."""
-    from milora.cli.stage import leave_out_bitsandbytes
-
     overrides = parse_sets(args.set)
     leave_out_bitsandbytes(args.params, overrides)
     # imported here, not at the top: MLflow takes seconds to import, and `milora --help` imports every command
