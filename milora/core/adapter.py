@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,15 @@ from milora.core.io import atomic_dir, dump_json
 from milora.core.schema import AdapterConfig
 
 log = logging.getLogger(__name__)
+
+# Two warnings PEFT raises from its own code in every process that builds or saves a PeftModel (each stage, each
+# checkpoint), about nothing the user or this package can change: PEFT still calls transformers' deprecated
+# `is_gradient_checkpointing`, and in offline mode it cannot look a base's name up on the Hub to tell whether the
+# vocabulary was resized (adapters here never target the embeddings). Only these exact messages are silenced.
+PEFT_NOISE = ((r"`is_gradient_checkpointing` is deprecated", FutureWarning),
+              (r"Could not find a config file in .* - will assume that the vocabulary was not modified", UserWarning))
+for _message, _category in PEFT_NOISE:
+    warnings.filterwarnings("ignore", message=_message, category=_category)
 
 ADAPTER_NAME = "default"
 STATE_FILE = "milora.json"
