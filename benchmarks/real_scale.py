@@ -35,8 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -109,14 +107,14 @@ json.dump({"rc": rc, "seconds": time.perf_counter() - t, "peak_rss_bytes": ru.ru
 def project(root: Path, model_dir: Path, quick: bool, extra: dict | None = None, cache: Path | None = None) -> Path:
     """A project directory with the repository's params.yaml and the run's overrides (then `extra`), its SVD
     cache at `cache` (default: in the project), and the held-out text file."""
-    from milora.pipeline.config import apply_overrides, validate
+    from milora.pipeline.config import apply_overrides, dump_params, read_params, validate
 
     root.mkdir(parents=True, exist_ok=True)
-    data = yaml.safe_load((ROOT / "params.yaml").read_text())
-    data = apply_overrides(data, {**OVERRIDES, **(QUICK if quick else {}), **(extra or {}),
-                                  "model.name_or_path": str(model_dir), "svd.cache": str(cache or root / ".svd_cache")})
+    data = apply_overrides(read_params(ROOT / "params.yaml"),
+                           {**OVERRIDES, **(QUICK if quick else {}), **(extra or {}),
+                            "model.name_or_path": str(model_dir), "svd.cache": str(cache or root / ".svd_cache")})
     validate(data)
-    (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    (root / "params.yaml").write_text(dump_params(data))
     write_heldout(root)
     return root
 
@@ -160,9 +158,14 @@ def facts(root: Path, stage: str) -> dict:
     return out
 
 
+def limit_of(model_bytes: int) -> float:
+    """The target: no step's peak RSS above 2.5 x the bf16 model bytes + 1 GiB."""
+    return 2.5 * model_bytes + GIB
+
+
 def rows_of(results: dict[str, dict], model_bytes: int) -> list[str]:
     """Markdown table rows of `results` (label -> measurement), against the target."""
-    limit = 2.5 * model_bytes + GIB
+    limit = limit_of(model_bytes)
     rows = ["| step | wall time | peak RSS | peak RSS / model bytes | within 2.5x + 1 GiB |", "|---|---:|---:|---:|---|"]
     for label, r in results.items():
         rss = r["peak_rss_bytes"]
@@ -174,7 +177,7 @@ def rows_of(results: dict[str, dict], model_bytes: int) -> list[str]:
 def table(results: dict[str, dict], model_bytes: int, n_params: int, root: Path, loads: list[str],
           layers: int, short: dict[str, dict] | None = None) -> str:
     """The markdown section (`results`: step -> its measurement; `short`: the same under `SHORT`)."""
-    limit = 2.5 * model_bytes + GIB
+    limit = limit_of(model_bytes)
     svd_report = json.loads((root / "reports" / "svd.json").read_text())
     per = svd_report.get("per_matrix", {})
     solvers = sorted({m["solver"] for m in per.values()})
