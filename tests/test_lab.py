@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from milora.cli.compare import (
@@ -25,7 +26,7 @@ from milora.cli.compare import (
 )
 from milora.core.errors import InvalidInput
 from milora.data import lab
-from milora.evaluation.stats import paired_bootstrap, t_interval
+from milora.evaluation.stats import paired_t, t_interval, two_level_bootstrap, wilson
 from milora.pipeline.config import load_config
 from milora.stages.ingest import materialise
 
@@ -166,28 +167,68 @@ def test_t_interval_known_mean_std_and_width():
     assert math.isnan(t_interval([0.7]).ci_low)
 
 
-def test_paired_bootstrap_constant_difference_has_a_zero_width_interval():
+def test_two_level_bootstrap_constant_difference_has_a_zero_width_interval():
     """The examples vary a lot, their differences not at all: only a paired resampling gives zero width."""
     b = [[0.1, 0.4, 0.2, 0.9], [0.3, 0.3, 0.8, 0.0], [0.5, 0.6, 0.1, 0.2]]
     a = [[x + 0.25 for x in row] for row in b]
-    d = paired_bootstrap(a, b, n_boot=500)
+    d = two_level_bootstrap(a, b, n_boot=500)
     assert d.estimate == pytest.approx(0.25) and d.ci_low == pytest.approx(0.25) and d.ci_high == pytest.approx(0.25)
     assert d.significant
-    same = paired_bootstrap(b, b, n_boot=500)
+    same = two_level_bootstrap(b, b, n_boot=500)
     assert (same.estimate, same.ci_low, same.ci_high, same.significant) == (0.0, 0.0, 0.0, False)
 
 
-def test_paired_bootstrap_is_seeded():
+def test_two_level_bootstrap_is_seeded():
     a = [[1, 0, 1, 1, 0, 1, 0, 1] * 5] * 3
     b = [[1, 1, 0, 1, 0, 0, 1, 1] * 5] * 3
-    d1 = paired_bootstrap(a, b, seed=7)
-    assert d1 == paired_bootstrap(a, b, seed=7)
+    d1 = two_level_bootstrap(a, b, seed=7)
+    assert d1 == two_level_bootstrap(a, b, seed=7)
     assert d1.estimate == 0.0 and d1.ci_low < 0 < d1.ci_high and not d1.significant
     x = [[(7 * i + 3 * j) % 11 / 10 for j in range(30)] for i in range(3)]
     y = [[(5 * i + 2 * j) % 13 / 10 for j in range(30)] for i in range(3)]
-    assert paired_bootstrap(x, y, n_boot=300, seed=1) != paired_bootstrap(x, y, n_boot=300, seed=2)
+    assert two_level_bootstrap(x, y, n_boot=300, seed=1) != two_level_bootstrap(x, y, n_boot=300, seed=2)
     with pytest.raises(ValueError):
-        paired_bootstrap([[1, 0]], [[1, 0, 1]])
+        two_level_bootstrap([[1, 0]], [[1, 0, 1]])
+
+
+def test_wilson_interval_of_a_proportion():
+    low, high = wilson(61, 68)  # the issue's example: 61/68 is not "0.897 ± 0"
+    assert (round(low, 2), round(high, 2)) == (0.80, 0.95)
+    assert wilson(0, 48)[0] == pytest.approx(0.0, abs=1e-12) and round(wilson(0, 48)[1], 3) == 0.074  # the README's base: 0/48
+    assert wilson(10, 10)[1] == pytest.approx(1.0) and wilson(10, 10)[0] < 0.75
+    with pytest.raises(ValueError):
+        wilson(0, 0)
+
+
+def test_a_95_interval_over_3_seeds_covers_95_percent_and_min_max_would_not():
+    """Three seeds, 4,000 simulated experiments with a known mean difference: the paired-t interval covers it
+    ~95 % of the time. The min-max of the three differences (what a percentile bootstrap of a 3 x 1 table is)
+    covers it ~75 % of the time: an interval passed off as 95 % that this test would catch."""
+    rng = np.random.default_rng(0)
+    true_diff, sims = 0.05, 4000
+    a = rng.normal(0.60 + true_diff, 0.04, (sims, 3))
+    b = rng.normal(0.60, 0.04, (sims, 3))
+    covered = [paired_t(x, y).ci_low <= true_diff <= paired_t(x, y).ci_high for x, y in zip(a, b, strict=True)]
+    assert 0.935 <= np.mean(covered) <= 0.965
+    d = a - b
+    min_max = (d.min(axis=1) <= true_diff) & (true_diff <= d.max(axis=1))
+    assert 0.70 <= min_max.mean() <= 0.80  # 1 - 2 / 2^3
+    bootstrap = two_level_bootstrap(a[:1].T, b[:1].T, n_boot=2000)  # 3 seeds x 1 value: the min-max
+    assert (bootstrap.ci_low, bootstrap.ci_high) == pytest.approx((d[0].min(), d[0].max()))
+    one = paired_t([0.7], [0.6])
+    assert one.estimate == pytest.approx(0.1) and math.isnan(one.ci_low) and not one.significant
+
+
+def test_two_level_bootstrap_resamples_examples_within_each_seed():
+    """Identical seeds (no seed spread) still get the examples' width; the joint resampling of the same example
+    columns for every seed gave the same, but two seeds with different examples right would not."""
+    a = [[1, 0] * 20, [0, 1] * 20]  # each seed: half right, not the same half
+    b = [[0] * 40, [0] * 40]
+    d = two_level_bootstrap(a, b, n_boot=2000)
+    assert d.estimate == 0.5 and d.method == "two-level bootstrap"
+    assert 0.3 < d.ci_low < 0.5 < d.ci_high < 0.7
+    with pytest.raises(ValueError):
+        paired_t([0.1, 0.2], [0.1])
 
 
 def test_lab_statistics_pairs_methods_by_seed():
@@ -201,10 +242,16 @@ def test_lab_statistics_pairs_methods_by_seed():
     out = lab_statistics(final, "milora", n_boot=200)
     d = out["differences"]["lora"]
     assert d["knowledge"]["estimate"] == 1.0 and d["knowledge"]["significant"]
-    assert d["skill"] == {"estimate": 0.0, "ci_low": 0.0, "ci_high": 0.0, "significant": False}
+    assert d["skill"] == {"estimate": 0.0, "ci_low": 0.0, "ci_high": 0.0, "significant": False,
+                          "method": "two-level bootstrap"}
     assert d["forgetting"]["estimate"] == pytest.approx(0.1)  # seed 0: 0.2 - 0.1, seed 1: 0.3 - 0.2
     assert d["forgetting"]["ci_low"] == pytest.approx(0.1) and d["forgetting"]["ci_high"] == pytest.approx(0.1)
+    assert d["forgetting"]["method"] == "paired t over seeds"  # one value per seed: never a bootstrap's min-max
     assert out["summary"]["lora"]["forgetting"]["mean"] == pytest.approx(0.25)
+    knowledge = out["summary"]["lora"]["knowledge"]  # 2 of 2 on both seeds: sd 0, but 2 items say little
+    assert knowledge["std"] == 0 and knowledge["items"] == 2
+    assert knowledge["wilson_high"] == pytest.approx(1.0) and knowledge["wilson_low"] == pytest.approx(wilson(2, 2)[0])
+    assert knowledge["wilson_low"] < 0.4
     with pytest.raises(ValueError, match="different seeds"):
         lab_statistics({**final, "pissa": [trial(5, [1, 1], [1, 1], 0.0), trial(1, [1, 1], [1, 1], 0.0)]}, "milora")
 

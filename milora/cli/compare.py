@@ -6,8 +6,9 @@ directory, and writes a report (`<out>.md`, `<out>.json`, `<out>.png`).
 * With the lab data (`--params params.lab.yaml`, `data.embedded.profile: lab`): the tuned comparison. Per method
   (and rank), a learning-rate grid (`--lrs`, default 5 log-spaced rates around `train.learning_rate`) is trained
   on the first seed and the rate with the best validation accuracy is selected; the other seeds run at that rate;
-  test accuracy (knowledge, skill, cloze retention) and forgetting are reported with Student-t intervals over the
-  seeds and paired-bootstrap intervals of each method's difference to MiLoRA. Trials run in `--max-parallel`
+  test accuracy (knowledge, skill, cloze retention) and forgetting are reported with their intervals
+  (`lab_statistics`: Wilson over the test items, t over the seeds, a two-level bootstrap or a paired t for each
+  method's difference to MiLoRA). Trials run in `--max-parallel`
   processes of `--threads` threads, each an MLflow child run of one comparison run, and a trial whose
   `result.json` matches its config hash is not rerun.
 * Otherwise: `svd -> train -> evaluate` per method and seed at the one `train.learning_rate` (the smoke-scale
@@ -436,14 +437,21 @@ def _strip(trial: dict[str, Any]) -> dict[str, Any]:
 
 
 def lab_statistics(final: dict[str, list[dict[str, Any]]], reference: str, n_boot: int = 10_000) -> dict[str, Any]:
-    """Per method (key): t-intervals over seeds of each test accuracy and of forgetting; per method other than
-    `reference`: paired-bootstrap differences against it (examples and seeds resampled together)."""
-    from milora.evaluation.stats import paired_bootstrap, t_interval
+    """Per method (key): each test accuracy's mean over seeds with its t-interval over seeds and its Wilson interval
+    over the test items, and forgetting's t-interval over seeds; per method other than `reference`, the paired
+    differences against it: accuracies by a two-level bootstrap (seeds, then each seed's examples), forgetting (one
+    value per seed) by a paired t over seeds."""
+    from milora.evaluation.stats import paired_t, t_interval, two_level_bootstrap, wilson
 
     summary, diffs = {}, {}
     for key, trials in final.items():
         trials = sorted(trials, key=lambda t: t["seed"])
-        s = {task: t_interval([t["test"][task] for t in trials]).as_dict() for task in TASKS}
+        s: dict[str, dict[str, Any]] = {}
+        for task in TASKS:
+            s[task] = t_interval([t["test"][task] for t in trials]).as_dict()
+            n_items = len(trials[0]["hits"][f"{task}_test"])
+            s[task]["items"] = n_items
+            s[task]["wilson_low"], s[task]["wilson_high"] = wilson(s[task]["mean"] * n_items, n_items)
         s["forgetting"] = t_interval([t["forgetting"] for t in trials]).as_dict()
         summary[key] = s
     ref = sorted(final[reference], key=lambda t: t["seed"])
@@ -453,10 +461,9 @@ def lab_statistics(final: dict[str, list[dict[str, Any]]], reference: str, n_boo
         trials = sorted(trials, key=lambda t: t["seed"])
         if [t["seed"] for t in trials] != [t["seed"] for t in ref]:
             raise ValueError(f"{key} and {reference} were run on different seeds: cannot pair them")
-        d = {task: paired_bootstrap([t["hits"][f"{task}_test"] for t in trials],
-                                    [t["hits"][f"{task}_test"] for t in ref], n_boot).as_dict() for task in TASKS}
-        d["forgetting"] = paired_bootstrap([[t["forgetting"]] for t in trials], [[t["forgetting"]] for t in ref],
-                                           n_boot).as_dict()
+        d = {task: two_level_bootstrap([t["hits"][f"{task}_test"] for t in trials],
+                                       [t["hits"][f"{task}_test"] for t in ref], n_boot).as_dict() for task in TASKS}
+        d["forgetting"] = paired_t([t["forgetting"] for t in trials], [t["forgetting"] for t in ref]).as_dict()
         diffs[key] = d
     return {"summary": summary, "differences": diffs}
 
@@ -468,7 +475,28 @@ def _fmt_ci(s: dict[str, float], digits: int = 3) -> str:
     return f"{s['mean']:.{digits}f} ± {half:.{digits}f} (sd {s['std']:.{digits}f})"
 
 
+def _fmt_acc(s: dict[str, Any], digits: int = 3) -> str:
+    """An accuracy: mean over seeds, its 95 % Wilson interval over the test items, the sd over seeds."""
+    if "wilson_low" not in s:  # a report written before the Wilson intervals
+        return _fmt_ci(s, digits)
+    spread = "" if math.isnan(s["std"]) else f" (sd {s['std']:.{digits}f})"
+    return f"{s['mean']:.{digits}f} [{s['wilson_low']:.2f}, {s['wilson_high']:.2f}]{spread}"
+
+
+def _fmt_base(accuracy: float, summary: dict[str, Any], task: str) -> str:
+    """The base's accuracy (one model: no seeds) with its 95 % Wilson interval over the test items."""
+    from milora.evaluation.stats import wilson
+
+    items = next((s[task]["items"] for s in summary.values() if "items" in s[task]), None)
+    if not items:  # a report written before the Wilson intervals
+        return f"{accuracy:.3f}"
+    low, high = wilson(accuracy * items, items)
+    return f"{accuracy:.3f} [{low:.2f}, {high:.2f}]"
+
+
 def _fmt_diff(d: dict[str, Any], digits: int = 3) -> str:
+    if math.isnan(d["ci_low"]):  # one seed: no interval over seeds
+        return f"{d['estimate']:+.{digits}f} (one seed: no interval)"
     mark = " **sig.**" if d["significant"] else ""
     return f"{d['estimate']:+.{digits}f} [{d['ci_low']:+.{digits}f}, {d['ci_high']:+.{digits}f}]{mark}"
 
@@ -489,10 +517,12 @@ def lab_markdown(result: dict[str, Any]) -> str:
         "(knowledge_val, skill_val) is selected, never looking at a test set (when it is the grid's smallest or "
         f"largest rate, the grid is extended one step beyond it, up to {result.get('extend', 0)} times); the other seeds "
         f"({', '.join(map(str, result['seeds'][1:])) or 'none'}) are trained at that rate only, and the test sets "
-        f"are reported over all {len(result['seeds'])} seeds: mean ± 95% Student-t half-width (sd over seeds). "
-        "Differences against MiLoRA: mean over seeds and examples, 95% paired-bootstrap interval "
-        f"({result['n_boot']} replicates resampling examples and seeds, the same draws for both methods); "
-        "**sig.** marks an interval that excludes 0.",
+        f"are reported over all {len(result['seeds'])} seeds: an accuracy as its mean over seeds [95% Wilson interval "
+        "over the test items] (sd over seeds); forgetting as mean ± 95% Student-t half-width over seeds (sd). "
+        "Differences against MiLoRA: accuracies as the mean over seeds and examples with a 95% two-level bootstrap "
+        f"interval ({result['n_boot']} replicates drawing seeds, then each drawn seed's examples, the same draws for "
+        "both methods); forgetting (one value per seed) with a 95% paired-t interval over seeds; **sig.** marks an "
+        "interval that excludes 0.",
         "",
         "Chance (uniform pick among the options): " + ", ".join(f"{k} {v:.3f}" for k, v in chance.items()) + ".",
         "",
@@ -503,17 +533,17 @@ def lab_markdown(result: dict[str, Any]) -> str:
                   f"{chance['knowledge_test']:.2f}) | skill test acc (chance {chance['skill_test']:.2f}) | cloze test acc "
                   f"(retention; chance {chance['cloze_test']:.2f}) | forgetting (Δ held-out loss) |",
                   "|---|---|---|---|---|---|---|"]
-        base = {k: result["base"][f"{k}_test"] for k in TASKS}
-        lines.append(f"| base, not fine-tuned | | | {base['knowledge']:.3f} | {base['skill']:.3f} | "
-                     f"{base['cloze']:.3f} | 0 |")
+        base = {k: _fmt_base(result["base"][f"{k}_test"], block["summary"], k) for k in TASKS}
+        lines.append(f"| base, not fine-tuned | | | {base['knowledge']} | {base['skill']} | {base['cloze']} | 0 |")
         for method, s in block["summary"].items():
             sel = block["selection"][method]
             grid = ", ".join(f"{lr:g}" for lr in sel["grid"])
             edge = " at the grid's edge" if sel["learning_rate"] in (min(sel["grid"]), max(sel["grid"])) else ""
             lines.append(f"| {method} | **{sel['learning_rate']:g}**{edge} ({grid}) | {sel['val_score']:.3f} | "
-                         f"{_fmt_ci(s['knowledge'])} | {_fmt_ci(s['skill'])} | {_fmt_ci(s['cloze'])} | "
+                         f"{_fmt_acc(s['knowledge'])} | {_fmt_acc(s['skill'])} | {_fmt_acc(s['cloze'])} | "
                          f"{_fmt_ci(s['forgetting'], 4)} |")
-        lines += ["", "Paired difference against MiLoRA (method minus MiLoRA; 95% paired-bootstrap interval):", "",
+        lines += ["", "Paired difference against MiLoRA (method minus MiLoRA; accuracies: 95% two-level bootstrap; "
+                  "forgetting: 95% paired t over seeds):", "",
                   "| method | knowledge test acc | skill test acc | cloze test acc | forgetting |", "|---|---|---|---|---|"]
         for method, d in block["differences"].items():
             lines.append(f"| {method} − milora | {_fmt_diff(d['knowledge'])} | {_fmt_diff(d['skill'])} | "
