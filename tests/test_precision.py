@@ -144,3 +144,15 @@ def test_generation_and_nll_under_bf16_autocast_are_deterministic_and_close_to_f
         first, nll = generate(model, tok, prompts, 6), mean_loss(model, enc)
         assert generate(model, tok, prompts, 6) == first and mean_loss(model, enc) == nll
     assert nll == pytest.approx(mean_loss(model, enc), abs=0.05)
+
+
+def test_gradient_checkpointing_reaches_the_trainer_under_transformers_5s_name_without_a_warning():
+    """`train.gradient_checkpointing` sets TrainingArguments' `activation_checkpointing` (the deprecated
+    `gradient_checkpointing` argument warned in every train stage); the old attribute still mirrors it."""
+    import warnings
+
+    for on in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            args = training_arguments(validate({"train": {"gradient_checkpointing": on}}), Path("unused"))
+        assert args.activation_checkpointing is on and args.gradient_checkpointing is on
