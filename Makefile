@@ -44,12 +44,12 @@ run-real: setup
 
 # All the tests, fast and slow, in TEST_WORKERS processes (pytest-xdist), a test file per process at a time
 # (`loadfile`: a file's module fixtures, e.g. one pipeline run shared by its tests, are built once); the fast
-# files fill the gaps between the slow ones, which start longest first (tests/conftest.py). `make test-fast` runs
-# only the fast ones.
+# files fill the gaps at the end, after the slow ones, which start longest first (tests/conftest.py; xdist would
+# order the files by their number of tests without --no-loadscope-reorder). `make test-fast` runs only the fast ones.
 TEST_WORKERS ?= 2
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=30
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"

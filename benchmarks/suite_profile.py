@@ -113,7 +113,7 @@ def main() -> int:
                "PYTHONPATH": os.pathsep.join(x for x in (tmp, os.environ.get("PYTHONPATH")) if x)}
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
         if a.workers > 1:
-            cmd += ["-n", str(a.workers), "--dist", "loadfile"]
+            cmd += ["-n", str(a.workers), "--dist", "loadfile", "--no-loadscope-reorder"]
         start = time.monotonic()
         rc = subprocess.run(cmd + (a.pytest_args or []), cwd=ROOT, env=env).returncode
         seconds = time.monotonic() - start

@@ -23,13 +23,14 @@ from tests.models import tiny_gpt2, tiny_llama  # noqa: E402
 from tests.prefect_fixtures import prefect_api, prefect_env, prefect_server  # noqa: E402, F401
 
 # The test files that take longest run first: `make test` hands whole files to its xdist processes in collection
-# order (`--dist loadfile`), so in alphabetical order test_workers.py would start last and run alone at the end.
-# Longest first (seconds each file's tests took in a clean-clone `make test`, 2 processes on 2 cores: flow 380,
-# workers 216, real_model ~200, dvc 170, stages 138, mlflow_server ~105, benchmarks 86, quantization 66,
-# evaluation 56, lab 46, distributed_init 17; all 728 tests ~1,600), the short files fill in around them.
-LONGEST_FIRST = ("test_flow.py", "test_workers.py", "test_real_model.py", "test_dvc.py", "test_stages.py",
-                 "test_mlflow_server.py", "test_benchmarks.py", "test_quantization.py", "test_evaluation.py",
-                 "test_lab.py", "test_distributed_init.py")
+# order (`--dist loadfile` with `--no-loadscope-reorder`: without it xdist orders the files by their number of
+# tests), so the short files fill in at the end and both processes finish together. The order of the seconds each
+# file took in a `make test` on 2 cores (per-test timeline, 2026-12-08): flow 458, real_model 273, workers 232,
+# dvc 192, stages 140, benchmarks 126, quantization 106, mlflow_server 73, evaluation 64, lab 62,
+# distributed_init 35, registry 35, cache 30, cache_s3 22; the other files ~80 together.
+LONGEST_FIRST = ("test_flow.py", "test_real_model.py", "test_workers.py", "test_dvc.py", "test_stages.py",
+                 "test_benchmarks.py", "test_quantization.py", "test_mlflow_server.py", "test_evaluation.py",
+                 "test_lab.py", "test_distributed_init.py", "test_registry.py", "test_cache.py", "test_cache_s3.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -162,3 +162,13 @@ def test_no_flows_module_shadows_a_top_level_module():
     shadowing = [p.name for p in sorted((ROOT / "flows").glob("*.py")) if p.stem != "__init__"
                  and (p.stem in sys.stdlib_module_names or importlib.util.find_spec(p.stem) is not None)]
     assert shadowing == []
+
+
+def test_make_test_runs_the_longest_files_first():
+    """`tests/conftest.py` orders the files longest first; xdist keeps that order only under
+    `--no-loadscope-reorder` (else it orders them by their number of tests), and a misspelt name would be ignored."""
+    from tests.conftest import LONGEST_FIRST
+
+    assert all((ROOT / "tests" / name).is_file() for name in LONGEST_FIRST), LONGEST_FIRST
+    (line,) = [ln for ln in (ROOT / "Makefile").read_text().splitlines() if "-m pytest -n" in ln]
+    assert "--dist loadfile" in line and "--no-loadscope-reorder" in line, line
