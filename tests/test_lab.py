@@ -219,14 +219,15 @@ def test_a_95_interval_over_3_seeds_covers_95_percent_and_min_max_would_not():
     assert one.estimate == pytest.approx(0.1) and math.isnan(one.ci_low) and not one.significant
 
 
-def test_two_level_bootstrap_resamples_examples_within_each_seed():
-    """Identical seeds (no seed spread) still get the examples' width; the joint resampling of the same example
-    columns for every seed gave the same, but two seeds with different examples right would not."""
-    a = [[1, 0] * 20, [0, 1] * 20]  # each seed: half right, not the same half
-    b = [[0] * 40, [0] * 40]
+def test_two_level_bootstrap_keeps_the_item_sampling_when_the_seeds_agree():
+    """Three seeds that score the same 40 items alike: a t over seeds says ± 0, the bootstrap over the items
+    gives about the Wilson-sized interval of 20/40."""
+    a = [[1, 0] * 20] * 3
+    b = [[0] * 40] * 3
+    assert t_interval([0.5, 0.5, 0.5]).half_width == 0
     d = two_level_bootstrap(a, b, n_boot=2000)
     assert d.estimate == 0.5 and d.method == "two-level bootstrap"
-    assert 0.3 < d.ci_low < 0.5 < d.ci_high < 0.7
+    assert 0.3 < d.ci_low < 0.4 and 0.6 < d.ci_high < 0.7
     with pytest.raises(ValueError):
         paired_t([0.1, 0.2], [0.1])
 

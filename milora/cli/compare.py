@@ -439,7 +439,7 @@ def _strip(trial: dict[str, Any]) -> dict[str, Any]:
 def lab_statistics(final: dict[str, list[dict[str, Any]]], reference: str, n_boot: int = 10_000) -> dict[str, Any]:
     """Per method (key): each test accuracy's mean over seeds with its t-interval over seeds and its Wilson interval
     over the test items, and forgetting's t-interval over seeds; per method other than `reference`, the paired
-    differences against it: accuracies by a two-level bootstrap (seeds, then each seed's examples), forgetting (one
+    differences against it: accuracies by a two-level bootstrap (seeds and test items, crossed), forgetting (one
     value per seed) by a paired t over seeds."""
     from milora.evaluation.stats import paired_t, t_interval, two_level_bootstrap, wilson
 
@@ -520,9 +520,9 @@ def lab_markdown(result: dict[str, Any]) -> str:
         f"are reported over all {len(result['seeds'])} seeds: an accuracy as its mean over seeds [95% Wilson interval "
         "over the test items] (sd over seeds); forgetting as mean ± 95% Student-t half-width over seeds (sd). "
         "Differences against MiLoRA: accuracies as the mean over seeds and examples with a 95% two-level bootstrap "
-        f"interval ({result['n_boot']} replicates drawing seeds, then each drawn seed's examples, the same draws for "
-        "both methods); forgetting (one value per seed) with a 95% paired-t interval over seeds; **sig.** marks an "
-        "interval that excludes 0.",
+        f"interval ({result['n_boot']} replicates drawing seeds and test items, the same draws for both methods); "
+        "forgetting (one value per seed) with a 95% paired-t interval over seeds; **sig.** marks an interval that "
+        "excludes 0.",
         "",
         "Chance (uniform pick among the options): " + ", ".join(f"{k} {v:.3f}" for k, v in chance.items()) + ".",
         "",

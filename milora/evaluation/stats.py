@@ -4,8 +4,9 @@
 * `wilson`: one proportion (an accuracy on n test items) and its Wilson score interval, the item sampling that a
   spread over seeds does not show (three seeds that all score 61/68 are not "0.897 ± 0");
 * `paired_t`: a difference between two methods run on the same seeds, Student-t over the per-seed differences;
-* `two_level_bootstrap`: a difference of two (seeds, examples) score tables, resampling seeds and then, within each
-  drawn seed, examples; for few seeds, where the item sampling matters as much as the seeds.
+* `two_level_bootstrap`: a difference of two (seeds, examples) score tables, resampling the seeds and the test
+  items (crossed: every seed was scored on the same items, so one draw of the items serves every drawn seed); for
+  few seeds, where the item sampling matters as much as the seeds.
 
 A percentile bootstrap of a (3 seeds x 1 value) table is the min-max of the three values, which covers the mean
 about 75 % of the time, not 95 %: one value per seed takes `paired_t`."""
@@ -103,11 +104,12 @@ def two_level_bootstrap(a: Sequence[Sequence[float]], b: Sequence[Sequence[float
     """Difference of means of two paired score tables `a`, `b` of shape (seeds, examples): `a[i][j]` and `b[i][j]`
     are the two methods' scores of example j under seed i.
 
-    Each replicate draws the seeds with replacement and then, for each drawn seed, its examples with replacement
-    (two levels: a new seed's run and a new test set), the same draws for both methods (the pairing is kept), and
-    takes the difference of the means; the interval is the percentile interval of the replicates. With one example
-    per seed it is a bootstrap over seeds alone (for 3 seeds about a min-max: use `paired_t`). Deterministic for a
-    given `seed`."""
+    Each replicate draws the seeds with replacement and the examples with replacement, the two levels crossed as
+    the design is (every seed scored the same test items: one draw of the items for all drawn seeds; a draw per
+    seed would treat each seed as having its own test set and understate the items' share), the same draws for
+    both methods (the pairing is kept), and takes the difference of the means; the interval is the percentile
+    interval of the replicates. With one example per seed it is a bootstrap over seeds alone (for 3 seeds the
+    min-max: use `paired_t`). Deterministic for a given `seed`."""
     x = np.asarray(a, dtype=np.float64)
     y = np.asarray(b, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 2 or x.size == 0:
@@ -118,8 +120,8 @@ def two_level_bootstrap(a: Sequence[Sequence[float]], b: Sequence[Sequence[float
     reps = np.empty(n_boot)
     for k in range(n_boot):
         rows = rng.integers(0, n_seeds, n_seeds)
-        cols = rng.integers(0, n_ex, (n_seeds, n_ex))  # each drawn seed its own resample of the examples
-        reps[k] = d[rows[:, None], cols].mean()
+        cols = rng.integers(0, n_ex, n_ex)
+        reps[k] = d[np.ix_(rows, cols)].mean()
     alpha = (1 - level) / 2
     lo, hi = np.quantile(reps, [alpha, 1 - alpha])
     return Difference(float(d.mean()), float(lo), float(hi), "two-level bootstrap")
