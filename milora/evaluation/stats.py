@@ -77,7 +77,7 @@ class Difference:
     estimate: float
     ci_low: float
     ci_high: float
-    method: str = "two-level bootstrap"
+    method: str  # "paired t over seeds" | "two-level bootstrap": each constructor names its own
 
     @property
     def significant(self) -> bool:
