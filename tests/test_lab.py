@@ -14,18 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from milora.cli.compare import (
-    NOTES_MARK,
-    default_grid,
-    edge_extension,
-    lab_statistics,
-    parse_grid,
-    select_learning_rate,
-    validation_score,
-    with_kept_notes,
-)
+from milora.cli.compare import default_grid, edge_extension, parse_grid, rate_scores, select_learning_rate
 from milora.core.errors import InvalidInput
 from milora.data import lab
+from milora.evaluation.lab_report import NOTES_MARK, lab_statistics, validation_score, with_kept_notes
 from milora.evaluation.stats import paired_t, t_interval, two_level_bootstrap, wilson
 from milora.pipeline.config import load_config
 from milora.stages.ingest import materialise
@@ -40,87 +32,98 @@ ROOT = Path(__file__).resolve().parent.parent
 def lab_files(tmp_path_factory):
     """The fine-tuning files the ingest stage writes for params.lab.yaml, as text."""
     out = tmp_path_factory.mktemp("raw")
-    assert materialise(load_config(ROOT / "params.lab.yaml"), out) == 2
+    assert materialise(load_config(ROOT / "params.lab.yaml"), out) == 1
     return {f.name: f.read_text(encoding="utf-8") for f in sorted(out.glob("*.jsonl"))}
 
 
-def test_held_out_facts_never_appear_in_the_fine_tuning_files(lab_files):
+def test_fine_tuning_never_names_the_corpus_world_and_never_asks_the_eval_forms(lab_files):
+    assert set(lab_files) == {"facts.jsonl"}
+    rows = [json.loads(line) for line in lab_files["facts.jsonl"].splitlines()]
+    n_facts = lab.NEW_PEOPLE * len(lab.NEW_ATTRS)
+    assert len(rows) == n_facts * len(lab.TRAIN_FORMS) * lab.TRAIN_ORDERS
     text = "\n".join(lab_files.values())
-    splits = lab.entity_splits()
-    facts = {f.key: f for f in lab._held_facts("val", 0, lab.LAB_WORLD) + lab._held_facts("test", 0, lab.LAB_WORLD)}
-    asked = [r["fact"] for name in ("knowledge_val", "knowledge_test") for r in lab.eval_sets()[name]]
-    assert len(asked) == len(set(asked)) > 100  # every held-out person and capital fact is asked once
-    for key in asked:
-        kind, entity = key.split(":", 1)
-        assert splits[entity] in ("val", "test")
-        fact = facts[key]
-        # the entity, the question and the fact sentence never occur in any form
-        if kind == "capital":  # the country is also a value of train facts (a home); its capital is the secret
-            assert not re.search(rf"\b{re.escape(fact.answer)}\b", text), key
-        else:
-            assert not re.search(rf"\b{re.escape(entity)}\b", text), key
-        assert fact.question not in text and fact.stem.replace("_", fact.answer) not in text, key
-    # the files do teach the question format, on train facts
-    train_people = [p.name for p in lab.LAB_WORLD.people if splits[p.name] == "train"]
-    assert all(re.search(rf"\b{name}\b", lab_files["knowledge.jsonl"]) for name in train_people)
+    words = set(re.findall(r"[A-Za-z]+", text))
+    corpus_names = {p.name for p in lab.LAB_WORLD.people} | set(lab.LAB_WORLD.countries)
+    corpus_names |= {k for _, k in lab.LAB_WORLD.capitals}
+    assert not words & corpus_names  # retention is measured on what fine-tuning never touches
+    for held in lab.held_out_strings():
+        assert held not in text, held  # no corpus name, no validation or test question form
+    # every new fact is taught, as its sentence
+    assert all(f.stem.replace("_", f.answer) in text for f in lab.new_facts())
 
 
-def test_skill_eval_numbers_are_not_in_the_fine_tuning_files(lab_files):
-    rows = [json.loads(line) for line in lab_files["skill.jsonl"].splitlines()]
-    assert len(rows) == 1000 and all(re.fullmatch(r"(\d+) is (even|odd)\.", r["output"]) for r in rows)
-    trained = {int(re.search(r"\d+", r["instruction"]).group()) for r in rows}
-    assert len(trained) == 1000
-    held = []
-    for name in ("skill_val", "skill_test"):
-        for r in lab.eval_sets()[name]:
-            n = int(re.search(r"Is (\d+) an even", r["prompt"]).group(1))
-            assert r["options"][r["answer"]] == (" even." if n % 2 == 0 else " odd.")
-            assert r["prompt"].endswith(f"### Response:\n{n} is")
-            held.append(n)
-    assert len(set(held)) == len(held) == 2 * lab.N_SKILL_EVAL and not set(held) & trained
-
-
-def test_the_lab_corpus_states_the_facts_but_never_the_lab_tasks():
+def test_new_people_are_absent_from_the_pretraining_corpus():
     docs, heldout = lab.pretraining_corpus("lab", 3000, 100)
-    text = "\n".join(docs)
+    text = "\n".join(docs + heldout)
+    corpus_names = tuple(p.name for p in lab.LAB_WORLD.people) + lab.LAB_WORLD.countries
+    people = lab.new_people()
+    assert len({p.name for p in people}) == lab.NEW_PEOPLE
+    for p in people:
+        assert p.name not in text and not p.name.startswith(corpus_names), p.name
     assert not re.search(r"\b(even|odd)\b", text) and "Answer the question:" not in text and "Choices:" not in text
-    assert sum("### Instruction:" in d for d in docs) > 100  # the prompt template, on arithmetic only
-    assert all(re.search(r"### Instruction:\nCompute \d+ [+-] \d+\.", d) for d in docs if "### Instruction" in d)
-    test_people = [n for n, part in lab.entity_splits().items() if part == "test" and n not in lab.LAB_WORLD.countries]
-    assert all(name in text for name in test_people)  # held-out facts are stated in pretraining
-    assert not set(heldout) & set(docs)
 
 
-def test_cloze_asks_the_test_facts_in_corpus_phrasing():
+def test_validation_and_test_ask_every_new_fact_in_their_own_form_with_fresh_option_orders():
     sets = lab.eval_sets()
-    for q, c in zip(sets["knowledge_test"], sets["cloze_test"], strict=True):
+    val, test = sets["facts_val"], sets["facts_test"]
+    assert [r["fact"] for r in val] == [r["fact"] for r in test] == [f.key for f in lab.new_facts()]
+    trained = {json.dumps(r["instruction"]) for r in lab.facts_train_rows()}
+    same_order = 0
+    for v, t, fact in zip(val, test, lab.new_facts(), strict=True):
+        assert v["options"][v["answer"]] == t["options"][t["answer"]] == f" {fact.answer}."
+        assert len(v["options"]) == lab.N_OPTIONS and len(set(v["options"])) == lab.N_OPTIONS
+        assert v["prompt"].endswith("### Response:\n" + lab.stem_prefix(fact))
+        question = v["prompt"].split("### Instruction:\n", 1)[1].split("\n\n### Response", 1)[0]
+        assert json.dumps(question) not in trained
+        same_order += v["options"] == t["options"]
+    assert same_order < len(val) / 4  # option orders are drawn afresh
+    # the gold answer sits in every position, about equally often: a position bias is worth nothing
+    positions = [sum(r["answer"] == k for r in val + test) for k in range(lab.N_OPTIONS)]
+    assert min(positions) > len(val + test) / lab.N_OPTIONS / 2
+
+
+def test_retention_asks_the_corpus_facts_as_questions_and_as_cloze():
+    sets = lab.eval_sets()
+    recall, cloze = sets["recall_test"], sets["cloze_test"]
+    assert len(recall) == len(lab.corpus_facts()) > 250
+    for q, c in zip(recall, cloze, strict=True):
         assert c["raw"] and not q["raw"] and c["answer"] == q["answer"]
         assert c["options"] == q["options"] and q["prompt"].endswith("### Response:\n" + c["prompt"])
         assert "### Instruction" not in c["prompt"] and c["fact"].split(":", 1)[1] in c["prompt"]
 
 
+def test_the_lab_corpus_states_the_corpus_facts_and_only_arithmetic_instructions():
+    docs, heldout = lab.pretraining_corpus("lab", 3000, 100)
+    text = "\n".join(docs)
+    assert sum("### Instruction:" in d for d in docs) > 100  # the prompt template, on arithmetic only
+    assert all(re.search(r"### Instruction:\nCompute \d+ [+-] \d+\.", d) for d in docs if "### Instruction" in d)
+    assert all(p.name in text for p in lab.LAB_WORLD.people)  # what retention asks was taught by pretraining
+    assert not set(heldout) & set(docs)
+
+
 # ----------------------------------------------------------------------------- selection on validation only
 
 
-def _trial(lr, val, test):
-    return {"learning_rate": lr, "val": {"knowledge_val": val, "skill_val": val},
-            "test": {"knowledge": test, "skill": test, "cloze": test}}
+def _trial(lr, val, test, seed=0):
+    return {"learning_rate": lr, "seed": seed, "val": {"facts_val": val},
+            "test": {"facts": test, "recall": test, "cloze": test}}
 
 
 def test_learning_rate_selection_follows_validation_not_test():
     trials = [_trial(1e-3, 0.9, 0.2), _trial(3e-3, 0.5, 0.95), _trial(1e-2, 0.6, 0.9)]
     assert select_learning_rate(trials) == 1e-3  # the test split would pick 3e-3
-    # and flipping the test numbers changes nothing
+    # and flipping the test numbers (learning and retention alike) changes nothing
     flipped = [{**t, "test": {k: 1 - v for k, v in t["test"].items()}} for t in trials]
     assert select_learning_rate(flipped) == 1e-3
 
 
-def test_selection_uses_the_mean_of_both_validation_sets_and_breaks_ties_low():
-    a = {"learning_rate": 1e-3, "val": {"knowledge_val": 1.0, "skill_val": 0.2}}
-    b = {"learning_rate": 3e-3, "val": {"knowledge_val": 0.5, "skill_val": 0.6}}
-    assert validation_score(a) == pytest.approx(0.6) and validation_score(b) == pytest.approx(0.55)
-    assert select_learning_rate([b, a]) == 1e-3
-    assert select_learning_rate([{**a, "learning_rate": 3e-2}, a]) == 1e-3
+def test_selection_averages_each_rate_over_the_grid_seeds_and_breaks_ties_low():
+    # seed 0 alone would pick 1e-3; over both seeds 3e-3 is better (0.75 vs 0.6)
+    trials = [_trial(1e-3, 0.9, 0, 0), _trial(1e-3, 0.3, 0, 1), _trial(3e-3, 0.8, 0, 0), _trial(3e-3, 0.7, 0, 1)]
+    assert validation_score(trials[0]) == 0.9
+    assert rate_scores(trials) == {1e-3: pytest.approx(0.6), 3e-3: pytest.approx(0.75)}
+    assert select_learning_rate(trials) == 3e-3
+    assert select_learning_rate([_trial(3e-2, 0.5, 0), _trial(1e-3, 0.5, 0)]) == 1e-3
 
 
 def test_a_best_rate_at_the_grids_edge_extends_the_grid_one_step_beyond_it():
@@ -233,26 +236,26 @@ def test_two_level_bootstrap_keeps_the_item_sampling_when_the_seeds_agree():
 
 
 def test_lab_statistics_pairs_methods_by_seed():
-    def trial(seed, k, s, f):
-        return {"seed": seed, "test": {"knowledge": sum(k) / len(k), "skill": sum(s) / len(s), "cloze": 0.5},
+    def trial(seed, k, r, f):
+        return {"seed": seed, "test": {"facts": sum(k) / len(k), "recall": sum(r) / len(r), "cloze": 0.5},
                 "forgetting": f,
-                "hits": {"knowledge_test": k, "skill_test": s, "cloze_test": [1, 0]}}
+                "hits": {"facts_test": k, "recall_test": r, "cloze_test": [1, 0]}}
 
     final = {"lora": [trial(1, [1, 1], [1, 0], 0.3), trial(0, [1, 1], [1, 0], 0.2)],
              "milora": [trial(0, [0, 0], [1, 0], 0.1), trial(1, [0, 0], [1, 0], 0.2)]}
     out = lab_statistics(final, "milora", n_boot=200)
     d = out["differences"]["lora"]
-    assert d["knowledge"]["estimate"] == 1.0 and d["knowledge"]["significant"]
-    assert d["skill"] == {"estimate": 0.0, "ci_low": 0.0, "ci_high": 0.0, "significant": False,
-                          "method": "two-level bootstrap"}
+    assert d["facts"]["estimate"] == 1.0 and d["facts"]["significant"]
+    assert d["recall"] == {"estimate": 0.0, "ci_low": 0.0, "ci_high": 0.0, "significant": False,
+                           "method": "two-level bootstrap"}
     assert d["forgetting"]["estimate"] == pytest.approx(0.1)  # seed 0: 0.2 - 0.1, seed 1: 0.3 - 0.2
     assert d["forgetting"]["ci_low"] == pytest.approx(0.1) and d["forgetting"]["ci_high"] == pytest.approx(0.1)
     assert d["forgetting"]["method"] == "paired t over seeds"  # one value per seed: never a bootstrap's min-max
     assert out["summary"]["lora"]["forgetting"]["mean"] == pytest.approx(0.25)
-    knowledge = out["summary"]["lora"]["knowledge"]  # 2 of 2 on both seeds: sd 0, but 2 items say little
-    assert knowledge["std"] == 0 and knowledge["items"] == 2
-    assert knowledge["wilson_high"] == pytest.approx(1.0) and knowledge["wilson_low"] == pytest.approx(wilson(2, 2)[0])
-    assert knowledge["wilson_low"] < 0.4
+    facts = out["summary"]["lora"]["facts"]  # 2 of 2 on both seeds: sd 0, but 2 items say little
+    assert facts["std"] == 0 and facts["items"] == 2
+    assert facts["wilson_high"] == pytest.approx(1.0) and facts["wilson_low"] == pytest.approx(wilson(2, 2)[0])
+    assert facts["wilson_low"] < 0.4
     with pytest.raises(ValueError, match="different seeds"):
         lab_statistics({**final, "pissa": [trial(5, [1, 1], [1, 1], 0.0), trial(1, [1, 1], [1, 1], 0.0)]}, "milora")
 
@@ -266,7 +269,7 @@ def test_quick_compare_end_to_end_and_resumes(tmp_path):
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "milora.cli", "compare", "--params", str(ROOT / "params.lab.yaml"),
            "--root", str(tmp_path / "shared"), "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "results"),
-           "--quick", "--seeds", "0", "1", "--max-parallel", "2", "--threads", "1"]
+           "--quick", "--seeds", "0", "1", "--grid-seeds", "1", "--max-parallel", "2", "--threads", "1"]
     first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert first.returncode == 0, first.stderr[-3000:]
     assert re.search(r"trials done 9/9 .*ETA", first.stderr)
@@ -276,11 +279,14 @@ def test_quick_compare_end_to_end_and_resumes(tmp_path):
     for method in ("lora", "pissa", "milora"):
         sel = block["selection"][method]
         assert sel["learning_rate"] in sel["grid"] and len(sel["scores"]) == 2
-        assert block["summary"][method]["knowledge"]["n"] == 2
+        assert block["summary"][method]["facts"]["n"] == 2
     assert set(block["differences"]) == {"lora", "pissa"}
-    assert result["chance"]["knowledge_test"] == 0.25
+    assert set(block["frontier"]) == {"accuracy", "nll"} and block["frontier"]["accuracy"]["seeds"] == [0]
+    assert result["chance"]["facts_test"] == 0.25 and result["grid_seeds"] == [0]
+    assert {"facts_val", "facts_test", "recall_test", "cloze_test", "val_nll"} <= set(result["base"])
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
-    assert "chance 0.25" in (tmp_path / "results.md").read_text()
+    report = (tmp_path / "results.md").read_text()
+    assert "chance 0.25" in report and "The answer:" in report and "Forgetting at matched validation accuracy" in report
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])

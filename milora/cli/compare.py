@@ -5,10 +5,11 @@ directory, and writes a report (`<out>.md`, `<out>.json`, `<out>.png`).
 
 * With the lab data (`--params params.lab.yaml`, `data.embedded.profile: lab`): the tuned comparison. Per method
   (and rank), a learning-rate grid (`--lrs`, default 5 log-spaced rates around `train.learning_rate`) is trained
-  on the first seed and the rate with the best validation accuracy is selected; the other seeds run at that rate;
-  test accuracy (knowledge, skill, cloze retention) and forgetting are reported with their intervals
-  (`lab_statistics`: Wilson over the test items, t over the seeds, a two-level bootstrap or a paired t for each
-  method's difference to MiLoRA). Trials run in `--max-parallel`
+  on the first `--grid-seeds` seeds and the rate with the best mean validation accuracy on the learning task (the
+  new facts; never a retention or test set) is selected, the grid extended where the best rate is at its edge; the
+  other seeds run at that rate. The report (`milora.evaluation.lab_report`) gives the learning test accuracy,
+  retention (recall, cloze) and forgetting at the selected rates with their intervals, forgetting at matched
+  learning along each method's grid (the frontier), and the answer they support. Trials run in `--max-parallel`
   processes of `--threads` threads, each an MLflow child run of one comparison run, and a trial whose
   `result.json` matches its config hash is not rerun.
 * Otherwise: `svd -> train -> evaluate` per method and seed at the one `train.learning_rate` (the smoke-scale
@@ -40,6 +41,17 @@ from milora.core.io import (
     write_json,
 )
 from milora.data import lab
+from milora.evaluation.lab_report import (
+    AXES,
+    TASKS,
+    VAL_SETS,
+    frontier_statistics,
+    lab_markdown,
+    lab_plot,
+    lab_statistics,
+    validation_score,
+    with_kept_notes,
+)
 from milora.model.gguf import is_gguf
 from milora.pipeline.config import EMBEDDED, load_config, parse_sets
 from milora.pipeline.paths import Paths
@@ -86,6 +98,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           help="a method's learning-rate grid (default: 5 log-spaced around train.learning_rate)")
     lab_args.add_argument("--extend", type=int, default=2, metavar="N",
                           help="when a method's best rate is at its grid's edge, add up to N rates beyond it (default 2)")
+    lab_args.add_argument("--grid-seeds", type=int, default=3, metavar="N",
+                          help="the learning-rate grid runs on the first N of --seeds (default 3): the rate is "
+                          "selected on their mean validation accuracy, and each is one curve of the frontier")
     lab_args.add_argument("--ranks", nargs="+", type=int, default=None, help="adapter ranks (default adapter.rank)")
     lab_args.add_argument("--max-parallel", type=int, default=1, help="trials run at once (processes)")
     lab_args.add_argument("--threads", type=int, default=1, help="CPU threads of each trial (OMP_NUM_THREADS)")
@@ -223,12 +238,11 @@ LR_BOUNDS = (1e-6, 1.0)  # a grid is never extended beyond these rates
 QUICK = {  # `--quick`: a smoke run of the whole lab (tiny base, a few steps); numbers mean nothing
     "model.embedded.hidden_size": 32, "model.embedded.intermediate_size": 64, "model.embedded.num_layers": 1,
     "model.embedded.num_heads": 2, "model.embedded.pretrain_steps": 20, "model.embedded.vocab_size": 512,
-    "data.embedded.corpus_documents": 300, "data.embedded.heldout_documents": 20, "data.embedded.skill_rows": 40,
+    "data.embedded.corpus_documents": 300, "data.embedded.heldout_documents": 20, "data.embedded.new_people": 4,
     "train.max_steps": 3, "train.save_steps": 3, "train.logging_steps": 1, "train.warmup_steps": 0,
 }
 QUICK_ROWS = 8  # rows per evaluation set under --quick
-TASKS = ("knowledge", "skill", "cloze")  # test sets `<task>_test`; knowledge and skill also `<task>_val`
-VAL_SETS = ("knowledge_val", "skill_val")
+HELDOUT_DOCUMENTS = 200  # held-out pretraining documents a trial's forgetting is measured on
 
 
 def default_grid(center: float) -> list[float]:
@@ -252,18 +266,21 @@ def parse_grid(items: list[str], methods: list[str], center: float) -> dict[str,
     return grid
 
 
-def validation_score(trial: dict[str, Any]) -> float:
-    """What selects a learning rate: the mean accuracy over the validation sets (never a test set)."""
-    return statistics.fmean(trial["val"][name] for name in VAL_SETS)
+def rate_scores(trials: list[dict[str, Any]]) -> dict[float, float]:
+    """Learning rate -> the mean `validation_score` of its trials (one method and rank, the grid's seeds)."""
+    by_rate: dict[float, list[float]] = {}
+    for t in trials:
+        by_rate.setdefault(t["learning_rate"], []).append(validation_score(t))
+    return {lr: statistics.fmean(v) for lr, v in sorted(by_rate.items())}
 
 
 def select_learning_rate(trials: list[dict[str, Any]]) -> float:
-    """The learning rate of the trial with the best `validation_score` (ties: the smaller rate). Reads only
-    each trial's `learning_rate` and `val` metrics."""
+    """The learning rate with the best mean `validation_score` over its trials (ties: the smaller rate). Reads only
+    each trial's `learning_rate` and `val` metrics: the learning task's validation sets, never retention or test."""
     if not trials:
         raise ValueError("no trials to select a learning rate from")
-    best = max(trials, key=lambda t: (validation_score(t), -t["learning_rate"]))
-    return best["learning_rate"]
+    scores = rate_scores(trials)
+    return max(scores, key=lambda lr: (scores[lr], -lr))
 
 
 def edge_extension(trials: list[dict[str, Any]], lower: float, upper: float) -> float | None:
@@ -295,9 +312,13 @@ def trial_overrides(overrides: dict[str, Any], t: dict[str, Any]) -> dict[str, A
 
 
 def config_hash(params: str, overrides: dict[str, Any], t: dict[str, Any], inputs: str) -> str:
-    """What a trial's result depends on: the full config of the trial and the shared inputs' digest."""
+    """What a trial's result depends on: the full config of the trial, the shared inputs' digest, and the version
+    of what a trial records (`RESULT_VERSION`)."""
     cfg = load_config(params, trial_overrides(overrides, t)).model_dump(mode="json")
-    return hashlib.sha256(dump_json({"config": cfg, "inputs": inputs}).encode()).hexdigest()
+    return hashlib.sha256(dump_json({"config": cfg, "inputs": inputs, "result": RESULT_VERSION}).encode()).hexdigest()
+
+
+RESULT_VERSION = 2  # 2: the new-facts task, retention sets, per-document forgetting, validation NLL
 
 
 def run_trial(job: dict[str, Any]) -> dict[str, Any]:
@@ -325,7 +346,8 @@ def run_trial(job: dict[str, Any]) -> dict[str, Any]:
         run_stage(stage, job["params"], root, o)
     cfg = load_config(job["params"], o)
     sets = {name: read_jsonl(Path(job["sets_dir"]) / f"{name}.jsonl") for name in lab.EVAL_SETS}
-    heldout = [ln for ln in run.heldout_text.read_text(encoding="utf-8").splitlines() if ln.strip()][:200]
+    lines = run.heldout_text.read_text(encoding="utf-8").splitlines()
+    heldout = [ln for ln in lines if ln.strip()][:HELDOUT_DOCUMENTS]
     model, tokenizer = load_base(cfg, run)
     with autocast(inference_precision(cfg.eval.precision, run.adapter_dir)):  # the base and the trial alike
         ev = evaluate_trial(model, tokenizer, run.adapter_dir, sets, heldout, cfg.data.max_length, cfg.eval.batch_size,
@@ -334,14 +356,18 @@ def run_trial(job: dict[str, Any]) -> dict[str, Any]:
     result = {
         **job["trial"], "config_hash": job["hash"],
         "val": {n: statistics.fmean(ev["hits"][n]) for n in VAL_SETS},
+        "val_nll": statistics.fmean(x for n in VAL_SETS for x in ev["gold_nll"][n]),
         "test": {n: statistics.fmean(ev["hits"][f"{n}_test"]) for n in TASKS},
-        "forgetting": ev["forgetting"], "heldout_loss_base": ev["heldout_loss_base"],
-        "final_train_loss": train.get("final_loss"), "trainable_params": train.get("trainable_params"),
+        "forgetting": ev["forgetting"], "forgetting_docs": ev["forgetting_docs"],
+        "heldout_nll_base": ev["heldout_nll_base"],
+        "final_train_loss": train.get("final_loss"), "eval_loss": train.get("eval_loss_end"),
+        "trainable_params": train.get("trainable_params"),
         "hits": {n: ev["hits"][n] for n in (*VAL_SETS, *(f"{t}_test" for t in TASKS))},
         "seconds": round(time.perf_counter() - t0, 1),
     }
     if ev["hits_before"]:
         result["base"] = {n: statistics.fmean(hits) for n, hits in ev["hits_before"].items()}
+        result["base_val_nll"] = statistics.fmean(x for n in VAL_SETS for x in ev["gold_nll_before"][n])
     write_json(root / "result.json", result)
     return result
 
@@ -379,8 +405,7 @@ class _Tracker:
                                        tags={"mlflow.parentRunId": self.parent, "cached": str(cached).lower()})
         metrics = {**{f"val.{k}": v for k, v in result["val"].items()},
                    **{f"test.{k}": v for k, v in result["test"].items()},
-                   "forgetting": result["forgetting"],
-                   "seconds": result["seconds"]}
+                   "val_nll": result["val_nll"], "forgetting": result["forgetting"], "seconds": result["seconds"]}
         if result.get("final_train_loss") is not None:
             metrics["final_train_loss"] = result["final_train_loss"]
         self._log(child.info.run_id, {k: t[k] for k in ("method", "rank", "learning_rate", "seed", "phase")}, metrics)
@@ -433,196 +458,17 @@ def _run_trials(jobs: list[dict[str, Any]], max_parallel: int, tracker: _Tracker
 
 
 def _strip(trial: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in trial.items() if k not in ("hits", "config_hash")}
+    """A trial as the report's JSON keeps it: without the per-example and per-document lists."""
+    return {k: v for k, v in trial.items() if k not in ("hits", "forgetting_docs", "config_hash")}
 
 
-def lab_statistics(final: dict[str, list[dict[str, Any]]], reference: str, n_boot: int = 10_000) -> dict[str, Any]:
-    """Per method (key): each test accuracy's mean over seeds with its t-interval over seeds and its Wilson interval
-    over the test items, and forgetting's t-interval over seeds; per method other than `reference`, the paired
-    differences against it: accuracies by a two-level bootstrap (seeds and test items, crossed), forgetting (one
-    value per seed) by a paired t over seeds."""
-    from milora.evaluation.stats import paired_t, t_interval, two_level_bootstrap, wilson
-
-    summary, diffs = {}, {}
-    for key, trials in final.items():
-        trials = sorted(trials, key=lambda t: t["seed"])
-        s: dict[str, dict[str, Any]] = {}
-        for task in TASKS:
-            s[task] = t_interval([t["test"][task] for t in trials]).as_dict()
-            n_items = len(trials[0]["hits"][f"{task}_test"])
-            s[task]["items"] = n_items
-            s[task]["wilson_low"], s[task]["wilson_high"] = wilson(s[task]["mean"] * n_items, n_items)
-        s["forgetting"] = t_interval([t["forgetting"] for t in trials]).as_dict()
-        summary[key] = s
-    ref = sorted(final[reference], key=lambda t: t["seed"])
-    for key, trials in final.items():
-        if key == reference:
-            continue
-        trials = sorted(trials, key=lambda t: t["seed"])
-        if [t["seed"] for t in trials] != [t["seed"] for t in ref]:
-            raise ValueError(f"{key} and {reference} were run on different seeds: cannot pair them")
-        d = {task: two_level_bootstrap([t["hits"][f"{task}_test"] for t in trials],
-                                       [t["hits"][f"{task}_test"] for t in ref], n_boot).as_dict() for task in TASKS}
-        d["forgetting"] = paired_t([t["forgetting"] for t in trials], [t["forgetting"] for t in ref]).as_dict()
-        diffs[key] = d
-    return {"summary": summary, "differences": diffs}
-
-
-def _fmt_ci(s: dict[str, float], digits: int = 3) -> str:
-    if math.isnan(s["std"]):
-        return f"{s['mean']:.{digits}f}"
-    half = (s["ci_high"] - s["ci_low"]) / 2
-    return f"{s['mean']:.{digits}f} ± {half:.{digits}f} (sd {s['std']:.{digits}f})"
-
-
-def _fmt_acc(s: dict[str, Any], digits: int = 3) -> str:
-    """An accuracy: mean over seeds, its 95 % Wilson interval over the test items, the sd over seeds."""
-    if "wilson_low" not in s:  # a report written before the Wilson intervals
-        return _fmt_ci(s, digits)
-    spread = "" if math.isnan(s["std"]) else f" (sd {s['std']:.{digits}f})"
-    return f"{s['mean']:.{digits}f} [{s['wilson_low']:.2f}, {s['wilson_high']:.2f}]{spread}"
-
-
-def _fmt_base(accuracy: float, summary: dict[str, Any], task: str) -> str:
-    """The base's accuracy (one model: no seeds) with its 95 % Wilson interval over the test items."""
-    from milora.evaluation.stats import wilson
-
-    items = next((s[task]["items"] for s in summary.values() if "items" in s[task]), None)
-    if not items:  # a report written before the Wilson intervals
-        return f"{accuracy:.3f}"
-    low, high = wilson(accuracy * items, items)
-    return f"{accuracy:.3f} [{low:.2f}, {high:.2f}]"
-
-
-def _fmt_diff(d: dict[str, Any], digits: int = 3) -> str:
-    if math.isnan(d["ci_low"]):  # one seed: no interval over seeds
-        return f"{d['estimate']:+.{digits}f} (one seed: no interval)"
-    mark = " **sig.**" if d["significant"] else ""
-    return f"{d['estimate']:+.{digits}f} [{d['ci_low']:+.{digits}f}, {d['ci_high']:+.{digits}f}]{mark}"
-
-
-def lab_markdown(result: dict[str, Any]) -> str:
-    """The lab's report: design, chance levels, per-method tuned results with CIs, paired differences, the grid."""
-    chance = result["chance"]
-    lines = [
-        "# LoRA vs PiSSA vs MiLoRA, each at its own validation-selected learning rate",
-        "",
-        f"Command (one real run; {result['wall_seconds']:.0f} s wall, {result['trials_run']} trials run, "
-        f"{result['trials_total']} in all):",
-        "",
-        f"```\n{result['command']}\n```",
-        "",
-        "Design: per method (and rank), every learning rate of the grid is trained on the first seed "
-        f"({result['seeds'][0]}) and scored on the validation sets; the rate with the best mean validation accuracy "
-        "(knowledge_val, skill_val) is selected, never looking at a test set (when it is the grid's smallest or "
-        f"largest rate, the grid is extended one step beyond it, up to {result.get('extend', 0)} times); the other seeds "
-        f"({', '.join(map(str, result['seeds'][1:])) or 'none'}) are trained at that rate only, and the test sets "
-        f"are reported over all {len(result['seeds'])} seeds: an accuracy as its mean over seeds [95% Wilson interval "
-        "over the test items] (sd over seeds); forgetting as mean ± 95% Student-t half-width over seeds (sd). "
-        "Differences against MiLoRA: accuracies as the mean over seeds and examples with a 95% two-level bootstrap "
-        f"interval ({result['n_boot']} replicates drawing seeds and test items, the same draws for both methods); "
-        "forgetting (one value per seed) with a 95% paired-t interval over seeds; **sig.** marks an interval that "
-        "excludes 0.",
-        "",
-        "Chance (uniform pick among the options): " + ", ".join(f"{k} {v:.3f}" for k, v in chance.items()) + ".",
-        "",
-    ]
-    for rank, block in result["by_rank"].items():
-        lines += [f"## Rank {rank}", "",
-                  "| method | selected lr (grid) | val score | knowledge test acc (chance "
-                  f"{chance['knowledge_test']:.2f}) | skill test acc (chance {chance['skill_test']:.2f}) | cloze test acc "
-                  f"(retention; chance {chance['cloze_test']:.2f}) | forgetting (Δ held-out loss) |",
-                  "|---|---|---|---|---|---|---|"]
-        base = {k: _fmt_base(result["base"][f"{k}_test"], block["summary"], k) for k in TASKS}
-        lines.append(f"| base, not fine-tuned | | | {base['knowledge']} | {base['skill']} | {base['cloze']} | 0 |")
-        for method, s in block["summary"].items():
-            sel = block["selection"][method]
-            grid = ", ".join(f"{lr:g}" for lr in sel["grid"])
-            edge = " at the grid's edge" if sel["learning_rate"] in (min(sel["grid"]), max(sel["grid"])) else ""
-            lines.append(f"| {method} | **{sel['learning_rate']:g}**{edge} ({grid}) | {sel['val_score']:.3f} | "
-                         f"{_fmt_acc(s['knowledge'])} | {_fmt_acc(s['skill'])} | {_fmt_acc(s['cloze'])} | "
-                         f"{_fmt_ci(s['forgetting'], 4)} |")
-        lines += ["", "Paired difference against MiLoRA (method minus MiLoRA; accuracies: 95% two-level bootstrap; "
-                  "forgetting: 95% paired t over seeds):", "",
-                  "| method | knowledge test acc | skill test acc | cloze test acc | forgetting |", "|---|---|---|---|---|"]
-        for method, d in block["differences"].items():
-            lines.append(f"| {method} − milora | {_fmt_diff(d['knowledge'])} | {_fmt_diff(d['skill'])} | "
-                         f"{_fmt_diff(d['cloze'])} | {_fmt_diff(d['forgetting'], 4)} |")
-        lines += ["", f"Validation grid (seed {result['seeds'][0]}): knowledge_val / skill_val accuracy; "
-                  "* = selected", "", "| method | " + " | ".join(["lr", "knowledge_val", "skill_val", "forgetting"]) + " |",
-                  "|---|---|---|---|---|"]
-        for method, sel in block["selection"].items():
-            for row in sel["scores"]:
-                star = " *" if row["learning_rate"] == sel["learning_rate"] else ""
-                lines.append(f"| {method} | {row['learning_rate']:g}{star} | {row['knowledge_val']:.3f} | "
-                             f"{row['skill_val']:.3f} | {row['forgetting']:.4f} |")
-        lines.append("")
-    lines += [f"![learning rate sweeps and forgetting]({Path(result['out']).name}.png)", ""]
-    return "\n".join(lines)
-
-
-def lab_plot(result: dict[str, Any], trials: list[dict[str, Any]]) -> bytes:
-    """Validation accuracy vs learning rate per method (selected point ringed), and forgetting vs test accuracy."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colours = {"lora": "tab:gray", "pissa": "tab:orange", "milora": "tab:green"}
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    rank = next(iter(result["by_rank"]))
-    block = result["by_rank"][rank]
-    for ax, key in zip(axes[:2], VAL_SETS, strict=True):
-        for method, sel in block["selection"].items():
-            xs = [r["learning_rate"] for r in sel["scores"]]
-            ys = [r[key] for r in sel["scores"]]
-            ax.plot(xs, ys, "o-", color=colours.get(method), label=method)
-            ys_sel = [y for x, y in zip(xs, ys, strict=True) if x == sel["learning_rate"]]
-            ax.plot([sel["learning_rate"]], ys_sel, "o", ms=13, mfc="none", mec=colours.get(method), mew=2)
-        ax.axhline(result["chance"][key], ls="--", color="k", lw=0.8, label="chance")
-        ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
-        ax.set_title(f"{key} accuracy (seed {result['seeds'][0]}; ring = selected)", fontsize=9)
-        ax.legend(fontsize=7)
-    ax = axes[2]
-    for t in trials:
-        if t["rank"] == int(rank) and t["learning_rate"] == block["selection"][t["method"]]["learning_rate"]:
-            acc = statistics.fmean(t["test"][k] for k in ("knowledge", "skill"))
-            ax.plot(t["forgetting"], acc, "o", color=colours.get(t["method"]))
-    for method in block["summary"]:
-        ax.plot([], [], "o", color=colours.get(method), label=method)
-    ax.set_xlabel("forgetting (Δ held-out pretraining loss)")
-    ax.set_ylabel("mean test acc (knowledge, skill)")
-    ax.set_title("forgetting vs accuracy at the selected rate (one point per seed)", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-NOTES_MARK = "<!-- written by hand below: milora compare keeps it when it rewrites the report above -->"
-
-
-def with_kept_notes(report: str, path: Path) -> str:
-    """`report`, followed by what the existing `path` holds below `NOTES_MARK` (a person's reading of the
-    results), so that a rerun refreshes the numbers without deleting the reading."""
-    old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if NOTES_MARK not in old:
-        return report
-    return report.rstrip("\n") + "\n\n" + NOTES_MARK + old.split(NOTES_MARK, 1)[1]
-
-
-def write_eval_sets(sets_dir: Path, seed: int, quick: bool) -> dict[str, float]:
+def write_eval_sets(sets_dir: Path, seed: int, n_people: int, quick: bool) -> dict[str, float]:
     """Write the lab's evaluation sets (the first `QUICK_ROWS` of each under --quick); return chance levels."""
     from milora.data.synthetic import write_jsonl
     from milora.evaluation.lab import chance
 
     out = {}
-    for name, rows in lab.eval_sets(seed).items():
+    for name, rows in lab.eval_sets(seed, n_people).items():
         rows = rows[:QUICK_ROWS] if quick else rows
         write_jsonl(sets_dir / f"{name}.jsonl", rows)
         out[name] = chance(rows)
@@ -632,10 +478,10 @@ def write_eval_sets(sets_dir: Path, seed: int, quick: bool) -> dict[str, float]:
 def compare_lab(params: str, root: Path, methods: list[str], seeds: list[int], workdir: Path, out: Path,
                 overrides: dict[str, Any] | None = None, lrs: list[str] | None = None, ranks: list[int] | None = None,
                 max_parallel: int = 1, threads: int = 1, quick: bool = False, n_boot: int = 10_000,
-                command: str = "", track: bool = True, extend: int = 2) -> dict[str, Any]:
-    """The tuned comparison on the lab profile: select each method's learning rate on validation (first seed),
-    extending a grid whose best rate is at its edge by up to `extend` steps, run the other seeds at the selected
-    rate, write `<out>.json`, `<out>.md`, `<out>.png`; return the JSON."""
+                command: str = "", track: bool = True, extend: int = 2, grid_seeds: int = 3) -> dict[str, Any]:
+    """The tuned comparison on the lab profile: train each method's learning-rate grid on the first `grid_seeds`
+    seeds, extending a grid whose best rate is at its edge by up to `extend` steps, select the rate on validation,
+    run the other seeds at it, write `<out>.json`, `<out>.md`, `<out>.png`; return the JSON."""
     overrides = {**(QUICK if quick else {}), **(overrides or {})}
     cfg = load_config(params, overrides)
     if cfg.data.embedded.profile != lab.LAB or cfg.data.source != EMBEDDED:
@@ -643,7 +489,10 @@ def compare_lab(params: str, root: Path, methods: list[str], seeds: list[int], w
                            "data.embedded.profile: lab (params.lab.yaml)")
     if "milora" not in methods:
         raise InvalidInput("--methods must include milora: the differences are taken against it")
+    if grid_seeds < 1:
+        raise InvalidInput("--grid-seeds must be >= 1")
     seeds = list(dict.fromkeys(seeds))
+    on_grid = seeds[:grid_seeds]
     ranks = list(dict.fromkeys(ranks or [cfg.adapter.rank]))
     grid = parse_grid(lrs or [], methods, cfg.train.learning_rate)
     if quick:
@@ -651,83 +500,101 @@ def compare_lab(params: str, root: Path, methods: list[str], seeds: list[int], w
     t0 = time.perf_counter()
     _ensure_shared(params, root, overrides)
     sets_dir = workdir / "sets"
-    chance = write_eval_sets(sets_dir, cfg.data.embedded.seed, quick)
+    chance = write_eval_sets(sets_dir, cfg.data.embedded.seed, cfg.data.embedded.new_people, quick)
     shared = Paths(root)
     inputs = file_digest(sets_dir, shared.base_json, shared.prepared_dir)
     tracker = _Tracker(f"{cfg.register.experiment}-compare", f"compare-{out.name}",
                        {"methods": ",".join(methods), "seeds": ",".join(map(str, seeds)),
-                        "ranks": ",".join(map(str, ranks)), "command": command}) if track else None
+                        "grid_seeds": ",".join(map(str, on_grid)), "ranks": ",".join(map(str, ranks)),
+                        "command": command}) if track else None
+
+    def trial(m: str, r: int, lr: float, s: int, phase: str) -> dict[str, Any]:
+        return {"method": m, "rank": r, "learning_rate": lr, "seed": s, "phase": phase}
 
     def job(t: dict[str, Any]) -> dict[str, Any]:
         return {"trial": t, "params": params, "shared_root": str(root), "run_root": str(workdir / trial_name(t)),
                 "overrides": overrides, "threads": threads, "sets_dir": str(sets_dir), "score_base": t is select[0],
                 "hash": config_hash(params, overrides, t, inputs)}
 
-    total = sum(len(grid[m]) + len(seeds) - 1 for m in methods) * len(ranks)
-    select = [{"method": m, "rank": r, "learning_rate": lr, "seed": seeds[0], "phase": "select"}
-              for r in ranks for m in methods for lr in grid[m]]
+    total = sum(len(grid[m]) * len(on_grid) + len(seeds) - len(on_grid) for m in methods) * len(ranks)
+    select = [trial(m, r, lr, s, "select") for r in ranks for m in methods for lr in grid[m] for s in on_grid]
     n_cached = sum(_cached(job(t)) is not None for t in select)
-    log.info("compare: %d trials (%d methods x %d ranks x %d rates on seed %d, then %d more seed(s) at the "
+    log.info("compare: %d trials (%d methods x %d ranks x %d rates on seed(s) %s, then %d more seed(s) at the "
              "selected rate), %d process(es) x %d thread(s)", total, len(methods), len(ranks),
-             len(next(iter(grid.values()))), seeds[0], len(seeds) - 1, max_parallel, threads)
+             len(next(iter(grid.values()))), ",".join(map(str, on_grid)), len(seeds) - len(on_grid), max_parallel,
+             threads)
     first = _run_trials([job(t) for t in select], max_parallel, tracker, 0, total)
     # A rate picked at the edge of its grid is not tuned (the best may lie beyond): extend the grid there.
     for _ in range(extend):
-        edge = [{"method": m, "rank": r, "learning_rate": lr, "seed": seeds[0], "phase": "select"}
-                for r in ranks for m in methods
+        edge = [trial(m, r, lr, s, "select") for r in ranks for m in methods
                 if (lr := edge_extension([t for t in first if t["method"] == m and t["rank"] == r],
-                                         *LR_BOUNDS)) is not None]
+                                         *LR_BOUNDS)) is not None
+                for s in on_grid]
         if not edge:
             break
         for t in edge:
-            grid[t["method"]] = sorted({*grid[t["method"]], t["learning_rate"]})
-            log.info("compare: %s r%d: the best rate is at the grid's edge; adding %g", t["method"], t["rank"],
-                     t["learning_rate"])
+            if t["learning_rate"] not in grid[t["method"]]:
+                grid[t["method"]] = sorted({*grid[t["method"]], t["learning_rate"]})
+                log.info("compare: %s r%d: the best rate is at the grid's edge; adding %g", t["method"], t["rank"],
+                         t["learning_rate"])
         total += len(edge)
         n_cached += sum(_cached(job(t)) is not None for t in edge)
         first += _run_trials([job(t) for t in edge], max_parallel, tracker, len(first), total)
     chosen = {(m, r): select_learning_rate([t for t in first if t["method"] == m and t["rank"] == r])
               for r in ranks for m in methods}
-    more = [{"method": m, "rank": r, "learning_rate": chosen[(m, r)], "seed": s, "phase": "seeds"}
-            for r in ranks for m in methods for s in seeds[1:]]
+    more = [trial(m, r, chosen[(m, r)], s, "seeds") for r in ranks for m in methods for s in seeds[len(on_grid):]]
     n_cached += sum(_cached(job(t)) is not None for t in more)
     second = _run_trials([job(t) for t in more], max_parallel, tracker, len(first), total)
     trials = first + second
 
     blocks = {str(r): _rank_block(first, trials, chosen, grid, methods, r, n_boot) for r in ranks}
-    result = {"profile": lab.LAB, "command": command, "methods": methods, "seeds": seeds, "ranks": ranks,
-              "overrides": overrides, "quick": quick, "n_boot": n_boot, "chance": chance, "extend": extend,
-              "by_rank": blocks, "trials": sorted((_strip(t) for t in trials), key=trial_name),
-              "base": next(t["base"] for t in trials if "base" in t),
+    base = next(t for t in trials if "base" in t)
+    result = {"profile": lab.LAB, "command": command, "methods": methods, "seeds": seeds, "grid_seeds": on_grid,
+              "ranks": ranks, "overrides": overrides, "quick": quick, "n_boot": n_boot, "chance": chance,
+              "extend": extend, "by_rank": blocks, "trials": sorted((_strip(t) for t in trials), key=trial_name),
+              "base": {**base["base"], "val_nll": base["base_val_nll"]},
               "trials_total": total, "trials_run": total - n_cached, "out": out.as_posix(),
               "wall_seconds": round(time.perf_counter() - t0, 1)}
-    _publish_lab(result, trials, out, tracker)
+    _publish_lab(result, first, out, tracker)
     return result
 
 
 def _rank_block(first: list[dict[str, Any]], trials: list[dict[str, Any]], chosen: dict[tuple[str, int], float],
                 grid: dict[str, list[float]], methods: list[str], rank: int, n_boot: int) -> dict[str, Any]:
-    """One rank's statistics at the selected rates, and how each rate was selected (the validation grid)."""
+    """One rank's statistics at the selected rates, the frontier of its grid, and how each rate was selected (the
+    grid's validation scores, mean over the grid's seeds)."""
     def of(m: str, ts: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [t for t in ts if t["method"] == m and t["rank"] == rank]
 
     final = {m: [t for t in of(m, trials) if t["learning_rate"] == chosen[(m, rank)]] for m in methods}
     block = lab_statistics(final, "milora", n_boot)
-    block["selection"] = {m: {
-        "learning_rate": chosen[(m, rank)], "grid": grid[m],
-        "val_score": validation_score(next(t for t in of(m, first) if t["learning_rate"] == chosen[(m, rank)])),
-        "scores": [{"learning_rate": t["learning_rate"], **t["val"], "forgetting": t["forgetting"]}
-                   for t in sorted(of(m, first), key=lambda t: t["learning_rate"])]} for m in methods}
+    on_grid = [t for m in methods for t in of(m, first)]
+    block["frontier"] = {axis: frontier_statistics(on_grid, axis) for axis in AXES}
+
+    def mean_row(ts: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"learning_rate": ts[0]["learning_rate"], "seeds": len(ts),
+                "val_score": statistics.fmean(validation_score(t) for t in ts),
+                "val_nll": statistics.fmean(t["val_nll"] for t in ts),
+                **{task: statistics.fmean(t["test"][task] for t in ts) for task in lab.RETENTION},
+                "forgetting": statistics.fmean(t["forgetting"] for t in ts)}
+
+    block["selection"] = {}
+    for m in methods:
+        rates = sorted({t["learning_rate"] for t in of(m, first)})
+        scores = [mean_row([t for t in of(m, first) if t["learning_rate"] == lr]) for lr in rates]
+        block["selection"][m] = {"learning_rate": chosen[(m, rank)], "grid": grid[m], "scores": scores,
+                                 "val_score": next(r["val_score"] for r in scores
+                                                   if r["learning_rate"] == chosen[(m, rank)])}
     return block
 
 
-def _publish_lab(result: dict[str, Any], trials: list[dict[str, Any]], out: Path, tracker: _Tracker | None) -> None:
+def _publish_lab(result: dict[str, Any], grid: list[dict[str, Any]], out: Path, tracker: _Tracker | None) -> None:
     """`<out>.json`, `<out>.md` (keeping the reading written below its mark) and `<out>.png`; the test means
     and the three files on the MLflow parent run."""
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out.with_suffix(".json"), result)
     atomic_write_text(out.with_suffix(".md"), with_kept_notes(lab_markdown(result), out.with_suffix(".md")))
-    atomic_write_bytes(out.with_suffix(".png"), lab_plot(result, trials))
+    atomic_write_bytes(out.with_suffix(".png"), lab_plot(result, grid))
     if tracker:
         flat = {f"r{r}.{m}.test.{task}": s[task]["mean"] for r, b in result["by_rank"].items()
                 for m, s in b["summary"].items() for task in TASKS}
@@ -748,7 +615,7 @@ def main(args: argparse.Namespace) -> int:
         command = " ".join(["python -m milora.cli compare", *(shlex.quote(a) for a in argv)])
         result = compare_lab(args.params, root, args.methods, args.seeds, workdir, out, overrides, args.lrs,
                              args.ranks, args.max_parallel, args.threads, args.quick, command=command,
-                             track=not args.no_mlflow, extend=args.extend)
+                             track=not args.no_mlflow, extend=args.extend, grid_seeds=args.grid_seeds)
         print(lab_markdown(result))
     else:
         result = compare(args.params, root, args.methods, args.seeds, workdir, out, overrides)

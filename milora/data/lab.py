@@ -1,31 +1,40 @@
-"""The comparison lab's data (`data.embedded.profile: lab`): tasks meant for a small pretrained model, with
-splits that keep validation and test knowledge out of the fine-tuning set.
+"""The comparison lab's data (`data.embedded.profile: lab`): a small pretrained model, tasks that fine-tuning
+must teach, and retention measured on what only pretraining taught.
 
-The lab world is the embedded world with more people (`LAB_PEOPLE`, invented names past the fixed list);
-the base is pretrained on its corpus (`pretraining_corpus("lab", ...)`: the world's facts stated densely, plus
-instruction-style arithmetic in the fine-tuning prompt template, as real bases have seen such text).
-Its entities are split by a seeded hash into train / val / test: every person and every capital belongs to
-one split, and the fine-tuning files name only train entities (their questions, and the even/odd skill
-rows, which use no names at all). So:
+The lab world is the embedded world with more people (`LAB_PEOPLE`, invented names past the fixed list); the base is
+pretrained on its corpus (`pretraining_corpus("lab", ...)`: the world's facts stated densely, plus instruction-style
+arithmetic in the fine-tuning prompt template, as real bases have seen such text). Fine-tuning never names anything
+of that world. It teaches what the base cannot know (its accuracy sits at chance, checked in the report):
 
-* knowledge (`knowledge_val`, `knowledge_test`): 4-option questions about facts of val / test entities,
-  stated only in the pretraining corpus; the fine-tuning set teaches the question format on train facts;
-* skill (`skill_val`, `skill_test`): say whether a number is even or odd, learnt from the fine-tuning rows alone
-  (the corpus never says either word); 2 options, numbers never in the fine-tuning set. (Reversing a list of
-  words, tried first, needs copying from the prompt, which the 2.7M base does not learn in a few hundred steps.)
-* cloze (`cloze_test`): the test facts in the corpus's own phrasing ("Mira's favourite colour is _"), the
-  same 4 options, scored before and after fine-tuning (retention of pretraining knowledge).
+* facts (`facts_val`, `facts_test`): `NEW_PEOPLE` new people, with names that never occur in the corpus (three
+  invented syllables; the corpus's invented names have two, and none is a prefix of a new name), and their
+  favourite colour, pet and job. The fine-tuning rows ask each fact in two question forms
+  (`QUESTION_FORMS[attr][:2]`) with the options in two fresh orders, and answer with the fact as a sentence;
+  validation asks every fact in a third form, test in a fourth, each with its own option order. 4 options; chance
+  0.25.
 
-Every eval row is `{"id", "prompt", "options", "answer", "raw"}`: `options` are candidate continuations
-(the gold one is `options[answer]`), scored by log-likelihood; `raw` prompts are plain text (the cloze),
-the others go through the fine-tuning prompt template.
+A skill was tried and dropped (issue 23): whether a number 0-999 written digit by digit is even or odd, balanced,
+next to the facts. LoRA learnt it completely at 900 steps (validation 1.0) and not at all at 300 or 600 (0.5, one
+answer for every number; LoRA and MiLoRA at 3e-3, LoRA at 1e-2): a jump past the lab's budget, so no learning rate
+grid could show a frontier on it.
+
+Retention (never fine-tuned; the base's own scores are the reference):
+
+* recall (`recall_test`): 4-option questions about the corpus world's facts (every person's colour, pet, job and
+  home, every capital), in the fine-tuning question format: what the base knows, asked as the tuned model is
+  asked;
+* cloze (`cloze_test`): the same facts and options in the corpus's own phrasing ("Mira's favourite colour is _"),
+  plain text;
+* forgetting: the held-out pretraining documents' NLL, per document (bootstrappable), after minus before.
+
+Every eval row is `{"id", "prompt", "options", "answer", "raw"}`: `options` are candidate continuations (the gold
+one is `options[answer]`), scored by log-likelihood; `raw` prompts are plain text (the cloze), the others go
+through the fine-tuning prompt template.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +45,7 @@ from milora.model.prompts import format_prompt
 LAB = "lab"
 LAB_PEOPLE = 64
 LAB_WORLD_SEED = 20260211
-SPLITS = ("train", "val", "test")
-SPLIT_SHARES = (0.5, 0.25, 0.25)  # of the people and of the countries
 N_OPTIONS = 4
-SKILL_MAX = 9999  # the parity skill's numbers: 0..SKILL_MAX
-KNOWLEDGE_VARIANTS = 3  # training questions per train fact (other options, other order)
-
 
 
 def build_lab_world(n_people: int = LAB_PEOPLE, seed: int = LAB_WORLD_SEED) -> World:
@@ -90,37 +94,54 @@ def pretraining_corpus(profile: str, n_train: int, n_heldout: int, seed: int = 0
     return synthetic.pretraining_corpus(n_train, n_heldout, seed)
 
 
-def _split_of(key: str, seed: int) -> str:
-    u = int(hashlib.sha256(f"lab-split-{seed}\x00{key}".encode()).hexdigest()[:16], 16) / 2**64
-    edge = 0.0
-    for name, share in zip(SPLITS, SPLIT_SHARES, strict=True):
-        edge += share
-        if u < edge:
-            return name
-    return SPLITS[-1]
+# ----------------------------------------------------------------------------- the new facts (learning)
+
+NEW_PEOPLE = 40  # 120 facts: 480 fine-tuning rows, 120 validation and 120 test questions
+NEW_ATTRS = ("colour", "pet", "job")
+_POOLS = {"colour": COLOURS, "pet": PETS, "job": JOBS}
+_STEMS = {"colour": "{p}'s favourite colour is _.", "pet": "{p} has a pet _.", "job": "{p} works as a _."}
+# Per attribute: two training forms, then the validation form, then the test form.
+QUESTION_FORMS: dict[str, tuple[str, str, str, str]] = {
+    "colour": ("What is {p}'s favourite colour?", "Which colour does {p} like best?",
+               "Name the colour that {p} likes most.", "Tell me {p}'s favourite colour."),
+    "pet": ("Which pet does {p} have?", "What animal does {p} keep as a pet?",
+            "Name the pet of {p}.", "What kind of pet does {p} own?"),
+    "job": ("What is the job of {p}?", "What does {p} do for a living?",
+            "Name the job of {p}.", "What is {p}'s profession?"),
+}
+TRAIN_FORMS = (0, 1)
+EVAL_FORMS = {"val": 2, "test": 3}
+TRAIN_ORDERS = 2  # option orders per training question form
 
 
-def entity_splits(seed: int = 0, w: World = LAB_WORLD) -> dict[str, str]:
-    """Entity (person name or country) -> its split. Ranked by a seeded hash, cut at the split shares, so every
-    split gets its share exactly."""
-    out: dict[str, str] = {}
-    for group in ([p.name for p in w.people], list(w.countries)):
-        ranked = sorted(group, key=lambda k: hashlib.sha256(f"lab-split-{seed}\x00{k}".encode()).hexdigest())
-        cuts = [round(len(ranked) * sum(SPLIT_SHARES[: i + 1])) for i in range(len(SPLITS))]
-        start = 0
-        for name, end in zip(SPLITS, cuts, strict=True):
-            out.update({k: name for k in ranked[start:end]})
-            start = end
+def new_people(seed: int = 0, n: int = NEW_PEOPLE) -> tuple[Person, ...]:
+    """The people fine-tuning teaches: names of three invented syllables (the corpus's invented names have two,
+    and none of its words is one of these), with a colour, a pet and a job each."""
+    rng = random.Random(f"lab-new-people-{seed}")
+    corpus_names = (*(p.name for p in LAB_WORLD.people), *LAB_WORLD.countries, *(k for _, k in LAB_WORLD.capitals))
+    taken = set(corpus_names)
+    out: list[Person] = []
+    while len(out) < n:
+        name = synthetic._invented_name(rng, 3, taken)
+        if not name.startswith(corpus_names):  # not "Velora" beside a corpus "Velo": no shared first tokens
+            out.append(Person(name, rng.choice(COLOURS), rng.choice(PETS), rng.choice(JOBS), home=""))
+    return tuple(out)
+
+
+def new_facts(seed: int = 0, n_people: int = NEW_PEOPLE) -> list[Fact]:
+    """The facts fine-tuning teaches, in a fixed order (`Fact.question` is unused: each split has its own form)."""
+    out = []
+    for p in new_people(seed, n_people):
+        for attr in NEW_ATTRS:
+            value = getattr(p, attr)
+            out.append(Fact(f"new-{attr}:{p.name}", _STEMS[attr].format(p=p.name), "", value,
+                            tuple(v for v in _POOLS[attr] if v != value)))
     return out
 
 
-def _entity(fact: Fact) -> str:
-    return fact.key.split(":", 1)[1]
-
-
-def fact_split(fact: Fact, splits: dict[str, str]) -> str:
-    """The split of a fact: its person's or country's; commonsense facts are always train."""
-    return "train" if fact.key.startswith("common:") else splits[_entity(fact)]
+def _form(fact: Fact, index: int) -> str:
+    attr, name = fact.key.removeprefix("new-").split(":", 1)
+    return QUESTION_FORMS[attr][index].format(p=name)
 
 
 def _options(rng: random.Random, fact: Fact) -> list[str]:
@@ -129,142 +150,89 @@ def _options(rng: random.Random, fact: Fact) -> list[str]:
     return opts
 
 
-def question_text(fact: Fact, options: list[str]) -> str:
-    """The knowledge question as the fine-tuning prompt asks it (the options listed)."""
-    return f"Answer the question: {fact.question}\nChoices: {', '.join(options)}"
-
-
-# Responses open with a lead so that the answer words come after a space, tokenized as the corpus writes them (a
-# response starting right after the template's newline would split "brown" into rare pieces). A knowledge answer
-# states the fact as a sentence ("Omar's favourite colour is blue."), a skill answer restates the number
-# ("7513 is odd."); the eval prompts end with the lead, and the options are the continuations (" blue.", " odd.").
-# (With a lead that does not restate the number, "The number is", every method stayed at the majority class.)
-SKILL_LEAD = "{n} is"  # "7513 is" (the number restated, as the knowledge answers restate their fact)
+def question_text(question: str, options: list[str]) -> str:
+    """A multiple-choice question as the fine-tuning prompt asks it (the options listed)."""
+    return f"Answer the question: {question}\nChoices: {', '.join(options)}"
 
 
 def stem_prefix(fact: Fact) -> str:
-    """A held-out fact's sentence up to its answer: "Omar's favourite colour is" (the corpus phrasing)."""
+    """A fact's sentence up to its answer: "Omar's favourite colour is" (the phrasing the answers use)."""
     return fact.stem.split(" _", 1)[0]
 
 
+# Responses open with a lead so that the answer words come after a space, tokenized as the corpus writes them (a
+# response starting right after the template's newline would split "brown" into rare pieces). An answer states the
+# fact as a sentence ("Omar's favourite colour is blue."); the eval prompts end with the lead, and the options are
+# the continuations (" blue.").
 def _continuation(text: str) -> str:
     return f" {text}."
 
 
-def _parity_instruction(n: int) -> str:
-    return f"Is {n} an even or an odd number?"
+def facts_train_rows(seed: int = 0, n_people: int = NEW_PEOPLE) -> list[dict[str, str]]:
+    """Alpaca rows teaching the new facts: each in the training question forms, `TRAIN_ORDERS` option orders each."""
+    rng = random.Random(f"lab-facts-train-{seed}")
+    return [{"instruction": question_text(_form(fact, form), _options(rng, fact)), "input": "",
+             "output": fact.stem.replace("_", fact.answer)}
+            for fact in new_facts(seed, n_people) for form in TRAIN_FORMS for _ in range(TRAIN_ORDERS)]
 
 
-def _parity(n: int) -> str:
-    return "even" if n % 2 == 0 else "odd"
-
-
-def _new_number(rng: random.Random, seen: set[int]) -> int:
-    """A number to classify that is not in `seen` (added to it)."""
-    while True:
-        n = rng.randint(0, SKILL_MAX)
-        if n not in seen:
-            seen.add(n)
-            return n
-
-
-def knowledge_train_rows(seed: int = 0, w: World = LAB_WORLD) -> list[dict[str, str]]:
-    """Alpaca rows teaching the question format on train facts (and commonsense facts): `KNOWLEDGE_VARIANTS`
-    per fact, each fact one `group`."""
-    rng = random.Random(f"lab-knowledge-train-{seed}")
-    splits = entity_splits(seed, w)
-    held = set(held_out_strings(seed, w))
+def facts_rows(part: str, seed: int = 0, n_people: int = NEW_PEOPLE) -> list[dict[str, Any]]:
+    """Every new fact asked in the `val` or `test` question form, with a fresh option order; 4 options."""
+    rng = random.Random(f"lab-facts-{part}-{seed}")
     rows = []
-    for fact in synthetic.facts(w):
-        if fact_split(fact, splits) != "train":
-            continue
-        fact = replace(fact, pool=tuple(v for v in fact.pool if v not in held))  # no held-out capital as an option
-        for _ in range(KNOWLEDGE_VARIANTS):
-            rows.append({"instruction": question_text(fact, _options(rng, fact)), "input": "",
-                         "output": fact.stem.replace("_", fact.answer), "group": f"fact:{fact.key}"})
-    return rows
-
-
-def skill_train_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """`n` alpaca rows of the parity skill, on distinct numbers (none of an eval row's)."""
-    seen = {it["number"] for part in ("val", "test") for it in _skill_items(part, seed)}
-    rng = random.Random(f"lab-skill-train-{seed}")
-    rows = []
-    for _ in range(n):
-        k = _new_number(rng, seen)
-        rows.append({"instruction": _parity_instruction(k), "input": "",
-                     "output": SKILL_LEAD.format(n=k) + _continuation(_parity(k))})
-    return rows
-
-
-def write_train_files(out_dir: str | Path, skill_rows: int, seed: int = 0) -> list[Path]:
-    """The lab's fine-tuning files (alpaca layout): `knowledge.jsonl` (train facts), `skill.jsonl`."""
-    out = Path(out_dir)
-    return [synthetic.write_jsonl(out / "knowledge.jsonl", knowledge_train_rows(seed)),
-            synthetic.write_jsonl(out / "skill.jsonl", skill_train_rows(skill_rows, seed))]
-
-
-# ----------------------------------------------------------------------------- evaluation sets
-
-N_SKILL_EVAL = 150
-PARITY_OPTIONS = [" even.", " odd."]
-
-
-def _skill_items(part: str, seed: int) -> list[dict[str, Any]]:
-    rng = random.Random(f"lab-skill-{part}-{seed}")
-    seen = {it["number"] for it in _skill_items("val", seed)} if part == "test" else set()
-    return [{"number": _new_number(rng, seen)} for _ in range(N_SKILL_EVAL)]
-
-
-def skill_rows(part: str, seed: int = 0) -> list[dict[str, Any]]:
-    """The parity skill's `val` or `test` rows (numbers never in the fine-tuning set); 2 options."""
-    return [{"id": f"skill-{part}-{i}",
-             "prompt": format_prompt(_parity_instruction(it["number"])) + SKILL_LEAD.format(n=it["number"]),
-             "options": PARITY_OPTIONS, "answer": PARITY_OPTIONS.index(_continuation(_parity(it["number"]))),
-             "raw": False}
-            for i, it in enumerate(_skill_items(part, seed))]
-
-
-def _held_facts(part: str, seed: int, w: World) -> list[Fact]:
-    splits = entity_splits(seed, w)
-    return [f for f in synthetic.facts(w) if not f.key.startswith("common:") and fact_split(f, splits) == part]
-
-
-def knowledge_rows(part: str, seed: int = 0, w: World = LAB_WORLD) -> list[dict[str, Any]]:
-    """4-option questions about the facts of the `val` or `test` entities, in the fine-tuning format (the answer
-    sentence up to the answer is part of the prompt; `lead` is that part)."""
-    rng = random.Random(f"lab-knowledge-{part}-{seed}")
-    rows = []
-    for fact in _held_facts(part, seed, w):
+    for fact in new_facts(seed, n_people):
         opts = _options(rng, fact)
-        rows.append({"id": f"knowledge-{part}-{fact.key}", "fact": fact.key, "lead": stem_prefix(fact),
-                     "prompt": format_prompt(question_text(fact, opts)) + stem_prefix(fact),
-                     "options": [_continuation(o) for o in opts],
-                     "answer": opts.index(fact.answer), "raw": False})
+        rows.append({"id": f"facts-{part}-{fact.key}", "fact": fact.key,
+                     "prompt": format_prompt(question_text(_form(fact, EVAL_FORMS[part]), opts)) + stem_prefix(fact),
+                     "options": [_continuation(o) for o in opts], "answer": opts.index(fact.answer), "raw": False})
     return rows
 
 
-def cloze_rows(part: str = "test", seed: int = 0, w: World = LAB_WORLD) -> list[dict[str, Any]]:
-    """The same facts and options as `knowledge_rows(part)`, asked in the corpus phrasing (plain text, no question)."""
-    return [{**row, "id": row["id"].replace("knowledge", "cloze"), "prompt": row["lead"], "raw": True}
-            for row in knowledge_rows(part, seed, w)]
+def write_train_files(out_dir: str | Path, n_people: int = NEW_PEOPLE, seed: int = 0) -> list[Path]:
+    """The lab's fine-tuning file (alpaca layout): `facts.jsonl`, the facts of `n_people` new people."""
+    return [synthetic.write_jsonl(Path(out_dir) / "facts.jsonl", facts_train_rows(seed, n_people))]
 
 
-EVAL_SETS = ("knowledge_val", "knowledge_test", "skill_val", "skill_test", "cloze_test")
+# ----------------------------------------------------------------------------- retention (never fine-tuned)
+
+def corpus_facts(w: World = LAB_WORLD) -> list[Fact]:
+    """The corpus world's facts (people and capitals; not the commonsense ones, which every corpus states)."""
+    return [f for f in synthetic.facts(w) if not f.key.startswith("common:")]
 
 
-def eval_sets(seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+def recall_rows(seed: int = 0, w: World = LAB_WORLD) -> list[dict[str, Any]]:
+    """4-option questions about every corpus fact, in the fine-tuning question format."""
+    rng = random.Random(f"lab-recall-{seed}")
+    rows = []
+    for fact in corpus_facts(w):
+        opts = _options(rng, fact)
+        rows.append({"id": f"recall-{fact.key}", "fact": fact.key, "lead": stem_prefix(fact),
+                     "prompt": format_prompt(question_text(fact.question, opts)) + stem_prefix(fact),
+                     "options": [_continuation(o) for o in opts], "answer": opts.index(fact.answer), "raw": False})
+    return rows
+
+
+def cloze_rows(seed: int = 0, w: World = LAB_WORLD) -> list[dict[str, Any]]:
+    """The same facts and options as `recall_rows`, in the corpus phrasing (plain text, no question)."""
+    return [{**{k: v for k, v in row.items() if k != "lead"}, "id": row["id"].replace("recall", "cloze"),
+             "prompt": row["lead"], "raw": True}
+            for row in recall_rows(seed, w)]
+
+
+LEARNING = ("facts",)  # taught by fine-tuning: `<task>_val` selects the learning rate, `<task>_test` reports
+RETENTION = ("recall", "cloze")  # never fine-tuned: `<task>_test`
+EVAL_SETS = ("facts_val", "facts_test", "recall_test", "cloze_test")
+
+
+def eval_sets(seed: int = 0, n_people: int = NEW_PEOPLE) -> dict[str, list[dict[str, Any]]]:
     """Every lab evaluation set by name (`EVAL_SETS`)."""
-    return {"knowledge_val": knowledge_rows("val", seed), "knowledge_test": knowledge_rows("test", seed),
-            "skill_val": skill_rows("val", seed), "skill_test": skill_rows("test", seed),
-            "cloze_test": cloze_rows("test", seed)}
+    return {"facts_val": facts_rows("val", seed, n_people), "facts_test": facts_rows("test", seed, n_people),
+            "recall_test": recall_rows(seed), "cloze_test": cloze_rows(seed)}
 
 
-def held_out_strings(seed: int = 0, w: World = LAB_WORLD) -> list[str]:
-    """Strings that must never occur in a fine-tuning file: the names of val/test people, the capitals of
-    val/test countries, and every val/test question."""
-    splits = entity_splits(seed, w)
-    out = [p.name for p in w.people if splits[p.name] != "train"]
-    out += [k for c, k in w.capitals if splits[c] != "train"]
-    out += [f.question for part in ("val", "test") for f in _held_facts(part, seed, w)]
+def held_out_strings(seed: int = 0, n_people: int = NEW_PEOPLE, w: World = LAB_WORLD) -> list[str]:
+    """Strings that must never occur in a fine-tuning file: every name of the corpus world (people, countries,
+    capitals), and the validation and test question forms of the new facts."""
+    out = [p.name for p in w.people] + list(w.countries) + [k for _, k in w.capitals]
+    out += [_form(f, i) for f in new_facts(seed, n_people) for i in EVAL_FORMS.values()]
     return out

@@ -27,22 +27,24 @@ def _encoded(tokenizer: Any, row: Mapping[str, Any], option: str, max_length: in
 
 
 @torch.no_grad()
-def choice_hits(model: nn.Module, tokenizer: Any, rows: Sequence[Mapping[str, Any]], max_length: int = 256,
-                batch_size: int = 32) -> list[int]:
-    """1 where the lowest-mean-NLL option of a row is its `answer` (an index into `options`), else 0."""
+def choice_scores(model: nn.Module, tokenizer: Any, rows: Sequence[Mapping[str, Any]], max_length: int = 256,
+                  batch_size: int = 32) -> tuple[list[int], list[float]]:
+    """Per row: 1 where the lowest-mean-NLL option is its `answer` (an index into `options`), else 0; and the
+    gold option's mean token NLL (how sure the model is of the right answer, not only whether it ranks first)."""
     model.eval()
     flat = [(i, _encoded(tokenizer, r, o, max_length)) for i, r in enumerate(rows) for o in r["options"]]
     scores: list[float] = []
     for chunk in batches([e for _, e in flat], batch_size):
         nll = sequence_nll(model, list(chunk))
         scores.extend((nll[:, 0] / nll[:, 1].clamp(min=1)).tolist())
-    hits, pos = [], 0
+    hits, gold, pos = [], [], 0
     for r in rows:
         k = len(r["options"])
         mine = scores[pos: pos + k]
         pos += k
         hits.append(int(min(range(k), key=mine.__getitem__) == r["answer"]))
-    return hits
+        gold.append(mine[r["answer"]])
+    return hits, gold
 
 
 def chance(rows: Sequence[Mapping[str, Any]]) -> float:
@@ -51,25 +53,31 @@ def chance(rows: Sequence[Mapping[str, Any]]) -> float:
 
 
 def score_sets(model: nn.Module, tokenizer: Any, sets: Mapping[str, Sequence[Mapping[str, Any]]],
-               max_length: int = 256, batch_size: int = 32) -> dict[str, list[int]]:
-    """Per-example hits of the model on every named set."""
-    return {name: choice_hits(model, tokenizer, rows, max_length, batch_size) for name, rows in sets.items()}
+               max_length: int = 256, batch_size: int = 32) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
+    """Per-example hits and gold-option NLLs of the model on every named set."""
+    hits, gold = {}, {}
+    for name, rows in sets.items():
+        hits[name], gold[name] = choice_scores(model, tokenizer, rows, max_length, batch_size)
+    return hits, gold
 
 
 def evaluate_trial(model: nn.Module, tokenizer: Any, adapter_dir: Any, sets: Mapping[str, Sequence[Mapping[str, Any]]],
                    heldout: Sequence[str], max_length: int = 256, batch_size: int = 32,
                    score_base: bool = False) -> dict[str, Any]:
-    """Score the model with the trained adapter at `adapter_dir` on top of the base `model`: per-example hits on
-    every set, and the forgetting loss (held-out pretraining loss after minus before); with `score_base`, the
-    base's hits on every set too (`hits_before`; the same for every trial on one base, so scored once)."""
+    """Score the model with the trained adapter at `adapter_dir` on top of the base `model`: per-example hits and
+    gold-option NLLs on every set, and forgetting per held-out pretraining document (its mean token NLL after
+    minus before; `forgetting` is their mean over documents); with `score_base`, the base's hits and NLLs on every
+    set too (`hits_before`, `gold_nll_before`; the same for every trial on one base, so scored once)."""
     from milora.core.adapter import load_adapter
-    from milora.model.nll import heldout_loss
+    from milora.model.nll import document_nll
 
-    before = heldout_loss(model, tokenizer, list(heldout), max_length, batch_size)
-    hits_before = score_sets(model, tokenizer, sets, max_length, batch_size) if score_base else {}
+    before = document_nll(model, tokenizer, list(heldout), max_length, batch_size)
+    hits_before, gold_before = score_sets(model, tokenizer, sets, max_length, batch_size) if score_base else ({}, {})
     tuned = load_adapter(model, adapter_dir)
     tuned.eval()
-    hits = score_sets(tuned, tokenizer, sets, max_length, batch_size)
-    after = heldout_loss(tuned, tokenizer, list(heldout), max_length, batch_size)
-    return {"hits": hits, "hits_before": hits_before, "heldout_loss_base": before, "heldout_loss_tuned": after,
-            "forgetting": after - before}
+    hits, gold = score_sets(tuned, tokenizer, sets, max_length, batch_size)
+    after = document_nll(tuned, tokenizer, list(heldout), max_length, batch_size)
+    per_doc = [a - b for a, b in zip(after, before, strict=True)]
+    return {"hits": hits, "gold_nll": gold, "hits_before": hits_before, "gold_nll_before": gold_before,
+            "heldout_nll_base": sum(before) / len(before), "forgetting_docs": per_doc,
+            "forgetting": sum(per_doc) / len(per_doc)}

@@ -140,6 +140,25 @@ def heldout_nll(model: nn.Module, tokenizer: Any, lines: Sequence[str], max_leng
     return total / max(count, 1), count
 
 
+def document_nll(model: nn.Module, tokenizer: Any, lines: Sequence[str], max_length: int,
+                 batch_size: int = 16) -> list[float]:
+    """Each held-out text document's mean token NLL (a long document over all its chunks): one value per
+    document, so a forgetting measure can be resampled by document."""
+    encoded = [(i, e) for i, line in enumerate(lines) for e in encode_text(tokenizer, line, max_length)]
+    if not encoded:
+        raise InvalidInput("held-out text is empty: nothing to measure forgetting on")
+    was_training = model.training
+    model.eval()
+    totals = [[0.0, 0.0] for _ in lines]
+    for chunk in batches(encoded, batch_size):
+        r = sequence_nll(model, [e for _, e in chunk])
+        for (i, _), (nll, count) in zip(chunk, r.tolist(), strict=True):
+            totals[i][0] += nll
+            totals[i][1] += count
+    model.train(was_training)
+    return [total / count for total, count in totals if count > 0]
+
+
 def heldout_loss(model: nn.Module, tokenizer: Any, lines: Sequence[str], max_length: int,
                  batch_size: int = 16) -> float:
     """Mean token NLL of the model on held-out text documents."""

@@ -70,12 +70,12 @@ class EmbeddedDataConfig(_Section):
     corpus_documents: int = Field(4000, ge=10)  # pretraining documents of the embedded base (read by `base`)
     heldout_documents: int = Field(400, ge=1)  # held-out documents for the forgetting metric (read by `base`)
     seed: int = 0  # task rows; the corpus sample follows model.embedded.seed
-    # default: the embedded world and tasks | lab: the comparison lab's bigger world, knowledge / skill tasks
-    # and held-out entity splits (milora.data.lab; `milora compare` tunes and evaluates on them) | smol: the
+    # default: the embedded world and tasks | lab: the comparison lab's bigger world, the new facts fine-tuning teaches
+    # and the retention sets (milora.data.lab; `milora compare` tunes and evaluates on them) | smol: the
     # real-model profile's facts about invented countries as chat rows, and its held-out-phrasing `qa` suite
     # (milora.data.smol)
     profile: Literal["default", "lab", "smol"] = "default"
-    skill_rows: int = Field(1000, ge=10)  # lab profile: skill (even/odd) fine-tuning rows
+    new_people: int = Field(40, ge=1)  # lab profile: new people whose facts the fine-tuning rows teach
 
 
 class SelfTextConfig(_Section):

@@ -75,7 +75,7 @@ def materialise(cfg: Any, dest: Path) -> int:
 
         e = cfg.data.embedded
         if e.profile == lab.LAB:
-            return len(lab.write_train_files(dest, e.skill_rows, e.seed))
+            return len(lab.write_train_files(dest, e.new_people, e.seed))
         if e.profile == smol.SMOL:
             return len(smol.write_train_files(dest, e.seed))
         return len(write_task_files(dest, e.math_rows, e.choice_rows, e.seed))
