@@ -116,3 +116,8 @@ def test_document_nll_is_one_mean_per_document_consistent_with_the_token_weighte
     assert count == sum(tokens)
     assert sum(x * n for x, n in zip(per_doc, tokens, strict=True)) / sum(tokens) == pytest.approx(mean, rel=1e-5)
     assert document_nll(llama, CharTokenizer(), docs[:1], 24) == pytest.approx(per_doc[:1], rel=1e-5)
+
+
+def test_the_answer_names_the_others_differences_when_milora_learns_most():
+    text = "\n".join(answer(_block([1] * 15 + [0] * 5, [1] * 18 + [0] * 2, _grid(2.0))))
+    assert "MiLoRA has the highest facts test accuracy (0.900; lora − milora -0.150 [" in text

@@ -119,7 +119,8 @@ def answer(block: Mapping[str, Any], reference: str = REFERENCE) -> list[str]:
     ref_acc = summary[reference][task]["mean"]
     lines = []
     if best == reference:
-        lines.append(f"* **Learning.** MiLoRA has the highest {task} test accuracy ({ref_acc:.3f}).")
+        others = "; ".join(f"{m} − milora {_fmt_diff(d[task])}" for m, d in diffs.items())
+        lines.append(f"* **Learning.** MiLoRA has the highest {task} test accuracy ({ref_acc:.3f}; {others}).")
     else:
         d = diffs[best][task]  # best - reference
         gap = d["estimate"]
