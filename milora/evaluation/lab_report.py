@@ -309,16 +309,22 @@ def lab_plot(result: Mapping[str, Any], grid: Sequence[Mapping[str, Any]]) -> by
             for pts in by_seed.values():
                 pts = sorted(pts)
                 ax.plot([sign * p[1] for p in pts], [p[2] for p in pts], "-", color=COLOURS.get(method), alpha=0.25)
-            sel = block["selection"][method]
+            rows = block["selection"][method]["scores"]  # mean over the grid's seeds, by rate
             key = "val_score" if axis == "accuracy" else "val_nll"
-            ax.plot([r[key] for r in sel["scores"]], [r["forgetting"] for r in sel["scores"]], "o-",
-                    color=COLOURS.get(method), label=method)
+            top = max(range(len(rows)), key=lambda i: sign * rows[i][key])  # past it, more rate learns less
+            xs, ys = [r[key] for r in rows], [r["forgetting"] for r in rows]
+            ax.plot(xs[: top + 1], ys[: top + 1], "o-", color=COLOURS.get(method), label=method)
+            ax.plot(xs[top:], ys[top:], "o:", color=COLOURS.get(method), alpha=0.4)
         for lv in block["frontier"][axis]["levels"]:
             ax.axvline(lv["level"], ls="--", color="k", lw=0.6)
-        ax.set_yscale("symlog", linthresh=0.01)
+        lowest = min((t["forgetting"] for t in mine), default=1.0)
+        if lowest > 0:
+            ax.set_yscale("log")
+        else:
+            ax.set_yscale("symlog", linthresh=0.01)
         ax.set_xlabel(label + (" (lower: learnt more)" if sign < 0 else ""))
         ax.set_ylabel("forgetting (Δ held-out NLL)")
-        ax.set_title(f"forgetting vs {label} (dashed: matched levels)", fontsize=9)
+        ax.set_title(f"forgetting vs {label}\n(dashed: matched levels; dotted: rates past the best)", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
