@@ -1,5 +1,6 @@
-"""The comparison lab: held-out facts stay out of the fine-tuning files, learning rates are selected on
-validation only, the statistics agree with known cases, and `milora compare --quick` runs end to end."""
+"""The comparison lab: the new people are absent from the corpus and the corpus world from the fine-tuning files,
+validation and test ask in forms never trained, learning rates are selected on learning validation only, the
+statistics agree with known cases, and `milora compare --quick` runs end to end."""
 
 from __future__ import annotations
 
