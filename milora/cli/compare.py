@@ -311,14 +311,14 @@ def trial_overrides(overrides: dict[str, Any], t: dict[str, Any]) -> dict[str, A
             "train.learning_rate": t["learning_rate"], "train.seed": t["seed"]}
 
 
+RESULT_VERSION = 2  # what a trial records; 2: the new-facts task, retention sets, per-document forgetting, val NLL
+
+
 def config_hash(params: str, overrides: dict[str, Any], t: dict[str, Any], inputs: str) -> str:
     """What a trial's result depends on: the full config of the trial, the shared inputs' digest, and the version
     of what a trial records (`RESULT_VERSION`)."""
     cfg = load_config(params, trial_overrides(overrides, t)).model_dump(mode="json")
     return hashlib.sha256(dump_json({"config": cfg, "inputs": inputs, "result": RESULT_VERSION}).encode()).hexdigest()
-
-
-RESULT_VERSION = 2  # 2: the new-facts task, retention sets, per-document forgetting, validation NLL
 
 
 def run_trial(job: dict[str, Any]) -> dict[str, Any]:
