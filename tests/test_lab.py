@@ -274,6 +274,7 @@ def test_quick_compare_end_to_end_and_resumes(tmp_path):
     first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert first.returncode == 0, first.stderr[-3000:]
     assert re.search(r"trials done 9/9 .*ETA", first.stderr)
+    assert first.stdout.startswith("# Does MiLoRA learn as much") and "'loss'" not in first.stdout  # the report alone
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["trials_total"] == result["trials_run"] == 9  # 3 methods x (2 rates + 1 more seed)
     block = result["by_rank"]["8"]

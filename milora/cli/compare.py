@@ -326,8 +326,13 @@ def run_trial(job: dict[str, Any]) -> dict[str, Any]:
     Runs in a worker process with `job["threads"]` CPU threads."""
     os.environ["OMP_NUM_THREADS"] = str(job["threads"])
     os.environ["TQDM_DISABLE"] = "1"
+    import contextlib
     import warnings
 
+    from milora.cli import leave_out_bitsandbytes
+
+    o = trial_overrides(job["overrides"], job["trial"])
+    leave_out_bitsandbytes(job["params"], o)  # a worker process: every trial of a comparison quantizes alike
     import torch
 
     warnings.simplefilter("ignore")  # the libraries' deprecation notes, once per trial, would bury the progress log
@@ -341,9 +346,9 @@ def run_trial(job: dict[str, Any]) -> dict[str, Any]:
     root = Path(job["run_root"])
     run = Paths(root)
     link_shared(Paths(Path(job["shared_root"])), run)
-    o = trial_overrides(job["overrides"], job["trial"])
-    for stage in ("svd", "train"):
-        run_stage(stage, job["params"], root, o)
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer's per-step dicts: stdout carries the report alone
+        for stage in ("svd", "train"):
+            run_stage(stage, job["params"], root, o)
     cfg = load_config(job["params"], o)
     sets = {name: read_jsonl(Path(job["sets_dir"]) / f"{name}.jsonl") for name in lab.EVAL_SETS}
     lines = run.heldout_text.read_text(encoding="utf-8").splitlines()
