@@ -14,7 +14,8 @@ tokens).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -127,16 +128,31 @@ def encode_text(tokenizer: Any, text: str, max_length: int) -> list[dict[str, li
     return out
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Within: the model in eval mode (no dropout); after: back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _documents(tokenizer: Any, lines: Sequence[str], max_length: int) -> list[tuple[int, dict[str, list[int]]]]:
+    """Every chunk of the held-out documents `lines`, encoded, with the index of its document."""
+    encoded = [(i, e) for i, line in enumerate(lines) for e in encode_text(tokenizer, line, max_length)]
+    if not encoded:
+        raise InvalidInput("held-out text is empty: nothing to measure forgetting on")
+    return encoded
+
+
 def heldout_nll(model: nn.Module, tokenizer: Any, lines: Sequence[str], max_length: int,
                 batch_size: int = 16) -> tuple[float, int]:
     """Mean token NLL of the model on held-out text documents, and the number of tokens scored."""
-    encoded = [e for line in lines for e in encode_text(tokenizer, line, max_length)]
-    if not encoded:
-        raise InvalidInput("held-out text is empty: nothing to measure forgetting on")
-    was_training = model.training
-    model.eval()
-    total, count = nll_totals(model, encoded, batch_size)
-    model.train(was_training)
+    encoded = [e for _, e in _documents(tokenizer, lines, max_length)]
+    with eval_mode(model):
+        total, count = nll_totals(model, encoded, batch_size)
     return total / max(count, 1), count
 
 
@@ -144,18 +160,13 @@ def document_nll(model: nn.Module, tokenizer: Any, lines: Sequence[str], max_len
                  batch_size: int = 16) -> list[float]:
     """Each held-out text document's mean token NLL (a long document over all its chunks): one value per
     document, so a forgetting measure can be resampled by document."""
-    encoded = [(i, e) for i, line in enumerate(lines) for e in encode_text(tokenizer, line, max_length)]
-    if not encoded:
-        raise InvalidInput("held-out text is empty: nothing to measure forgetting on")
-    was_training = model.training
-    model.eval()
     totals = [[0.0, 0.0] for _ in lines]
-    for chunk in batches(encoded, batch_size):
-        r = sequence_nll(model, [e for _, e in chunk])
-        for (i, _), (nll, count) in zip(chunk, r.tolist(), strict=True):
-            totals[i][0] += nll
-            totals[i][1] += count
-    model.train(was_training)
+    with eval_mode(model):
+        for chunk in batches(_documents(tokenizer, lines, max_length), batch_size):
+            r = sequence_nll(model, [e for _, e in chunk])
+            for (i, _), (nll, count) in zip(chunk, r.tolist(), strict=True):
+                totals[i][0] += nll
+                totals[i][1] += count
     return [total / count for total, count in totals if count > 0]
 
 

@@ -30,7 +30,7 @@ from milora.core.errors import InvalidInput
 from milora.core.io import atomic_write_text, file_digest, read_json, read_jsonl, write_json
 from milora.model import distill
 from milora.model.base import load_base
-from milora.model.nll import mean_loss
+from milora.model.nll import eval_mode, mean_loss
 from milora.model.precision import LINEAGE_FILE, autocast, resolve_precision, trainer_flags
 from milora.model.tokenize import encode
 from milora.pipeline.config import LAUNCH_KEYS, REHEARSAL, Config
@@ -251,13 +251,8 @@ def _eval_loss(model: torch.nn.Module, encoded: list[dict[str, Any]], batch_size
     each node's main process only."""
     if not encoded or not is_main:
         return None
-    was_training = model.training
-    model.eval()
-    try:
-        with autocast(precision):
-            return mean_loss(model, encoded, batch_size)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), autocast(precision):
+        return mean_loss(model, encoded, batch_size)
 
 
 def encode_rows(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
